@@ -1,0 +1,46 @@
+"""The admin HTTP server: metrics and health from process memory (I7)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mta.config import Settings, parse_host_port
+from mta.metrics import Metrics
+
+StatusFn = Callable[[], dict[str, Any]]
+
+
+def build_admin_app(metrics: Metrics, status: StatusFn) -> web.Application:
+    """``/metrics``, ``/healthz`` (the loop answers) and ``/readyz`` (accepting, store up)."""
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", **status()})
+
+    async def readyz(_: web.Request) -> web.Response:
+        state = status()
+        ready = bool(state["accepting"] and state["store_up"])
+        return web.json_response({"ready": ready, **state}, status=200 if ready else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_admin(settings: Settings, metrics: Metrics, status: StatusFn) -> web.AppRunner:
+    """Serve the admin app on ``admin.listen``; returns the runner to clean up."""
+    runner = web.AppRunner(build_admin_app(metrics, status), access_log=None)
+    await runner.setup()
+    host, port = parse_host_port(settings.admin.listen)
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=True)
+    await site.start()
+    return runner

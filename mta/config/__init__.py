@@ -1,0 +1,24 @@
+"""Typed configuration: TOML plus ``MTA_…`` environment, the budget and the bounds."""
+
+from mta.config.budget import (
+    ConnectionBudget,
+    ServerLimits,
+    budget_violation,
+    connection_budget,
+    memory_bound_bytes,
+)
+from mta.config.loader import Settings, describe_validation_error, load_settings
+from mta.config.settings import User, parse_host_port
+
+__all__ = [
+    "ConnectionBudget",
+    "ServerLimits",
+    "Settings",
+    "User",
+    "budget_violation",
+    "connection_budget",
+    "describe_validation_error",
+    "load_settings",
+    "memory_bound_bytes",
+    "parse_host_port",
+]

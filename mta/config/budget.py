@@ -1,0 +1,72 @@
+"""The connection budget (invariant I6) and the memory bound (invariant I4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mta.config.loader import Settings
+
+#: Connections per process that are neither workers nor intake: the NOTIFY
+#: listener and admin/maintenance work.
+FIXED_CONNECTIONS_PER_PROCESS = 2
+
+#: Copies of one message that intake may hold at once while it reads DATA,
+#: undoes dot-stuffing, prepends trace headers and hands the body to the driver.
+INTAKE_COPIES_PER_MESSAGE = 4
+
+#: Interpreter, libraries, pools and per-session buffers, measured (BENCHMARKS.md).
+BASE_MEMORY_BYTES = 96 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ConnectionBudget:
+    """How many database connections a node opens and how many it may open."""
+
+    pool_size: int
+    processes: int
+
+    @property
+    def node_total(self) -> int:
+        """Connections this node opens at most, across its processes."""
+        return self.pool_size * self.processes
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the database server allows, read from its settings."""
+
+    max_connections: int
+    superuser_reserved: int
+    in_use: int
+
+    def available(self, reserve: int) -> int:
+        """Connections left for nodes once superusers and the reserve are kept back."""
+        return self.max_connections - self.superuser_reserved - reserve
+
+
+def connection_budget(settings: Settings) -> ConnectionBudget:
+    """Derive the pool size from workers and intake slots; it is never set by hand."""
+    node = settings.node
+    pool = node.workers + node.intake_db_slots + FIXED_CONNECTIONS_PER_PROCESS
+    return ConnectionBudget(pool_size=pool, processes=node.processes)
+
+
+def budget_violation(budget: ConnectionBudget, limits: ServerLimits, reserve: int) -> str | None:
+    """Return a one-line reason when the budget does not fit the server, else None."""
+    available = limits.available(reserve)
+    if budget.node_total <= available:
+        return None
+    return (
+        f"connection budget {budget.node_total} "
+        f"({budget.processes} process(es) x pool {budget.pool_size}) exceeds "
+        f"{available} available (max_connections {limits.max_connections} - "
+        f"superuser_reserved_connections {limits.superuser_reserved} - reserve {reserve}); "
+        "lower node.workers, node.intake_db_slots or node.processes"
+    )
+
+
+def memory_bound_bytes(settings: Settings) -> int:
+    """Upper bound of one node process's memory, from its configuration alone."""
+    smtp = settings.smtp
+    intake = smtp.data_concurrency * INTAKE_COPIES_PER_MESSAGE * int(smtp.max_message_size)
+    return BASE_MEMORY_BYTES + intake

@@ -1,0 +1,92 @@
+"""Load node settings from a TOML file with ``MTA_…`` environment overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from mta.config.settings import (
+    AdminSection,
+    AdmissionSection,
+    DatabaseSection,
+    LogSection,
+    NodeSection,
+    SmtpSection,
+    User,
+)
+from mta.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """The whole node configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MTA_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    node: NodeSection = Field(default_factory=NodeSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
+    smtp: SmtpSection = Field(default_factory=SmtpSection)
+    admission: AdmissionSection = Field(default_factory=AdmissionSection)
+    admin: AdminSection = Field(default_factory=AdminSection)
+    log: LogSection = Field(default_factory=LogSection)
+    users: tuple[User, ...] = ()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment variables override the file (passed as init values)."""
+        return (env_settings, init_settings)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """Render pydantic's errors as ``key: problem`` lines, one per error."""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        lines.append(f"{key}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read ``path`` (if given), apply environment overrides and validate."""
+    values = _read_toml(path) if path is not None else {}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + describe_validation_error(exc)) from None

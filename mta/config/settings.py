@@ -1,0 +1,169 @@
+"""Typed node settings: one model per TOML table, validated once at start."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+NonNegativeBytes = Annotated[ByteSize, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 hosts in brackets) and check the port range."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host = host.strip("[]")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+class NodeSection(_Section):
+    """Identity, data directory and the sizing that derives the connection pool."""
+
+    name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
+    data_dir: Path = Path("./data")
+    processes: PositiveInt = 1
+    workers: PositiveInt = 8
+    intake_db_slots: PositiveInt = 8
+
+
+class DatabaseSection(_Section):
+    """Where the store lives and how long the node waits for it."""
+
+    dsn: str = ""
+    acquire_timeout: PositiveFloat = 5.0
+    commit_timeout: PositiveFloat = 10.0
+    connect_timeout: PositiveFloat = 5.0
+    connections_reserve: Annotated[int, Field(ge=0)] = 10
+    allow_unsafe_durability: bool = False
+    queued_bytes_refresh: PositiveFloat = 5.0
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_parses(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgres", "postgresql"):
+            raise ValueError("must be a postgresql:// URL (or empty for the embedded server)")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError as exc:
+            raise ValueError(f"malformed port: {exc}") from None
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError("names no host")
+        return value
+
+
+class SmtpSection(_Section):
+    """The submission listener, its access rules and its limits."""
+
+    listen: str = "127.0.0.1:2525"
+    tls_listen: str = ""
+    hostname: str = Field(default_factory=socket.getfqdn, min_length=1)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    auth_without_tls: bool = False
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_message_size: Annotated[ByteSize, Field(gt=0)] = ByteSize(20 * 1024 * 1024)
+    max_recipients: PositiveInt = 1000
+    max_line_length: Annotated[int, Field(ge=78)] = 998
+    max_commands: PositiveInt = 10_000
+    idle_timeout: PositiveFloat = 300.0
+    max_sessions: PositiveInt = 500
+    data_concurrency: PositiveInt = 16
+    max_received_headers: PositiveInt = 50
+    auth_failure_limit: PositiveInt = 5
+    auth_failure_window: PositiveFloat = 300.0
+    shutdown_grace: PositiveFloat = 10.0
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @field_validator("tls_listen")
+    @classmethod
+    def _tls_listen_is_host_port(cls, value: str) -> str:
+        if value:
+            parse_host_port(value)
+        return value
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP network") from None
+        return value
+
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> SmtpSection:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_listen and self.tls_cert_file is None:
+            raise ValueError("tls_listen needs tls_cert_file and tls_key_file")
+        return self
+
+
+class AdmissionSection(_Section):
+    """Refuse new mail (452 4.3.1) before the store's disk or queue runs over."""
+
+    min_free_disk: NonNegativeBytes = ByteSize(1024 * 1024 * 1024)
+    max_queued_bytes: NonNegativeBytes = ByteSize(20 * 1024 * 1024 * 1024)
+
+
+class AdminSection(_Section):
+    """The admin HTTP listener (metrics and health)."""
+
+    listen: str = "127.0.0.1:9325"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+
+class LogSection(_Section):
+    """Structured logging on stdout."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class User(_Section):
+    """A submission account: a name and a hash made by ``mta user hash``."""
+
+    name: str = Field(min_length=1)
+    password_hash: str = Field(pattern=r"^\$scrypt\$")

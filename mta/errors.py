@@ -1,0 +1,40 @@
+"""The project's error tree.
+
+    MtaError
+    ├── ConfigError           an operator's configuration is wrong (CLI exit 2)
+    ├── BudgetExceeded        the connection budget does not fit the database (exit 2)
+    ├── UnsafeDatabase        the database would not make a 250 durable (exit 2)
+    └── TempFailure           retry later (SMTP 4xx)
+        ├── StoreUnavailable  the store could not commit in time (451 4.3.0)
+        └── StoreFull         disk or queued bytes over their limit (452 4.3.1)
+"""
+
+from __future__ import annotations
+
+
+class MtaError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(MtaError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class BudgetExceeded(MtaError):
+    """The connection budget of the configured processes exceeds the server's limit."""
+
+
+class UnsafeDatabase(MtaError):
+    """The database runs with fsync or synchronous_commit off."""
+
+
+class TempFailure(MtaError):
+    """A transient failure: the peer should retry later."""
+
+
+class StoreUnavailable(TempFailure):
+    """The store could not be reached or could not commit within its timeout."""
+
+
+class StoreFull(TempFailure):
+    """Free disk or queued bytes passed their configured limit."""

@@ -1,0 +1,1 @@
+"""The fleet: inventory, node admin client, drain/isolate/reroute, controller (fleet issue)."""

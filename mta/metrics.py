@@ -1,0 +1,63 @@
+"""Prometheus metrics of one node process, held in memory (I7: they outlive the store)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from mta import __version__
+
+
+class Metrics:
+    """Every collector a node exports, in a registry of its own."""
+
+    def __init__(self, node_name: str) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        Info("mta_node", "The node's identity.", registry=reg).info(
+            {"node": node_name, "version": __version__}
+        )
+        self.intake_accepted = Counter(
+            "mta_intake_accepted_messages", "Messages committed and answered 250.", registry=reg
+        )
+        self.intake_accepted_recipients = Counter(
+            "mta_intake_accepted_recipients", "Recipients of accepted messages.", registry=reg
+        )
+        self.intake_accepted_bytes = Counter(
+            "mta_intake_accepted_bytes", "Bytes of accepted messages.", registry=reg
+        )
+        self.intake_rejected = Counter(
+            "mta_intake_rejected", "Refused commands and messages, by reason.",
+            ["reason"], registry=reg,
+        )
+        self.intake_sessions = Gauge(
+            "mta_intake_sessions", "SMTP sessions open now.", registry=reg
+        )
+        self.intake_data_in_flight = Gauge(
+            "mta_intake_data_in_flight", "DATA phases being read or committed now.", registry=reg
+        )
+        self.intake_commit_seconds = Histogram(
+            "mta_intake_commit_seconds", "Time to commit an accepted message.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=reg,
+        )
+        self.store_up = Gauge(
+            "mta_store_up", "1 when the last store health check succeeded.", registry=reg
+        )
+        self.store_pool_size = Gauge(
+            "mta_store_pool_max_connections", "Connections the pool may open (I6).", registry=reg
+        )
+        self.store_pool_in_use = Gauge(
+            "mta_store_pool_connections_in_use", "Connections checked out now.", registry=reg
+        )
+        self.store_queued_bytes = Gauge(
+            "mta_store_queued_bytes", "Bytes of messages with work left (last refresh).",
+            registry=reg,
+        )
+        self.store_free_disk_bytes = Gauge(
+            "mta_store_free_disk_bytes", "Free bytes on the data directory's filesystem.",
+            registry=reg,
+        )
+        self.heartbeat = Gauge(
+            "mta_heartbeat_timestamp_seconds", "Unix time of the event loop's last beat.",
+            registry=reg,
+        )

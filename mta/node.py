@@ -1,0 +1,118 @@
+"""One node process: pool, intake, admission, health and the admin HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from mta.admin import start_admin
+from mta.config import Settings
+from mta.errors import StoreUnavailable
+from mta.metrics import Metrics
+from mta.queue import Store
+from mta.smtp.admission import Admission
+from mta.smtp.intake import Intake
+from mta.smtp.listener import start_listeners
+
+log = structlog.get_logger(__name__)
+
+HEALTH_INTERVAL_S = 1.0
+
+
+class Node:
+    """Composes one node process. ``start`` it, ``stop`` it, or ``run`` until a signal."""
+
+    def __init__(self, settings: Settings, dsn: str, sockets: Mapping[str, socket.socket],
+                 *, admin_settings: Settings | None = None) -> None:
+        self.settings = settings
+        self.dsn = dsn
+        self.sockets = sockets
+        self.admin_settings = admin_settings or settings
+        self.metrics = Metrics(settings.node.name)
+        self.store: Store | None = None
+        self.intake: Intake | None = None
+        self.store_up = False
+        self._servers: list[asyncio.Server] = []
+        self._admin: web.AppRunner | None = None
+        self._stop_background = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def status(self) -> dict[str, Any]:
+        """What ``/healthz`` and ``/readyz`` report, from memory only."""
+        return {
+            "node": self.settings.node.name,
+            "accepting": self.intake is not None and self.intake.accepting,
+            "store_up": self.store_up,
+            "sessions": self.intake.session_count if self.intake else 0,
+        }
+
+    async def start(self) -> None:
+        """Open the pool, start background loops, the admin server and the listeners."""
+        self.store = await Store.open(self.dsn, self.settings)
+        self.store_up = True
+        self.metrics.store_up.set(1)
+        self.metrics.store_pool_size.set(self.store.pool_size)
+        admission = Admission(self.store, self.settings, self.metrics)
+        await admission.run_once()
+        self.intake = Intake(self.settings, self.store, self.metrics, admission)
+        self._tasks = [
+            asyncio.create_task(admission.run(self._stop_background), name="admission"),
+            asyncio.create_task(self._health_loop(), name="health"),
+        ]
+        self._admin = await start_admin(self.admin_settings, self.metrics, self.status)
+        self._servers = await start_listeners(self.intake, self.settings, self.sockets)
+        log.info("node.started", node=self.settings.node.name,
+                 listen=self.settings.smtp.listen, pool=self.store.pool_size)
+
+    async def _health_loop(self) -> None:
+        assert self.store is not None
+        while not self._stop_background.is_set():
+            self.metrics.heartbeat.set(time.time())
+            try:
+                await asyncio.wait_for(self.store.ping(), self.settings.database.acquire_timeout)
+                up = True
+            except (StoreUnavailable, TimeoutError):
+                up = False
+            if up != self.store_up:
+                log.warning("node.store_up" if up else "node.store_down")
+            self.store_up = up
+            self.metrics.store_up.set(1 if up else 0)
+            self.metrics.store_pool_in_use.set(self.store.pool_in_use)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_background.wait(), HEALTH_INTERVAL_S)
+
+    async def stop(self) -> None:
+        """DESIGN.md's shutdown: stop accepting, let DATA in flight commit, close, exit."""
+        grace = self.settings.smtp.shutdown_grace
+        for server in self._servers:
+            server.close()
+        if self.intake is not None:
+            self.intake.stop_accepting()
+            finished = await self.intake.wait_data_idle(grace)
+            if not finished:
+                log.warning("node.shutdown_grace_expired", grace_s=grace)
+            self.intake.close_sessions()
+        self._stop_background.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._admin is not None:
+            await self._admin.cleanup()
+        if self.store is not None:
+            await self.store.close()
+        log.info("node.stopped", node=self.settings.node.name)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, serve until ``stop`` is set, then shut down gracefully."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

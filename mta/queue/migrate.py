@@ -1,0 +1,53 @@
+"""Versioned schema migrations, applied under an advisory lock."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+
+from mta.queue.sql import query
+
+_FILE_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema change: its version, name and DDL."""
+
+    version: int
+    name: str
+    sql: str
+
+
+def available_migrations() -> list[Migration]:
+    """Every migration shipped with the package, in version order."""
+    folder = resources.files("mta.queue").joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = _FILE_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda migration: migration.version)
+    return found
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply missing migrations; safe when several processes start at once.
+
+    Returns the versions this call applied.
+    """
+    applied_now: list[int] = []
+    async with conn.transaction():
+        await conn.execute(query("migrations_lock"))
+        await conn.execute(query("migrations_create_table"))
+        done = {row["version"] for row in await conn.fetch(query("migrations_applied"))}
+        for migration in available_migrations():
+            if migration.version in done:
+                continue
+            await conn.execute(migration.sql)
+            await conn.execute(query("migrations_record"), migration.version, migration.name)
+            applied_now.append(migration.version)
+    return applied_now

@@ -1,0 +1,281 @@
+"""The Postgres store: the only caller of ``queries.sql``.
+
+Every method maps driver and network errors to :class:`StoreUnavailable` at this
+boundary, so callers deal in the project's error tree only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from mta.config import ServerLimits, Settings, connection_budget
+from mta.errors import StoreUnavailable
+from mta.queue.migrate import migrate
+from mta.queue.sql import query
+
+#: Errors that mean "the store did not answer in time or at all".
+STORE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message as intake commits it: envelope, body and trace data."""
+
+    id: uuid.UUID
+    mail_from: str
+    recipients: Sequence[str]
+    trace_headers: bytes
+    body: bytes | bytearray
+    client_address: str
+    helo_name: str
+    auth_user: str | None
+    message_id_header: str | None
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    """A stored message without its body."""
+
+    id: uuid.UUID
+    mail_from: str
+    size_bytes: int
+    client_address: str
+    helo_name: str
+    auth_user: str | None
+    message_id_header: str | None
+    received_at: datetime
+    done_at: datetime | None
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One recipient's delivery and its last evidence."""
+
+    id: int
+    recipient: str
+    next_hop: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    last_reply_code: int | None
+    last_reply: str | None
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """A delivery leased to one worker."""
+
+    id: int
+    message_id: uuid.UUID
+    recipient: str
+    next_hop: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The database server's limits and durability settings."""
+
+    limits: ServerLimits
+    fsync: str
+    synchronous_commit: str
+
+    def unsafe_settings(self) -> list[str]:
+        """Settings that would let a committed message vanish in a crash."""
+        unsafe = []
+        if self.fsync != "on":
+            unsafe.append(f"fsync = {self.fsync}")
+        if self.synchronous_commit not in ("on", "remote_write", "remote_apply"):
+            unsafe.append(f"synchronous_commit = {self.synchronous_commit}")
+        return unsafe
+
+
+def recipient_next_hop(recipient: str) -> str:
+    """The next hop a recipient is grouped by: its domain, lower-cased."""
+    return recipient.rpartition("@")[2].lower()
+
+
+async def read_server_state(
+    conn: asyncpg.Connection | PoolConnectionProxy[Any],
+) -> ServerState:
+    """Read limits and durability settings over an existing connection."""
+    row = await conn.fetchrow(query("server_limits"))
+    assert row is not None
+    limits = ServerLimits(
+        max_connections=row["max_connections"],
+        superuser_reserved=row["superuser_reserved"],
+        in_use=row["in_use"],
+    )
+    return ServerState(limits, row["fsync"], row["synchronous_commit"])
+
+
+async def connect_once(dsn: str, timeout: float) -> asyncpg.Connection:
+    """One connection outside any pool (config checks, migrations)."""
+    try:
+        return await asyncpg.connect(dsn, timeout=timeout)
+    except STORE_ERRORS as exc:
+        raise StoreUnavailable(f"cannot connect to the database: {exc}") from exc
+
+
+async def migrate_dsn(dsn: str, timeout: float = 10.0) -> list[int]:
+    """Apply pending migrations to the database at ``dsn``."""
+    conn = await connect_once(dsn, timeout)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+class Store:
+    """One node process's view of its store, over a pool sized by the budget (I6)."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._db = settings.database
+        self._intake_slots = asyncio.Semaphore(settings.node.intake_db_slots)
+
+    @classmethod
+    async def open(cls, dsn: str, settings: Settings) -> Store:
+        """Create the pool. It holds at most ``workers + intake_db_slots + 2`` connections."""
+        budget = connection_budget(settings)
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=budget.pool_size,
+                timeout=settings.database.connect_timeout,
+                command_timeout=settings.database.commit_timeout,
+                server_settings={
+                    "synchronous_commit": "on",
+                    "application_name": f"mta/{settings.node.name}",
+                },
+            )
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"cannot open the connection pool: {exc}") from exc
+        return cls(pool, settings)
+
+    async def close(self) -> None:
+        """Close every connection, waiting at most the commit timeout."""
+        try:
+            await asyncio.wait_for(self._pool.close(), self._db.commit_timeout)
+        except TimeoutError:
+            self._pool.terminate()
+
+    @property
+    def pool_size(self) -> int:
+        """Connections the pool may open."""
+        return self._pool.get_max_size()
+
+    @property
+    def pool_in_use(self) -> int:
+        """Connections currently checked out of the pool."""
+        return self._pool.get_size() - self._pool.get_idle_size()
+
+    @contextlib.asynccontextmanager
+    async def intake_slot(self) -> AsyncIterator[None]:
+        """Hold one of ``intake_db_slots``; waiting longer than the acquire timeout fails."""
+        try:
+            await asyncio.wait_for(self._intake_slots.acquire(), self._db.acquire_timeout)
+        except TimeoutError:
+            raise StoreUnavailable("no intake database slot became free in time") from None
+        try:
+            yield
+        finally:
+            self._intake_slots.release()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
+        try:
+            conn = await self._pool.acquire(timeout=self._db.acquire_timeout)
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"no database connection: {exc}") from exc
+        try:
+            yield conn
+        finally:
+            await self._pool.release(conn)
+
+    async def _run(self, name: str, method: str, *args: Any) -> Any:
+        """Run one named statement with a connection from the pool, within the timeout."""
+        try:
+            async with self._connection() as conn:
+                call = getattr(conn, method)
+                return await asyncio.wait_for(call(query(name), *args), self._db.commit_timeout)
+        except StoreUnavailable:
+            raise
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
+
+    async def enqueue(self, message: NewMessage) -> None:
+        """Commit a message and its deliveries durably, or raise ``StoreUnavailable``."""
+        hops = [recipient_next_hop(rcpt) for rcpt in message.recipients]
+        async with self.intake_slot():
+            await self._run(
+                "message_insert", "execute",
+                message.id, message.mail_from, len(message.trace_headers) + len(message.body),
+                message.trace_headers, message.body, message.client_address,
+                message.helo_name, message.auth_user,
+                message.message_id_header, list(message.recipients), hops,
+            )
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` unless the server answers."""
+        await self._run("ping", "fetchval")
+
+    async def server_state(self) -> ServerState:
+        """The server's limits, connections in use and durability settings."""
+        try:
+            async with self._connection() as conn:
+                return await read_server_state(conn)
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"server_limits: {exc}") from exc
+
+    async def queued_bytes(self) -> int:
+        """Bytes of messages that still have deliveries to make."""
+        return int(await self._run("message_queued_bytes", "fetchval"))
+
+    async def claim_due(
+        self, owner: str, limit: int, lease_seconds: float
+    ) -> list[ClaimedDelivery]:
+        """Lease up to ``limit`` due deliveries to ``owner``; locked rows are skipped."""
+        rows = await self._run("delivery_claim_due", "fetch", owner, limit, lease_seconds)
+        return [ClaimedDelivery(**dict(row)) for row in rows]
+
+    async def message(self, message_id: uuid.UUID) -> MessageRecord | None:
+        """One message's envelope and metadata, or None."""
+        row = await self._run("message_get", "fetchrow", message_id)
+        return MessageRecord(**dict(row)) if row is not None else None
+
+    async def message_content(self, message_id: uuid.UUID) -> tuple[bytes, bytes] | None:
+        """One message's added trace headers and its body as received, or None."""
+        row = await self._run("message_content", "fetchrow", message_id)
+        return (bytes(row["trace_headers"]), bytes(row["body"])) if row is not None else None
+
+    async def deliveries(self, message_id: uuid.UUID) -> list[DeliveryRecord]:
+        """Every delivery of one message."""
+        rows = await self._run("delivery_list_for_message", "fetch", message_id)
+        return [DeliveryRecord(**dict(row)) for row in rows]
+
+    async def message_count(self) -> int:
+        """How many messages the store holds."""
+        return int(await self._run("message_count", "fetchval"))
+
+    async def message_ids(self) -> list[uuid.UUID]:
+        """Every message id, oldest first."""
+        rows = await self._run("message_ids", "fetch")
+        return [row["id"] for row in rows]

@@ -1,0 +1,1 @@
+"""SMTP: intake (aiosmtpd server, policy, commit); delivery comes with issue 4."""

@@ -1,0 +1,78 @@
+"""Header work at intake: loop detection, and the trace headers we add."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_MESSAGE_ID = re.compile(
+    rb"^message-id[ \t]*:[ \t]*(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
+)
+#: Headers longer than this are not scanned further (a header block is rarely > 64 KB).
+MAX_HEADER_SCAN = 256 * 1024
+
+
+@dataclass(frozen=True)
+class HeaderFacts:
+    """What intake needs to know about a message's header block."""
+
+    received_count: int
+    message_id: str | None
+
+
+def header_block(body: bytes | bytearray) -> bytes:
+    """The header section: everything before the first empty line (bounded)."""
+    end = body.find(b"\r\n\r\n", 0, MAX_HEADER_SCAN)
+    if body.startswith(b"\r\n"):
+        return b""
+    return bytes(body[: end + 2 if end >= 0 else MAX_HEADER_SCAN])
+
+
+def inspect_headers(body: bytes | bytearray) -> HeaderFacts:
+    """Count ``Received:`` headers and read ``Message-ID:``."""
+    block = header_block(body)
+    found = _MESSAGE_ID.search(block)
+    message_id = None
+    if found:
+        message_id = found[1].decode("ascii", "replace").replace("\r\n", "").strip() or None
+    return HeaderFacts(len(_RECEIVED.findall(block)), message_id)
+
+
+@dataclass(frozen=True)
+class TraceContext:
+    """Who sent a message to us, and how."""
+
+    helo: str
+    client_ip: str
+    hostname: str
+    tls: bool
+    authenticated: bool
+    queue_id: str
+    recipients: tuple[str, ...]
+
+
+def received_header(ctx: TraceContext, now: datetime | None = None) -> str:
+    """A RFC 5321 ``Received:`` line with the RFC 3848 protocol keyword."""
+    protocol = "ESMTP" + ("S" if ctx.tls else "") + ("A" if ctx.authenticated else "")
+    stamp = format_datetime(now or datetime.now(UTC))
+    helo = _printable(ctx.helo)
+    for_clause = f"\r\n\tfor <{ctx.recipients[0]}>" if len(ctx.recipients) == 1 else ""
+    return (
+        f"Received: from {helo} ([{ctx.client_ip}])\r\n"
+        f"\tby {ctx.hostname} (mta-fleet) with {protocol} id {ctx.queue_id}"
+        f"{for_clause}; {stamp}\r\n"
+    )
+
+
+def message_id_header(queue_id: str, hostname: str) -> tuple[str, str]:
+    """A ``Message-ID:`` header for a message that has none, and the id itself."""
+    value = f"<{queue_id}@{hostname}>"
+    return f"Message-ID: {value}\r\n", value
+
+
+def _printable(text: str) -> str:
+    cleaned = "".join(char if 0x21 <= ord(char) < 0x7F else "?" for char in text)
+    return cleaned[:255] or "unknown"

@@ -1,0 +1,195 @@
+"""Intake policy: who may submit, how many at once, and the commit before ``250``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from mta.config import Settings
+from mta.errors import StoreFull, StoreUnavailable
+from mta.metrics import Metrics
+from mta.queue import NewMessage, Store
+from mta.queue.ids import new_message_id, queue_id
+from mta.smtp import replies
+from mta.smtp.admission import Admission
+from mta.smtp.auth import AuthThrottle, Credentials
+from mta.smtp.headers import TraceContext, inspect_headers, message_id_header, received_header
+
+if TYPE_CHECKING:
+    from mta.smtp.server import IntakeSMTP
+
+log = structlog.get_logger(__name__)
+
+
+class Intake:
+    """Shared by every session of one listener set: policy, limits and the commit."""
+
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics,
+                 admission: Admission) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.admission = admission
+        self.credentials = Credentials(settings.users)
+        smtp = settings.smtp
+        self.auth_throttle = AuthThrottle(smtp.auth_failure_limit, smtp.auth_failure_window)
+        self._networks = [ipaddress.ip_network(net, strict=False)
+                          for net in smtp.allowed_networks]
+        self._data_slots = asyncio.Semaphore(smtp.data_concurrency)
+        self._sessions: set[IntakeSMTP] = set()
+        self._data_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.accepting = True
+
+    # --- sessions -------------------------------------------------------------
+
+    def refuse_session(self) -> str | None:
+        """The reply that refuses a new session, or None to greet it."""
+        if not self.accepting:
+            return replies.NOT_ACCEPTING
+        if len(self._sessions) >= self.settings.smtp.max_sessions:
+            self.metrics.intake_rejected.labels("too_many_sessions").inc()
+            return replies.TOO_MANY_SESSIONS
+        return None
+
+    def track(self, session: IntakeSMTP) -> None:
+        """Count an open session."""
+        self._sessions.add(session)
+        self.metrics.intake_sessions.set(len(self._sessions))
+
+    def untrack(self, session: IntakeSMTP) -> None:
+        """Forget a closed session."""
+        self._sessions.discard(session)
+        self.metrics.intake_sessions.set(len(self._sessions))
+
+    @property
+    def session_count(self) -> int:
+        """Sessions open now."""
+        return len(self._sessions)
+
+    def stop_accepting(self) -> None:
+        """Refuse new sessions and commands with 421; DATA phases in flight finish."""
+        self.accepting = False
+
+    async def wait_data_idle(self, timeout: float) -> bool:
+        """Wait until no DATA phase is in flight; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close_sessions(self) -> None:
+        """Close every session's connection."""
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+
+    # --- policy -----------------------------------------------------------------
+
+    def may_submit(self, session: IntakeSMTP) -> bool:
+        """I10: authenticated clients and clients from ``allowed_networks`` only."""
+        assert session.session is not None
+        if session.session.authenticated:
+            return True
+        try:
+            address = ipaddress.ip_address(session.client_ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+    def reject(self, reason: str, session: Any) -> None:
+        """Count and log one refusal."""
+        self.metrics.intake_rejected.labels(reason).inc()
+        peer = getattr(session, "peer", None)
+        log.info("intake.rejected", reason=reason,
+                 client=peer[0] if isinstance(peer, tuple) else None)
+
+    @contextlib.asynccontextmanager
+    async def data_phase(self) -> AsyncIterator[str | None]:
+        """Hold one of ``data_concurrency`` slots; yields a refusal if none came in time."""
+        try:
+            await asyncio.wait_for(self._data_slots.acquire(),
+                                   self.settings.database.acquire_timeout)
+        except TimeoutError:
+            self.metrics.intake_rejected.labels("data_slots_busy").inc()
+            yield replies.STORE_UNAVAILABLE
+            return
+        self._data_in_flight += 1
+        self._idle.clear()
+        self.metrics.intake_data_in_flight.set(self._data_in_flight)
+        try:
+            yield None
+        finally:
+            self._data_slots.release()
+            self._data_in_flight -= 1
+            self.metrics.intake_data_in_flight.set(self._data_in_flight)
+            if self._data_in_flight == 0:
+                self._idle.set()
+
+    # --- commit -----------------------------------------------------------------
+
+    async def commit(self, session: IntakeSMTP, envelope: Any, body: bytearray) -> str:
+        """Check the message, commit it durably, and return the reply (250 only if stored)."""
+        smtp = self.settings.smtp
+        facts = inspect_headers(body)
+        if facts.received_count >= smtp.max_received_headers:
+            self.reject("mail_loop", session.session)
+            return replies.MAIL_LOOP
+        message_uuid = new_message_id()
+        qid = queue_id(message_uuid)
+        recipients = tuple(envelope.rcpt_tos)
+        assert session.session is not None
+        auth_user = session.session.auth_data if session.session.authenticated else None
+        trace = received_header(TraceContext(
+            helo=session.session.host_name or "unknown", client_ip=session.client_ip,
+            hostname=smtp.hostname, tls=session.tls_active,
+            authenticated=auth_user is not None, queue_id=qid, recipients=recipients,
+        ))
+        message_id = facts.message_id
+        if message_id is None:
+            added, message_id = message_id_header(qid, smtp.hostname)
+            trace += added
+        trace_bytes = trace.encode("ascii", "replace")
+        size = len(trace_bytes) + len(body)
+        started = time.perf_counter()
+        try:
+            self.admission.check(size)
+            await self.store.enqueue(NewMessage(
+                id=message_uuid, mail_from=envelope.mail_from, recipients=recipients,
+                trace_headers=trace_bytes, body=body, client_address=session.client_ip,
+                helo_name=session.session.host_name or "", auth_user=auth_user,
+                message_id_header=message_id,
+            ))
+        except StoreFull as exc:
+            self.reject("store_full", session.session)
+            log.warning("intake.store_full", queue_id=qid, error=str(exc))
+            return replies.STORE_FULL
+        except StoreUnavailable as exc:
+            self.reject("store_unavailable", session.session)
+            log.warning("intake.store_unavailable", queue_id=qid, error=str(exc))
+            return replies.STORE_UNAVAILABLE
+        self.metrics.intake_commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.intake_accepted.inc()
+        self.metrics.intake_accepted_recipients.inc(len(recipients))
+        self.metrics.intake_accepted_bytes.inc(size)
+        self.admission.note_accepted(size)
+        log.info("intake.accepted", queue_id=qid, mail_from=envelope.mail_from,
+                 recipients=len(recipients), size=size, client=session.client_ip,
+                 message_id=message_id, auth_user=auth_user)
+        return replies.ACCEPTED.format(queue_id=qid)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's hook for an unexpected error in a command: never a 250, never a 500."""
+        log.error("intake.internal_error", error=repr(error), exc_info=error)
+        self.metrics.intake_rejected.labels("internal_error").inc()
+        return replies.INTERNAL_ERROR

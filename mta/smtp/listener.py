@@ -1,0 +1,60 @@
+"""Bind the submission listeners: plain (with STARTTLS) and optional implicit TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Mapping
+
+from mta.config import Settings, parse_host_port
+from mta.smtp.intake import Intake
+from mta.smtp.server import IntakeSMTP
+
+
+def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """A server TLS context from the configured certificate, or None without one."""
+    smtp = settings.smtp
+    if smtp.tls_cert_file is None or smtp.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(smtp.tls_cert_file), str(smtp.tls_key_file))
+    return context
+
+
+def bind_socket(address: str) -> socket.socket:
+    """A listening TCP socket on ``host:port`` that child processes can share."""
+    host, port = parse_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
+    """Bind every configured listener: ``plain`` always, ``tls`` when configured."""
+    sockets = {"plain": bind_socket(settings.smtp.listen)}
+    if settings.smtp.tls_listen:
+        sockets["tls"] = bind_socket(settings.smtp.tls_listen)
+    return sockets
+
+
+async def start_listeners(intake: Intake, settings: Settings,
+                          sockets: Mapping[str, socket.socket]) -> list[asyncio.Server]:
+    """Serve SMTP on already-bound sockets."""
+    loop = asyncio.get_running_loop()
+    context = server_tls_context(settings)
+    servers = [await loop.create_server(
+        lambda: IntakeSMTP(intake, tls_context=context, implicit_tls=False),
+        sock=sockets["plain"],
+    )]
+    if "tls" in sockets:
+        servers.append(await loop.create_server(
+            lambda: IntakeSMTP(intake, tls_context=context, implicit_tls=True),
+            sock=sockets["tls"], ssl=context,
+        ))
+    return servers

@@ -1,0 +1,155 @@
+"""``mta serve``: embedded store, preflight, migrations, then one or more node processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from mta.config import Settings, connection_budget
+from mta.node import Node
+from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
+from mta.queue.preflight import PreflightReport, preflight
+from mta.smtp.listener import bind_listeners
+
+log = structlog.get_logger(__name__)
+
+#: Connections kept free on the embedded server beyond the node's budget and reserve.
+EMBEDDED_HEADROOM = 10
+
+
+@dataclass
+class Database:
+    """The DSN a node uses, and the embedded server behind it if we started one."""
+
+    dsn: str
+    embedded: EmbeddedPostgres | None
+
+    def close(self) -> None:
+        """Stop the embedded server if this process started it."""
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def embedded_server(settings: Settings) -> EmbeddedPostgres:
+    """The node's embedded server, sized so the connection budget always fits."""
+    needed = (connection_budget(settings).node_total + settings.database.connections_reserve
+              + 3 + EMBEDDED_HEADROOM)
+    return EmbeddedPostgres(
+        Path(settings.node.data_dir) / "postgres",
+        EmbeddedServerSettings(max_connections=max(100, needed)),
+    )
+
+
+def open_database(settings: Settings) -> Database:
+    """The configured DSN, or the embedded server in the data directory (started now)."""
+    if settings.database.dsn:
+        return Database(settings.database.dsn, None)
+    server = embedded_server(settings)
+    was_running = server.postmaster_pid() is not None
+    dsn = server.start()
+    return Database(dsn, None if was_running else server)
+
+
+async def prepare(settings: Settings, database: Database) -> PreflightReport:
+    """Preflight checks, then migrations. Raises on a violation."""
+    report = await preflight(settings, database.dsn, embedded=not settings.database.dsn)
+    applied = await migrate_dsn(database.dsn, settings.database.connect_timeout)
+    if applied:
+        log.info("db.migrated", versions=applied)
+    return report
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("node.exit_now", signal=signal.Signals(signum).name)
+            os._exit(1)
+        log.info("node.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+def _admin_for_process(settings: Settings, index: int) -> Settings:
+    """Process ``index`` serves admin HTTP on the configured port plus ``index``."""
+    if index == 0:
+        return settings
+    host, _, port = settings.admin.listen.rpartition(":")
+    admin = settings.admin.model_copy(update={"listen": f"{host}:{int(port) + index}"})
+    return settings.model_copy(update={"admin": admin})
+
+
+def run_process(settings: Settings, dsn: str, sockets: Mapping[str, socket.socket],
+                index: int) -> None:
+    """Run one node process's event loop until SIGTERM (uvloop when available)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _install_signal_handlers(asyncio.get_running_loop(), stop)
+        node = Node(settings, dsn, sockets, admin_settings=_admin_for_process(settings, index))
+        await node.run(stop)
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+def serve(settings: Settings) -> int:
+    """Start the store, check, migrate, bind, and run ``node.processes`` processes."""
+    database = open_database(settings)
+    try:
+        asyncio.run(prepare(settings, database))
+        sockets = bind_listeners(settings)
+        if settings.node.processes == 1:
+            run_process(settings, database.dsn, sockets, 0)
+            return 0
+        return _run_children(settings, database.dsn, sockets)
+    finally:
+        database.close()
+
+
+def _run_children(settings: Settings, dsn: str, sockets: Mapping[str, socket.socket]) -> int:
+    """Fork one child per process; forward SIGTERM/SIGINT; stop all if one dies."""
+    children: dict[int, int] = {}
+    for index in range(settings.node.processes):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run_process(settings, dsn, sockets, index)
+            except BaseException:
+                log.exception("node.process_crashed", index=index)
+                code = 1
+            os._exit(code)
+        children[pid] = index
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while children:
+        pid, code = os.wait()
+        index = children.pop(pid, -1)
+        exit_code = os.waitstatus_to_exitcode(code)
+        if exit_code != 0 and index >= 0:
+            log.error("node.process_exited", index=index, exit_code=exit_code)
+            status = 1
+            forward(signal.SIGTERM, None)
+    return status
+
