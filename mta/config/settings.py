@@ -32,8 +32,8 @@ def parse_host_port(value: str) -> tuple[str, int]:
     if not sep or not host:
         raise ValueError(f"expected host:port, got {value!r}")
     host = host.strip("[]")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f"port must be 0-65535 (0: any free port), got {port_text!r}")
     return host, int(port_text)
 
 

@@ -1,0 +1,5 @@
+"""``python -m mta`` runs the CLI."""
+
+from mta.cli import main
+
+main()

