@@ -101,6 +101,7 @@ def _poll(predicate: Callable[[], bool], timeout: float) -> bool:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT
         try:
             sock.bind((LOOPBACK, port))
         except OSError:

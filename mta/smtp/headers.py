@@ -9,7 +9,7 @@ from email.utils import format_datetime
 
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _MESSAGE_ID = re.compile(
-    rb"^message-id[ \t]*:[ \t]*(.*(?:\r\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
+    rb"^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE
 )
 #: Headers longer than this are not scanned further (a header block is rarely > 64 KB).
 MAX_HEADER_SCAN = 256 * 1024

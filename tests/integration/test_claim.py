@@ -1,0 +1,104 @@
+"""Claiming due work: an index walk whose cost does not grow with the queue (I5)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from mta.config import Settings
+from mta.queue import Store
+from mta.queue.ids import new_message_id
+from mta.queue.sql import query
+
+MESSAGES = 1_000
+PER_MESSAGE = 1_000
+
+
+def _message_rows(ids: list[uuid.UUID]) -> Iterator[tuple[Any, ...]]:
+    for message_id in ids:
+        yield (message_id, "sender@example.org", 10, b"", b"body", "127.0.0.1", "h", None, None)
+
+
+def _delivery_rows(ids: list[uuid.UUID], now: datetime) -> Iterator[tuple[Any, ...]]:
+    for n, message_id in enumerate(ids):
+        for i in range(PER_MESSAGE):
+            due = now - timedelta(seconds=(n * PER_MESSAGE + i) % 86_400)
+            state = "queued" if i % 4 else "delivered"
+            yield (message_id, f"r{i}@d{i % 97}.example", f"d{i % 97}.example", state, due)
+
+
+async def load_deliveries(dsn: str) -> None:
+    """COPY 1,000 messages x 1,000 deliveries, a quarter of them already delivered."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        ids = [new_message_id() for _ in range(MESSAGES)]
+        await conn.copy_records_to_table(
+            "messages", records=_message_rows(ids),
+            columns=["id", "mail_from", "size_bytes", "trace_headers", "body",
+                     "client_address", "helo_name", "auth_user", "message_id_header"],
+        )
+        await conn.copy_records_to_table(
+            "deliveries", records=_delivery_rows(ids, datetime.now(UTC)),
+            columns=["message_id", "recipient", "next_hop", "state", "next_attempt_at"],
+        )
+        await conn.execute("ANALYZE deliveries")
+    finally:
+        await conn.close()
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+@pytest.mark.slow
+async def test_claim_plan_uses_the_due_index_at_a_million_rows(db_dsn: str) -> None:
+    await load_deliveries(db_dsn)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        count = await conn.fetchval("SELECT count(*) FROM deliveries")
+        assert count == MESSAGES * PER_MESSAGE
+        raw = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) " + query("delivery_claim_due"), "owner", 50, 30.0
+        )
+    finally:
+        await conn.close()
+    nodes = list(plan_nodes(json.loads(raw)[0]["Plan"]))
+    kinds = [node["Node Type"] for node in nodes]
+    assert "Seq Scan" not in kinds, kinds
+    assert "Sort" not in kinds and "Incremental Sort" not in kinds, kinds
+    index_scans = [node for node in nodes if node["Node Type"] in ("Index Scan", "Index Only Scan")]
+    assert any(node.get("Index Name") == "deliveries_due" for node in index_scans), nodes
+    assert "LockRows" in kinds, "the claim must lock what it takes (FOR UPDATE SKIP LOCKED)"
+
+
+async def test_concurrent_claims_never_share_a_delivery(
+    db_dsn: str, make_settings: Any
+) -> None:
+    settings: Settings = make_settings()
+    store = await Store.open(db_dsn, settings)
+    try:
+        from mta.queue import NewMessage
+
+        for n in range(40):
+            await store.enqueue(NewMessage(
+                id=new_message_id(), mail_from="a@example.org",
+                recipients=[f"r{n}-{i}@example.com" for i in range(5)], trace_headers=b"",
+                body=b"x\r\n", client_address="127.0.0.1", helo_name="h", auth_user=None,
+                message_id_header=None,
+            ))
+        batches = await asyncio.gather(*(
+            store.claim_due(f"worker-{i}", 30, 60.0) for i in range(8)
+        ))
+    finally:
+        await store.close()
+    claimed = [delivery.id for batch in batches for delivery in batch]
+    assert len(claimed) == len(set(claimed)) == 200
