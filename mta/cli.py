@@ -49,10 +49,7 @@ def _load(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
-        lines = str(exc).splitlines()
-        for line in lines[1:]:
-            print(f"mta: config: {line}", file=sys.stderr)
-        fail(f"config: {lines[0]}")
+        fail(f"config: {exc}")
 
 
 @app.command()

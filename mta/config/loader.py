@@ -69,7 +69,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """Render pydantic's errors as ``key: problem`` lines, one per error."""
+    """Render pydantic's errors as ``key: problem`` on one line, separated by ``; ``."""
     lines = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
@@ -79,7 +79,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         elif message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
         lines.append(f"{key}: {message}")
-    return "\n".join(lines)
+    return "; ".join(lines)
 
 
 def load_settings(path: Path | None = None) -> Settings:

@@ -142,6 +142,10 @@ async def migrate_dsn(dsn: str, timeout: float = 10.0) -> list[int]:
         await conn.close()
 
 
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """Skip asyncpg's per-release reset round trip: no statement here changes session state."""
+
+
 class Store:
     """One node process's view of its store, over a pool sized by the budget (I6)."""
 
@@ -161,6 +165,7 @@ class Store:
                 max_size=budget.pool_size,
                 timeout=settings.database.connect_timeout,
                 command_timeout=settings.database.commit_timeout,
+                reset=_keep_session,
                 server_settings={
                     "synchronous_commit": "on",
                     "application_name": f"mta/{settings.node.name}",
