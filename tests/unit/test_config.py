@@ -118,6 +118,7 @@ def test_budget_violation_names_the_numbers(tmp_path: Path) -> None:
 
 
 def test_memory_bound_follows_data_concurrency_and_size(tmp_path: Path) -> None:
-    small = load_settings(write(tmp_path, "[smtp]\ndata_concurrency = 1\nmax_message_size = '1MiB'\n"))
-    big = load_settings(write(tmp_path, "[smtp]\ndata_concurrency = 2\nmax_message_size = '1MiB'\n"))
+    template = "[smtp]\ndata_concurrency = {}\nmax_message_size = '1MiB'\n"
+    small = load_settings(write(tmp_path, template.format(1)))
+    big = load_settings(write(tmp_path, template.format(2)))
     assert memory_bound_bytes(big) - memory_bound_bytes(small) == 4 * 1024 * 1024

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from mta.queue.ids import new_message_id, parse_queue_id, queue_id
