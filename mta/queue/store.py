@@ -212,6 +212,11 @@ class Store:
             raise StoreUnavailable(f"no database connection: {exc}") from exc
         try:
             yield conn
+        except TimeoutError:
+            # The statement may still run on a server that does not answer: drop the
+            # connection rather than wait (up to acquire_timeout more) for its cancel.
+            conn.terminate()
+            raise
         finally:
             await self._pool.release(conn)
 
