@@ -37,7 +37,8 @@ def inspect_headers(body: bytes | bytearray) -> HeaderFacts:
     found = _MESSAGE_ID.search(block)
     message_id = None
     if found:
-        message_id = found[1].decode("ascii", "replace").replace("\r\n", "").strip() or None
+        text = found[1].decode("ascii", "replace").replace("\r\n", "")
+        message_id = text.replace("\0", "").strip() or None  # Postgres text holds no NUL
     return HeaderFacts(len(_RECEIVED.findall(block)), message_id)
 
 
@@ -58,7 +59,7 @@ def received_header(ctx: TraceContext, now: datetime | None = None) -> str:
     """A RFC 5321 ``Received:`` line with the RFC 3848 protocol keyword."""
     protocol = "ESMTP" + ("S" if ctx.tls else "") + ("A" if ctx.authenticated else "")
     stamp = format_datetime(now or datetime.now(UTC))
-    helo = _printable(ctx.helo)
+    helo = printable(ctx.helo)
     for_clause = f"\r\n\tfor <{ctx.recipients[0]}>" if len(ctx.recipients) == 1 else ""
     return (
         f"Received: from {helo} ([{ctx.client_ip}])\r\n"
@@ -73,6 +74,7 @@ def message_id_header(queue_id: str, hostname: str) -> tuple[str, str]:
     return f"Message-ID: {value}\r\n", value
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """``text`` with every character outside visible ASCII as ``?``, at most 255 long."""
     cleaned = "".join(char if 0x21 <= ord(char) < 0x7F else "?" for char in text)
     return cleaned[:255] or "unknown"

@@ -19,7 +19,13 @@ from mta.queue.ids import new_message_id, queue_id
 from mta.smtp import replies
 from mta.smtp.admission import Admission
 from mta.smtp.auth import AuthThrottle, Credentials
-from mta.smtp.headers import TraceContext, inspect_headers, message_id_header, received_header
+from mta.smtp.headers import (
+    TraceContext,
+    inspect_headers,
+    message_id_header,
+    printable,
+    received_header,
+)
 
 if TYPE_CHECKING:
     from mta.smtp.server import IntakeSMTP
@@ -150,8 +156,9 @@ class Intake:
         recipients = tuple(envelope.rcpt_tos)
         assert session.session is not None
         auth_user = session.session.auth_data if session.session.authenticated else None
+        helo = printable(session.session.host_name or "")  # a client's HELO may hold NUL
         trace = received_header(TraceContext(
-            helo=session.session.host_name or "unknown", client_ip=session.client_ip,
+            helo=helo, client_ip=session.client_ip,
             hostname=smtp.hostname, tls=session.tls_active,
             authenticated=auth_user is not None, queue_id=qid, recipients=recipients,
         ))
@@ -167,7 +174,7 @@ class Intake:
             await self.store.enqueue(NewMessage(
                 id=message_uuid, mail_from=envelope.mail_from, recipients=recipients,
                 trace_headers=trace_bytes, body=body, client_address=session.client_ip,
-                helo_name=session.session.host_name or "", auth_user=auth_user,
+                helo_name=helo, auth_user=auth_user,
                 message_id_header=message_id,
             ))
         except StoreFull as exc:

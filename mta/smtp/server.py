@@ -126,6 +126,14 @@ class IntakeSMTP(SMTP):
 
     # --- commands -------------------------------------------------------------
 
+    async def check_helo_needed(self, helo: str = "HELO") -> bool:
+        """Refuse a command before EHLO/HELO, with an enhanced status code."""
+        assert self.session is not None
+        if not self.session.host_name:
+            await self.push(replies.NEED_HELO)
+            return True
+        return False
+
     async def smtp_EHLO(self, hostname: str) -> None:
         """Greet and list our extensions (SMTPUTF8 is not offered)."""
         if not hostname:
@@ -197,7 +205,7 @@ class IntakeSMTP(SMTP):
             return AuthResult(success=True, auth_data=name)
         self.intake.auth_throttle.record_failure(self.client_ip)
         self.intake.reject("auth_failed", self.session)
-        return AuthResult(success=False)
+        return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         """MAIL FROM, with access control (I10), SIZE and BODY."""
@@ -294,6 +302,10 @@ class IntakeSMTP(SMTP):
         """Do nothing, successfully."""
         await self.push(replies.OK)
 
+    async def smtp_HELP(self, arg: str) -> None:
+        """List our commands (aiosmtpd's HELP finds none behind the guards)."""
+        await self.push(replies.HELP.format(commands=" ".join(sorted(self._smtp_methods))))
+
     async def smtp_VRFY(self, arg: str) -> None:
         """Never confirm addresses (RFC 5321 3.5.3)."""
         await self.push("252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
@@ -367,13 +379,13 @@ class IntakeSMTP(SMTP):
         if buf.count(b"\n") != crlf or buf.count(b"\r") != crlf:
             self.intake.reject("bare_newline", self.session)
             return DataOutcome(None, replies.BARE_NEWLINE)
-        max_line = self.intake.settings.smtp.max_line_length
-        if len(buf) > max_line and max(map(len, buf.split(b"\r\n"))) > max_line + 1:
-            # +1: a line may carry one transparency dot (RFC 5321 4.5.3.1.6).
-            self.intake.reject("line_too_long", self.session)
-            return DataOutcome(None, replies.LINE_TOO_LONG.format(limit=max_line))
         if b"\r\n." in buf:
             buf = buf.replace(b"\r\n.", b"\r\n")
+        max_line = self.intake.settings.smtp.max_line_length
+        if len(buf) > max_line and max(map(len, buf.split(b"\r\n"))) > max_line:
+            # Measured unstuffed: the transparency dot does not count (RFC 5321 4.5.3.1.6).
+            self.intake.reject("line_too_long", self.session)
+            return DataOutcome(None, replies.LINE_TOO_LONG.format(limit=max_line))
         del buf[:2]
         return DataOutcome(buf, None)
 
