@@ -88,3 +88,20 @@ def test_query_file_parses_and_rejects_duplicates() -> None:
     assert "SKIP LOCKED" in queries()["delivery_claim_due"]
     with pytest.raises(ValueError):
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
+
+
+def test_has_long_line_finds_exactly_the_lines_over_the_limit() -> None:
+    from mta.smtp.server import has_long_line
+
+    def body(*lengths: int) -> bytearray:
+        return bytearray(b"\r\n" + b"".join(b"x" * n + b"\r\n" for n in lengths))
+
+    assert not has_long_line(body(998, 10, 998), 998)
+    assert has_long_line(body(10, 999, 10), 998)
+    assert has_long_line(body(5000), 998)
+    assert not has_long_line(body(*([80] * 20_000)), 998)
+    for limit in (78, 79, 100, 998):
+        for length in range(limit - 3, limit + 4):
+            for offset in range(0, 7):
+                data = body(offset, length, 3)
+                assert has_long_line(data, limit) == (length > limit), (limit, length, offset)
