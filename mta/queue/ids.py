@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 import time
 import uuid
 
@@ -13,7 +13,8 @@ _DECODE = {char: value for value, char in enumerate(_ALPHABET)}
 def new_message_id() -> uuid.UUID:
     """A UUIDv7: 48 bits of Unix milliseconds, then random bits (index-friendly)."""
     millis = time.time_ns() // 1_000_000
-    raw = bytearray(millis.to_bytes(6, "big") + os.urandom(10))
+    # The random module reseeds itself in a forked child, so processes never share ids.
+    raw = bytearray(millis.to_bytes(6, "big") + random.getrandbits(80).to_bytes(10, "big"))
     raw[6] = (raw[6] & 0x0F) | 0x70
     raw[8] = (raw[8] & 0x3F) | 0x80
     return uuid.UUID(bytes=bytes(raw))

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from mta.concurrency import acquire_within
 from mta.config import ServerLimits, Settings, connection_budget
 from mta.errors import StoreUnavailable
 from mta.queue.migrate import migrate
@@ -195,10 +196,8 @@ class Store:
     @contextlib.asynccontextmanager
     async def intake_slot(self) -> AsyncIterator[None]:
         """Hold one of ``intake_db_slots``; waiting longer than the acquire timeout fails."""
-        try:
-            await asyncio.wait_for(self._intake_slots.acquire(), self._db.acquire_timeout)
-        except TimeoutError:
-            raise StoreUnavailable("no intake database slot became free in time") from None
+        if not await acquire_within(self._intake_slots, self._db.acquire_timeout):
+            raise StoreUnavailable("no intake database slot became free in time")
         try:
             yield
         finally:
@@ -225,7 +224,7 @@ class Store:
         try:
             async with self._connection() as conn:
                 call = getattr(conn, method)
-                return await asyncio.wait_for(call(query(name), *args), self._db.commit_timeout)
+                return await call(query(name), *args, timeout=self._db.commit_timeout)
         except StoreUnavailable:
             raise
         except STORE_ERRORS as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import structlog
@@ -14,6 +15,9 @@ from mta.metrics import Metrics
 from mta.queue import Store
 
 log = structlog.get_logger(__name__)
+
+#: Seconds a free-disk reading stays fresh (accepted bytes are counted in between).
+DISK_RECHECK_S = 1.0
 
 
 class Admission:
@@ -27,10 +31,16 @@ class Admission:
         self._metrics = metrics
         self._queued_bytes = 0
         self._accepted_since_refresh = 0
+        self._free_disk = 0
+        self._free_disk_read_at = -DISK_RECHECK_S
 
     def free_disk(self) -> int:
-        """Free bytes on the data directory's filesystem."""
-        return shutil.disk_usage(self._data_dir).free
+        """Free bytes on the data directory's filesystem (re-read at most once a second)."""
+        now = time.monotonic()
+        if now - self._free_disk_read_at >= DISK_RECHECK_S:
+            self._free_disk = shutil.disk_usage(self._data_dir).free
+            self._free_disk_read_at = now
+        return self._free_disk
 
     def check(self, incoming_bytes: int) -> None:
         """Raise ``StoreFull`` if accepting ``incoming_bytes`` more would pass a limit."""

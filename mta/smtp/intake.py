@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import time
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from mta.concurrency import acquire_within
 from mta.config import Settings
 from mta.errors import StoreFull, StoreUnavailable
 from mta.metrics import Metrics
@@ -48,6 +50,7 @@ class Intake:
         self._networks = [ipaddress.ip_network(net, strict=False)
                           for net in smtp.allowed_networks]
         self._data_slots = asyncio.Semaphore(smtp.data_concurrency)
+        self._from_allowed_network = functools.lru_cache(maxsize=4096)(self._network_check)
         self._sessions: set[IntakeSMTP] = set()
         self._data_in_flight = 0
         self._idle = asyncio.Event()
@@ -105,8 +108,11 @@ class Intake:
         assert session.session is not None
         if session.session.authenticated:
             return True
+        return self._from_allowed_network(session.client_ip)
+
+    def _network_check(self, client_ip: str) -> bool:
         try:
-            address = ipaddress.ip_address(session.client_ip)
+            address = ipaddress.ip_address(client_ip)
         except ValueError:
             return False
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -123,10 +129,7 @@ class Intake:
     @contextlib.asynccontextmanager
     async def data_phase(self) -> AsyncIterator[str | None]:
         """Hold one of ``data_concurrency`` slots; yields a refusal if none came in time."""
-        try:
-            await asyncio.wait_for(self._data_slots.acquire(),
-                                   self.settings.database.acquire_timeout)
-        except TimeoutError:
+        if not await acquire_within(self._data_slots, self.settings.database.acquire_timeout):
             self.metrics.intake_rejected.labels("data_slots_busy").inc()
             yield replies.STORE_UNAVAILABLE
             return
