@@ -45,6 +45,7 @@ class LoadgenResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    cpu_seconds: float  # this process's CPU time during the run: the generator's own cost
 
 
 def check_loopback(host: str) -> None:
@@ -96,8 +97,12 @@ class _Session:
     async def open(cls, host: str, port: int) -> _Session:
         reader, writer = await asyncio.open_connection(host, port)
         session = cls(reader, writer)
-        await _expect(reader, b"2")
-        await session.command(b"EHLO " + HELO_NAME.encode(), b"2")
+        try:
+            await _expect(reader, b"2")
+            await session.command(b"EHLO " + HELO_NAME.encode(), b"2")
+        except BaseException:
+            writer.transport.abort()
+            raise
         return session
 
     async def command(self, line: bytes, first_digit: bytes) -> None:
@@ -124,14 +129,14 @@ class _Session:
         return time.perf_counter() - started
 
     async def close(self) -> None:
-        """Send QUIT if the connection still works, then close it."""
+        """QUIT and close within 5 s; drop the connection if that fails or stalls."""
         try:
-            await self.command(b"QUIT", b"2")
-        except (OSError, SmtpError):
-            pass
-        finally:
-            self.writer.close()
-            await self.writer.wait_closed()
+            async with asyncio.timeout(5):
+                await self.command(b"QUIT", b"2")
+                self.writer.close()
+                await self.writer.wait_closed()
+        except (OSError, SmtpError, TimeoutError):
+            self.writer.transport.abort()
 
 
 async def _worker(
@@ -183,13 +188,20 @@ async def loadgen(
         return next(remaining, None)
 
     latencies: list[float] = []
+    cpu_before = time.process_time()
     started = time.perf_counter()
-    async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
-        for _ in range(min(sessions, messages)):
-            group.create_task(
-                _worker(host, port, take, messages, recipients, body, reuse_connections, latencies)
-            )
+    try:
+        async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+            for _ in range(min(sessions, messages)):
+                group.create_task(
+                    _worker(
+                        host, port, take, messages, recipients, body, reuse_connections, latencies
+                    )
+                )
+    except ExceptionGroup as group_error:  # report the first failing session's error
+        raise group_error.exceptions[0] from group_error
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_before
     ordered = sorted(latencies)
     return LoadgenResult(
         messages=len(ordered),
@@ -201,6 +213,7 @@ async def loadgen(
         p50_ms=percentile(ordered, 0.50) * 1000,
         p99_ms=percentile(ordered, 0.99) * 1000,
         max_ms=(ordered[-1] if ordered else 0.0) * 1000,
+        cpu_seconds=cpu_seconds,
     )
 
 

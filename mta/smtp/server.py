@@ -135,6 +135,12 @@ class IntakeSMTP(SMTP):
         super().connection_lost(error)
         self.intake.untrack(self)
 
+    def _timeout_cb(self) -> None:
+        """Idle too long: say so (like Postfix's 421 4.4.2), then close."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(replies.IDLE_TIMEOUT.encode("ascii") + b"\r\n")
+            self.transport.close()
+
     async def _handle_client(self) -> None:
         refusal = self.intake.refuse_session()
         if refusal is not None:
