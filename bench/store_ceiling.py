@@ -31,7 +31,7 @@ def disk_bytes_written() -> int:
     for line in Path("/proc/diskstats").read_text().splitlines():
         fields = line.split()
         name = fields[2]
-        if name.startswith(("loop", "ram")) or name[-1].isdigit() and not name.startswith("nvme"):
+        if name.startswith(("loop", "ram")) or (name[-1].isdigit() and not name.startswith("nvme")):
             continue
         total += int(fields[9]) * SECTOR
     return total
