@@ -19,13 +19,16 @@ from tests.support.nodes import free_port, wait_for
 START_TIMEOUT_S = 30.0
 
 
-def toml_text(sections: Mapping[str, Mapping[str, Any]]) -> str:
-    """Render ``{section: {key: value}}`` as TOML (strings, numbers, booleans, lists)."""
+def toml_text(sections: Mapping[str, Any]) -> str:
+    """Render ``{section: {key: value}}`` as TOML; a list of tables becomes ``[[section]]``."""
     lines: list[str] = []
     for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        lines.append("")
+        tables = values if isinstance(values, list) else [values]
+        header = f"[[{section}]]" if isinstance(values, list) else f"[{section}]"
+        for table in tables:
+            lines.append(header)
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+            lines.append("")
     return "\n".join(lines)
 
 
