@@ -1,0 +1,62 @@
+"""A node with several processes shares its listener and its budget, and stops as one."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import asyncpg
+
+from tests.support.admin import healthz, metric
+from tests.support.nodes import wait_for
+from tests.support.process import NodeProcess
+from tests.support.smtp import RawSMTP
+
+PROCESSES = 2
+
+
+async def node_connections(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mta/proc-node'"
+        ))
+    finally:
+        await conn.close()
+
+
+async def test_two_processes_serve_one_port_and_exit_zero_on_sigterm(
+    tmp_path: Path, db_dsn: str
+) -> None:
+    node = NodeProcess.configure(tmp_path / "node", db_dsn, node={"processes": PROCESSES})
+    node.spawn()
+    try:
+        await wait_for(lambda: sum(1 for e in node.events() if e.get("event") == "node.started")
+                       == PROCESSES, timeout=60)
+        for index in range(PROCESSES):
+            body = await healthz(node.admin_port + index)
+            assert body["status"] == "ok" and body["accepting"], (index, body)
+
+        accepted = 0
+        for n in range(20):
+            client = await RawSMTP.connect(node.smtp_port)
+            await client.cmd("EHLO client.test")
+            reply = await client.submit("a@example.org", ["b@example.com"],
+                                        f"Message-ID: <p{n}@test>\r\n\r\nbody\r\n".encode())
+            assert reply.startswith("250 2.0.0"), reply
+            accepted += 1
+            await client.cmd("QUIT")
+            await client.close()
+        assert accepted == 20
+        per_process = [await metric(node.admin_port + index, "mta_intake_accepted_messages_total")
+                       for index in range(PROCESSES)]
+        assert sum(per_process) == 20, per_process
+        # Each process holds its own pool, sized by the budget: never more than the sum.
+        budget = PROCESSES * (2 + 4 + 2)
+        assert 0 < await node_connections(db_dsn) <= budget
+
+        node.signal(signal.SIGTERM)
+        assert await node.wait_exit(30) == 0
+    finally:
+        await node.close()
+    assert await node_connections(db_dsn) == 0
