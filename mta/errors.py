@@ -4,9 +4,12 @@
     ├── ConfigError           an operator's configuration is wrong (CLI exit 2)
     ├── BudgetExceeded        the connection budget does not fit the database (exit 2)
     ├── UnsafeDatabase        the database would not make a 250 durable (exit 2)
-    └── TempFailure           retry later (SMTP 4xx)
-        ├── StoreUnavailable  the store could not commit in time (451 4.3.0)
-        └── StoreFull         disk or queued bytes over their limit (452 4.3.1)
+    ├── TempFailure           retry later (SMTP 4xx)
+    │   ├── StoreUnavailable  the store could not commit in time (451 4.3.0)
+    │   ├── StoreFull         disk or queued bytes over their limit (452 4.3.1)
+    │   └── RouteTempFailure  no next hop for now: SERVFAIL, DNS timeout, no usable host
+    └── PermFailure           the peer must not retry (SMTP 5xx)
+        └── RoutePermFailure  a permanent DNS answer: NXDOMAIN, null MX (RFC 7505)
 """
 
 from __future__ import annotations
@@ -38,3 +41,27 @@ class StoreUnavailable(TempFailure):
 
 class StoreFull(TempFailure):
     """Free disk or queued bytes passed their configured limit."""
+
+
+class RouteTempFailure(TempFailure):
+    """No next hop can be found for now; ``evidence`` says why (e.g. "SERVFAIL")."""
+
+    def __init__(self, evidence: str) -> None:
+        super().__init__(evidence)
+        self.evidence = evidence
+
+
+class PermFailure(MtaError):
+    """A permanent failure: the peer must not retry (SMTP 5xx)."""
+
+
+class RoutePermFailure(PermFailure):
+    """DNS proved the domain undeliverable; ``evidence`` is the answer, kept for I2.
+
+    ``cache_for`` is how many seconds that answer stays true (its TTL).
+    """
+
+    def __init__(self, evidence: str, *, cache_for: float = 0.0) -> None:
+        super().__init__(evidence)
+        self.evidence = evidence
+        self.cache_for = cache_for
