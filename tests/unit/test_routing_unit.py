@@ -1,0 +1,88 @@
+"""Pure parts of routing: route validation and matching, grouping keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mta.errors import ConfigError, PermFailure, RoutePermFailure, RouteTempFailure, TempFailure
+from mta.smtp.routing import (
+    ResolverConfig,
+    RouteConfig,
+    match_route,
+    mx_key,
+    normalise_domain,
+    route_key,
+    route_table,
+)
+
+
+def test_exact_domain_route_wins_over_wildcard() -> None:
+    table = route_table([RouteConfig("*", "smarthost"), RouteConfig("Example.COM.", "direct")])
+    assert match_route(table, "example.com") == RouteConfig("Example.COM.", "direct")
+    assert match_route(table, "other.com") == RouteConfig("*", "smarthost")
+
+
+def test_route_for_a_domain_does_not_cover_its_subdomains() -> None:
+    table = route_table([RouteConfig("example.com", "direct")])
+    assert match_route(table, "sub.example.com") is None
+
+
+def test_a_domain_routed_twice_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="two static routes"):
+        route_table([RouteConfig("example.com", "a"), RouteConfig("EXAMPLE.com.", "b")])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"domain": "*.example.com"},
+    {"domain": ""},
+    {"host": ""},
+    {"port": 0},
+    {"port": 65536},
+    {"tls": "sometimes"},
+    {"username": "relay"},
+    {"password": "secret"},
+])
+def test_invalid_route_is_a_config_error(kwargs: dict[str, Any]) -> None:
+    fields: dict[str, Any] = {"domain": "example.com", "host": "smarthost", **kwargs}
+    with pytest.raises(ConfigError):
+        RouteConfig(**fields)
+
+
+@pytest.mark.parametrize("kwargs", [{"timeout": 0}, {"port": 0}, {"mx_port": 70000}])
+def test_invalid_resolver_config_is_a_config_error(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        ResolverConfig(**kwargs)
+
+
+def test_route_key_names_everything_that_shapes_the_connection() -> None:
+    plain = RouteConfig("*", "smarthost", port=587)
+    assert route_key(plain) == "route:smarthost:587/opportunistic"
+    assert route_key(RouteConfig("example.com", "smarthost", port=587)) == route_key(plain)
+    authed = RouteConfig("*", "smarthost", port=587, username="u", password="p")
+    assert route_key(authed) == "route:smarthost:587/opportunistic/u"
+    assert "p" not in route_key(authed).split("/")
+    assert route_key(RouteConfig("*", "smarthost", port=587, tls="verify")) != route_key(plain)
+
+
+def test_mx_key_does_not_depend_on_order_or_duplicates() -> None:
+    assert mx_key(["mx2.example.com", "mx1.example.com", "mx2.example.com"]) == (
+        "mx:mx1.example.com,mx2.example.com"
+    )
+    assert mx_key(["mx1.example.com", "mx2.example.com"]) == mx_key(
+        ["mx2.example.com", "mx1.example.com"]
+    )
+
+
+def test_normalise_domain() -> None:
+    assert normalise_domain(" Example.COM. ") == "example.com"
+
+
+def test_route_failures_sit_in_the_error_tree() -> None:
+    assert issubclass(RouteTempFailure, TempFailure)
+    assert issubclass(RoutePermFailure, PermFailure)
+    assert not issubclass(PermFailure, TempFailure)
+    failure = RoutePermFailure("null MX (RFC 7505)", cache_for=300.0)
+    assert (str(failure), failure.evidence, failure.cache_for) == (
+        "null MX (RFC 7505)", "null MX (RFC 7505)", 300.0)
