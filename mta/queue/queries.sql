@@ -58,7 +58,7 @@ SELECT coalesce(sum(size_bytes), 0)::bigint FROM messages WHERE done_at IS NULL;
 -- name: delivery_list_for_message
 -- Every delivery of one message.
 SELECT id, recipient, next_hop, state, attempts, next_attempt_at, lease_owner,
-       lease_expires_at, last_reply_code, last_reply
+       lease_expires_at, last_reply_code, last_reply, possible_duplicate, hold_reason
 FROM deliveries WHERE message_id = $1 ORDER BY id;
 
 -- name: delivery_claim_due
@@ -89,3 +89,85 @@ SELECT current_setting('max_connections')::int AS max_connections,
 -- name: ping
 -- A round trip that proves the server answers.
 SELECT 1;
+
+-- name: delivery_renew_leases
+-- Extend the leases owner $1 holds on deliveries $2 by $3 seconds (a long send).
+UPDATE deliveries
+SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
+WHERE id = ANY($2::bigint[]) AND state = 'leased' AND lease_owner = $1
+RETURNING id;
+
+-- name: delivery_record_outcomes
+-- Apply attempt outcomes to deliveries leased to owner $1, each with its evidence event.
+WITH outcome AS (
+    SELECT *
+    FROM unnest($2::bigint[], $3::text[], $4::integer[], $5::text[], $6::float8[],
+                $7::boolean[])
+        AS o (id, state, reply_code, reply, retry_in_s, possible_duplicate)
+    WHERE o.state IN ('delivered', 'deferred', 'failed', 'uncertain')
+), changed AS (
+    UPDATE deliveries AS d
+    SET state = o.state,
+        last_reply_code = o.reply_code,
+        last_reply = o.reply,
+        attempts = d.attempts + 1,
+        last_attempt_at = now(),
+        next_attempt_at = CASE WHEN o.state = 'deferred'
+                               THEN now() + make_interval(secs => o.retry_in_s)
+                               ELSE d.next_attempt_at END,
+        finished_at = CASE WHEN o.state IN ('delivered', 'failed') THEN now() END,
+        possible_duplicate = d.possible_duplicate OR o.possible_duplicate,
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    FROM outcome AS o
+    WHERE d.id = o.id AND d.state = 'leased' AND d.lease_owner = $1
+    RETURNING d.id, d.state, d.last_reply_code, d.last_reply
+)
+INSERT INTO delivery_events (delivery_id, state, reply_code, detail, actor)
+SELECT id, state, last_reply_code, coalesce(last_reply, ''), $1 FROM changed
+RETURNING delivery_id;
+
+-- name: delivery_release_unsent
+-- Return deliveries leased to owner $1 that were certainly not sent ($3: why) to the queue.
+WITH changed AS (
+    UPDATE deliveries
+    SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL,
+        next_attempt_at = now(), updated_at = now()
+    WHERE id = ANY($2::bigint[]) AND state = 'leased' AND lease_owner = $1
+    RETURNING id, state
+)
+INSERT INTO delivery_events (delivery_id, state, detail, actor)
+SELECT id, state, $3, $1 FROM changed
+RETURNING delivery_id;
+
+-- name: delivery_operator_transition
+-- An operator ($4, reason $5) moves deliveries $1 from state $2 to state $3.
+WITH changed AS (
+    UPDATE deliveries
+    SET state = $3,
+        next_attempt_at = CASE WHEN $3 = 'queued' THEN now() ELSE next_attempt_at END,
+        finished_at = CASE WHEN $3 IN ('delivered', 'failed') THEN now() END,
+        possible_duplicate = possible_duplicate OR ($2 = 'uncertain' AND $3 = 'queued'),
+        hold_reason = CASE WHEN $3 = 'held' THEN $5 END,
+        updated_at = now()
+    WHERE id = ANY($1::bigint[]) AND state = $2
+    RETURNING id, state
+)
+INSERT INTO delivery_events (delivery_id, state, detail, actor)
+SELECT id, state, $5, $4 FROM changed
+RETURNING delivery_id;
+
+-- name: delivery_list_in_state
+-- Deliveries in state $1 (oldest change first, at most $2), with their message's envelope.
+SELECT d.id, d.message_id, m.mail_from, d.recipient, d.next_hop, d.state, d.attempts,
+       d.last_reply_code, d.last_reply, d.possible_duplicate, d.hold_reason, d.updated_at
+FROM deliveries AS d JOIN messages AS m ON m.id = d.message_id
+WHERE d.state = $1
+ORDER BY d.updated_at, d.id
+LIMIT $2;
+
+-- name: delivery_events_list
+-- The evidence timeline of one delivery, oldest first.
+SELECT at, state, reply_code, detail, actor
+FROM delivery_events WHERE delivery_id = $1 ORDER BY id;

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -76,6 +76,8 @@ class DeliveryRecord:
     lease_expires_at: datetime | None
     last_reply_code: int | None
     last_reply: str | None
+    possible_duplicate: bool
+    hold_reason: str | None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,50 @@ class ClaimedDelivery:
     recipient: str
     next_hop: str
     attempts: int
+
+
+FinalOrRetry = Literal["delivered", "deferred", "failed", "uncertain"]
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """What one attempt proved about one delivery, with the evidence (I2)."""
+
+    delivery_id: int
+    state: FinalOrRetry
+    reply_code: int | None
+    reply: str
+    retry_in_s: float = 0.0
+    possible_duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class DeliveryListing:
+    """A delivery as an operator lists it: envelope, state and last evidence."""
+
+    id: int
+    message_id: uuid.UUID
+    mail_from: str
+    recipient: str
+    next_hop: str
+    state: str
+    attempts: int
+    last_reply_code: int | None
+    last_reply: str | None
+    possible_duplicate: bool
+    hold_reason: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class DeliveryEvent:
+    """One entry of a delivery's evidence timeline."""
+
+    at: datetime
+    state: str
+    reply_code: int | None
+    detail: str
+    actor: str
 
 
 @dataclass(frozen=True)
@@ -288,3 +334,65 @@ class Store:
         """Every message id, oldest first."""
         rows = await self._run("message_ids", "fetch")
         return [row["id"] for row in rows]
+
+    async def renew_leases(self, owner: str, delivery_ids: Sequence[int],
+                           lease_seconds: float) -> set[int]:
+        """Extend ``owner``'s leases; returns the ids still held (others were lost)."""
+        rows = await self._run("delivery_renew_leases", "fetch", owner, list(delivery_ids),
+                               lease_seconds)
+        return {row["id"] for row in rows}
+
+    async def record_outcomes(self, owner: str, outcomes: Sequence[AttemptOutcome]) -> set[int]:
+        """Apply outcomes to deliveries ``owner`` still leases; returns the ids applied.
+
+        Applying the same outcome twice changes nothing the second time (the delivery is
+        no longer leased), so a journal replay may repeat what already reached the store.
+        """
+        rows = await self._run(
+            "delivery_record_outcomes", "fetch", owner,
+            [o.delivery_id for o in outcomes], [o.state for o in outcomes],
+            [o.reply_code for o in outcomes], [o.reply for o in outcomes],
+            [o.retry_in_s for o in outcomes], [o.possible_duplicate for o in outcomes],
+        )
+        return {row["delivery_id"] for row in rows}
+
+    async def release_unsent(self, owner: str, delivery_ids: Sequence[int],
+                             reason: str) -> set[int]:
+        """Requeue deliveries ``owner`` leased but certainly never sent (no journaled attempt)."""
+        rows = await self._run("delivery_release_unsent", "fetch", owner, list(delivery_ids),
+                               reason)
+        return {row["delivery_id"] for row in rows}
+
+    async def _operator_transition(self, ids: Sequence[int], source: str, target: str,
+                                   operator: str, reason: str) -> set[int]:
+        rows = await self._run("delivery_operator_transition", "fetch", list(ids), source,
+                               target, operator, reason)
+        return {row["delivery_id"] for row in rows}
+
+    async def resend_uncertain(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
+        """Queue ``uncertain`` deliveries again; they carry ``possible_duplicate`` from now on."""
+        return await self._operator_transition(ids, "uncertain", "queued", operator, reason)
+
+    async def mark_uncertain_delivered(self, ids: Sequence[int], operator: str,
+                                       reason: str) -> set[int]:
+        """Record an operator's word that ``uncertain`` deliveries did arrive."""
+        return await self._operator_transition(ids, "uncertain", "delivered", operator, reason)
+
+    async def hold(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
+        """Hold queued or deferred deliveries; nothing sends them until released."""
+        held = await self._operator_transition(ids, "queued", "held", operator, reason)
+        return held | await self._operator_transition(ids, "deferred", "held", operator, reason)
+
+    async def release_held(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
+        """Put ``held`` deliveries back in the queue, due now."""
+        return await self._operator_transition(ids, "held", "queued", operator, reason)
+
+    async def deliveries_in_state(self, state: str, limit: int = 1000) -> list[DeliveryListing]:
+        """Deliveries in ``state``, oldest change first."""
+        rows = await self._run("delivery_list_in_state", "fetch", state, limit)
+        return [DeliveryListing(**dict(row)) for row in rows]
+
+    async def delivery_events(self, delivery_id: int) -> list[DeliveryEvent]:
+        """One delivery's evidence timeline, oldest first."""
+        rows = await self._run("delivery_events_list", "fetch", delivery_id)
+        return [DeliveryEvent(**dict(row)) for row in rows]

@@ -1,0 +1,122 @@
+"""Delivery state transitions in the store: guarded by state and lease owner, each with
+its evidence event, and safe to apply twice (journal replay)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from mta.config import Settings
+from mta.queue import NewMessage, Store
+from mta.queue.ids import new_message_id
+from mta.queue.store import AttemptOutcome
+
+
+@pytest.fixture
+async def store(db_dsn: str, make_settings: Callable[..., Settings]) -> AsyncIterator[Store]:
+    opened = await Store.open(db_dsn, make_settings())
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def enqueue(store: Store, recipients: int) -> None:
+    await store.enqueue(NewMessage(
+        id=new_message_id(), mail_from="a@example.org",
+        recipients=[f"r{i}@example.com" for i in range(recipients)], trace_headers=b"",
+        body=b"x\r\n", client_address="127.0.0.1", helo_name="h", auth_user=None,
+        message_id_header=None,
+    ))
+
+
+async def test_outcomes_apply_with_evidence_and_only_once(store: Store) -> None:
+    await enqueue(store, 4)
+    claimed = await store.claim_due("worker-a", 10, 60.0)
+    ids = [delivery.id for delivery in claimed]
+    outcomes = [
+        AttemptOutcome(ids[0], "delivered", 250, "250 2.0.0 Ok: queued as X"),
+        AttemptOutcome(ids[1], "deferred", 451, "451 4.3.0 try later", retry_in_s=300),
+        AttemptOutcome(ids[2], "failed", 550, "550 5.1.1 no such user"),
+        AttemptOutcome(ids[3], "uncertain", None, "timeout waiting for the reply to the dot"),
+    ]
+    assert await store.record_outcomes("worker-a", outcomes) == set(ids)
+    assert await store.record_outcomes("worker-a", outcomes) == set(), "a replay changes nothing"
+
+    message_id = claimed[0].message_id
+    by_id = {d.id: d for d in await store.deliveries(message_id)}
+    assert [by_id[i].state for i in ids] == ["delivered", "deferred", "failed", "uncertain"]
+    assert by_id[ids[0]].last_reply == "250 2.0.0 Ok: queued as X"
+    assert by_id[ids[2]].last_reply_code == 550
+    assert all(by_id[i].lease_owner is None and by_id[i].attempts == 1 for i in ids)
+    assert by_id[ids[1]].next_attempt_at > by_id[ids[0]].next_attempt_at
+    events = await store.delivery_events(ids[2])
+    assert [(e.state, e.reply_code, e.detail, e.actor) for e in events] == [
+        ("failed", 550, "550 5.1.1 no such user", "worker-a")
+    ]
+
+
+async def test_an_outcome_from_a_process_that_lost_the_lease_is_refused(store: Store) -> None:
+    await enqueue(store, 1)
+    (delivery,) = await store.claim_due("worker-a", 1, 60.0)
+    late = AttemptOutcome(delivery.id, "delivered", 250, "250 ok")
+    assert await store.record_outcomes("worker-b", [late]) == set()
+    assert await store.renew_leases("worker-b", [delivery.id], 60.0) == set()
+    assert await store.renew_leases("worker-a", [delivery.id], 60.0) == {delivery.id}
+    assert await store.record_outcomes("worker-a", [late]) == {delivery.id}
+
+
+async def test_unsent_leases_return_to_the_queue_and_are_claimed_again(store: Store) -> None:
+    await enqueue(store, 2)
+    claimed = await store.claim_due("dead-worker", 10, 60.0)
+    ids = {delivery.id for delivery in claimed}
+    assert await store.claim_due("worker-b", 10, 60.0) == []
+    reason = "no attempt journaled: certainly not sent"
+    assert await store.release_unsent("dead-worker", list(ids), reason) == ids
+    again = await store.claim_due("worker-b", 10, 60.0)
+    assert {delivery.id for delivery in again} == ids
+    events = await store.delivery_events(next(iter(ids)))
+    assert events[-1].detail == reason and events[-1].state == "queued"
+
+
+async def test_operators_resolve_uncertain_deliveries_with_an_audit_trail(store: Store) -> None:
+    await enqueue(store, 2)
+    first, second = await store.claim_due("worker-a", 10, 60.0)
+    await store.record_outcomes("worker-a", [
+        AttemptOutcome(first.id, "uncertain", None, "connection lost after the dot"),
+        AttemptOutcome(second.id, "uncertain", None, "connection lost after the dot"),
+    ])
+    listed = await store.deliveries_in_state("uncertain")
+    assert {entry.id for entry in listed} == {first.id, second.id}
+    assert all(entry.mail_from == "a@example.org" for entry in listed)
+
+    assert await store.resend_uncertain([first.id], "alice", "remote confirmed loss") == {
+        first.id}
+    assert await store.mark_uncertain_delivered([second.id], "bob", "seen in inbox") == {
+        second.id}
+    assert await store.resend_uncertain([second.id], "alice", "again") == set(), \
+        "only uncertain deliveries can be resent"
+
+    by_id = {d.id: d for d in await store.deliveries(first.message_id)}
+    assert by_id[first.id].state == "queued" and by_id[first.id].possible_duplicate
+    assert by_id[second.id].state == "delivered" and not by_id[second.id].possible_duplicate
+    trail = await store.delivery_events(second.id)
+    assert (trail[-1].state, trail[-1].actor, trail[-1].detail) == (
+        "delivered", "bob", "seen in inbox")
+
+
+async def test_held_deliveries_are_never_claimed_until_released(store: Store) -> None:
+    await enqueue(store, 3)
+    claimed = await store.claim_due("worker-a", 1, 60.0)
+    await store.record_outcomes("worker-a", [
+        AttemptOutcome(claimed[0].id, "deferred", 421, "421 busy", retry_in_s=0)
+    ])
+    message_id = claimed[0].message_id
+    ids = [d.id for d in await store.deliveries(message_id)]
+    assert await store.hold(ids, "carol", "crash-loop") == set(ids)
+    assert await store.claim_due("worker-a", 10, 60.0) == []
+    held = await store.deliveries_in_state("held")
+    assert {entry.hold_reason for entry in held} == {"crash-loop"}
+    assert await store.release_held(ids, "carol", "fixed") == set(ids)
+    assert len(await store.claim_due("worker-a", 10, 60.0)) == 3
