@@ -1,4 +1,4 @@
-"""The ``mta`` command line: serve | config check | db migrate | user hash."""
+"""The ``mta`` command line: serve | config check | db migrate | user hash | queue …"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mta.cli_queue import queue_app
 from mta.config import (
     Settings,
     connection_budget,
@@ -31,6 +32,7 @@ user_app = typer.Typer(no_args_is_help=True, help="Manage submission credentials
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(user_app, name="user")
+app.add_typer(queue_app, name="queue")
 
 ConfigOption = Annotated[
     Path | None,

@@ -1,0 +1,182 @@
+"""``mta queue``: what state is my mail in, and the operator's audited resolutions."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Annotated, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mta.config import Settings, load_settings
+from mta.errors import ConfigError, StoreUnavailable
+from mta.queue import Store, migrate_dsn
+from mta.queue.ids import parse_queue_id, queue_id
+from mta.queue.store import (
+    DeliveryEvent,
+    DeliveryListing,
+    DeliveryRecord,
+    MessageRecord,
+)
+
+queue_app = typer.Typer(no_args_is_help=True,
+                        help="Inspect the queue and resolve deliveries (every change is audited).")
+console = Console(soft_wrap=True)
+T = TypeVar("T")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Node config file (TOML). MTA_… variables override it."),
+]
+ReasonOption = Annotated[str, typer.Option("--reason", "-r", help="Why (kept in the audit).")]
+OperatorOption = Annotated[
+    str | None, typer.Option("--operator", help="Who (default: the login name).")
+]
+LimitOption = Annotated[int, typer.Option("--limit", min=1, help="List at most this many.")]
+IdsArgument = Annotated[list[int], typer.Argument(help="Delivery ids (from the listings).")]
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    print(f"mta: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _run(config: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the node's store (starting the embedded server if needed) and run ``action``."""
+    from mta.supervisor import open_database
+
+    try:
+        settings: Settings = load_settings(config)
+    except ConfigError as exc:
+        _fail(f"config: {exc}")
+
+    async def main(dsn: str) -> T:
+        await migrate_dsn(dsn, settings.database.connect_timeout)
+        store = await Store.open(dsn, settings)
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    try:
+        database = open_database(settings)
+        try:
+            return asyncio.run(main(database.dsn))
+        finally:
+            database.close()
+    except StoreUnavailable as exc:
+        _fail(str(exc).splitlines()[0], code=1)
+
+
+def _operator(name: str | None) -> str:
+    return name or os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def _print_listing(title: str, rows: Sequence[DeliveryListing], *, reason: bool) -> None:
+    """A table on a terminal; tab-separated lines with a header when piped (for scripts)."""
+    header = ["delivery", "queue_id", "from", "to", "attempts", "last_evidence",
+              *(["hold_reason"] if reason else []), "since"]
+    lines = []
+    for row in rows:
+        evidence = f"{row.last_reply_code or ''} {row.last_reply or ''}".strip()
+        lines.append([str(row.id), queue_id(row.message_id), row.mail_from or "<>",
+                      row.recipient, str(row.attempts), evidence or "-",
+                      *([row.hold_reason or "-"] if reason else []),
+                      row.updated_at.isoformat(timespec="seconds")])
+    if not console.is_terminal:
+        print(f"# {title}")
+        for line in [header, *lines]:
+            print("\t".join(field.replace("\t", " ") for field in line))
+        return
+    table = Table(*header, title=title)
+    for line in lines:
+        table.add_row(*line)
+    console.print(table)
+
+
+@queue_app.command("uncertain")
+def list_uncertain(config: ConfigOption = None, limit: LimitOption = 1000) -> None:
+    """Deliveries whose data may have reached the remote server without a recorded reply."""
+    rows = _run(config, lambda store: store.deliveries_in_state("uncertain", limit))
+    _print_listing(f"{len(rows)} uncertain", rows, reason=False)
+
+
+@queue_app.command("held")
+def list_held(config: ConfigOption = None, limit: LimitOption = 1000) -> None:
+    """Deliveries held by an operator or by the crash-loop breaker."""
+    rows = _run(config, lambda store: store.deliveries_in_state("held", limit))
+    _print_listing(f"{len(rows)} held", rows, reason=True)
+
+
+def _resolve(config: Path | None, ids: list[int], verb: str, state: str,
+             act: Callable[[Store, list[int]], Awaitable[set[int]]]) -> None:
+    changed = _run(config, lambda store: act(store, ids))
+    if changed:
+        console.print(f"{verb}: {', '.join(str(i) for i in sorted(changed))}")
+    missed = sorted(set(ids) - changed)
+    if missed:
+        _fail(f"not {state}, left unchanged: {', '.join(str(i) for i in missed)}")
+
+
+@queue_app.command("resend")
+def resend(ids: IdsArgument, reason: ReasonOption, config: ConfigOption = None,
+           operator: OperatorOption = None) -> None:
+    """Send uncertain deliveries again (they are marked possible_duplicate)."""
+    who = _operator(operator)
+    _resolve(config, ids, "queued again", "uncertain",
+             lambda store, chosen: store.resend_uncertain(chosen, who, reason))
+
+
+@queue_app.command("mark-delivered")
+def mark_delivered(ids: IdsArgument, reason: ReasonOption, config: ConfigOption = None,
+                   operator: OperatorOption = None) -> None:
+    """Record that uncertain deliveries did arrive (for example, the recipient confirmed)."""
+    who = _operator(operator)
+    _resolve(config, ids, "marked delivered", "uncertain",
+             lambda store, chosen: store.mark_uncertain_delivered(chosen, who, reason))
+
+
+@queue_app.command("release")
+def release(ids: IdsArgument, reason: ReasonOption, config: ConfigOption = None,
+            operator: OperatorOption = None) -> None:
+    """Put held deliveries back in the queue."""
+    who = _operator(operator)
+    _resolve(config, ids, "released", "held",
+             lambda store, chosen: store.release_held(chosen, who, reason))
+
+
+@queue_app.command("show")
+def show(message: Annotated[str, typer.Argument(help="Queue id from the 250 reply.")],
+         config: ConfigOption = None) -> None:
+    """One message's envelope, its deliveries and each delivery's evidence timeline."""
+    try:
+        message_id = parse_queue_id(message)
+    except ValueError:
+        _fail(f"not a queue id: {message!r}")
+
+    async def gather(store: Store) -> tuple[MessageRecord | None,
+                                            list[tuple[DeliveryRecord, list[DeliveryEvent]]]]:
+        record = await store.message(message_id)
+        deliveries = await store.deliveries(message_id)
+        return record, [(d, await store.delivery_events(d.id)) for d in deliveries]
+
+    record, deliveries = _run(config, gather)
+    if record is None:
+        _fail(f"no message {message} in this node's store")
+    console.print(f"message {queue_id(record.id)}  from <{record.mail_from}>  "
+                  f"{record.size_bytes} bytes  received {record.received_at.isoformat()}  "
+                  f"client {record.client_address}  Message-ID {record.message_id_header or '-'}")
+    for delivery, events in deliveries:
+        flags = " possible_duplicate" if delivery.possible_duplicate else ""
+        console.print(f"  delivery {delivery.id} <{delivery.recipient}>: {delivery.state}, "
+                      f"{delivery.attempts} attempt(s){flags}")
+        for event in events:
+            code = f" {event.reply_code}" if event.reply_code is not None else ""
+            console.print(f"    {event.at.isoformat(timespec='seconds')} {event.state}{code} "
+                          f"by {event.actor}: {event.detail}")

@@ -1,0 +1,108 @@
+"""``mta queue``: operators list uncertain and held deliveries and resolve them, audited."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from mta.config import Settings
+from mta.queue import NewMessage, Store
+from mta.queue.ids import new_message_id, queue_id
+from mta.queue.store import AttemptOutcome
+from tests.support.process import NodeProcess, run_mta, write_config
+
+
+async def uncertain_pair(db_dsn: str, settings: Settings) -> tuple[str, list[int]]:
+    """One message with two deliveries left uncertain by a worker."""
+    store = await Store.open(db_dsn, settings)
+    try:
+        message_id = new_message_id()
+        await store.enqueue(NewMessage(
+            id=message_id, mail_from="app@example.org",
+            recipients=["one@example.com", "two@example.com"], trace_headers=b"",
+            body=b"x\r\n", client_address="127.0.0.1", helo_name="h", auth_user=None,
+            message_id_header="<m@example.org>",
+        ))
+        claimed = await store.claim_due("worker-1", 10, 60.0)
+        await store.record_outcomes("worker-1", [
+            AttemptOutcome(d.id, "uncertain", None, "connection lost after the final dot")
+            for d in claimed
+        ])
+        return queue_id(message_id), sorted(d.id for d in claimed)
+    finally:
+        await store.close()
+
+
+async def test_uncertain_deliveries_are_listed_resolved_and_audited(
+    tmp_path: Path, db_dsn: str, make_settings: Callable[..., Settings]
+) -> None:
+    qid, (first, second) = await uncertain_pair(db_dsn, make_settings())
+    node = NodeProcess.configure(tmp_path / "node", db_dsn)
+    config = str(write_config(node.config_path, node.sections))
+
+    listing = await run_mta("queue", "uncertain", "--config", config)
+    assert listing.returncode == 0, listing.stderr
+    assert "2 uncertain" in listing.stdout and qid in listing.stdout
+    assert "connection lost after the final dot" in listing.stdout
+
+    resent = await run_mta("queue", "resend", str(first), "--reason", "remote lost it",
+                           "--operator", "alice", "--config", config)
+    assert resent.returncode == 0 and f"queued again: {first}" in resent.stdout, resent
+    marked = await run_mta("queue", "mark-delivered", str(second), "--reason", "seen",
+                           "--operator", "bob", "--config", config)
+    assert marked.returncode == 0, marked
+
+    again = await run_mta("queue", "resend", str(second), "--reason", "x", "--config", config)
+    assert again.returncode == 2
+    assert again.stderr.strip() == f"mta: not uncertain, left unchanged: {second}"
+
+    shown = await run_mta("queue", "show", qid, "--config", config)
+    assert shown.returncode == 0, shown.stderr
+    assert "possible_duplicate" in shown.stdout
+    assert "by alice: remote lost it" in shown.stdout and "by bob: seen" in shown.stdout
+    assert "by worker-1: connection lost after the final dot" in shown.stdout
+
+
+async def test_queue_commands_refuse_bad_input_in_one_line(tmp_path: Path, db_dsn: str) -> None:
+    node = NodeProcess.configure(tmp_path / "node", db_dsn)
+    config = str(write_config(node.config_path, node.sections))
+    for args in (("queue", "show", "not-a-queue-id"),
+                 ("queue", "resend", "12", "--config", config),
+                 ("queue", "resend", "abc", "--reason", "x", "--config", config)):
+        result = await run_mta(*args, "--config", config) if "--config" not in args \
+            else await run_mta(*args)
+        assert result.returncode == 2, (args, result)
+        assert "Traceback" not in result.stdout + result.stderr
+    missing = await run_mta("queue", "show", queue_id(new_message_id()), "--config", config)
+    assert missing.returncode == 2 and "no message" in missing.stderr
+
+
+async def test_held_deliveries_are_listed_with_their_reason_and_released(
+    tmp_path: Path, db_dsn: str, make_settings: Callable[..., Settings]
+) -> None:
+    store = await Store.open(db_dsn, make_settings())
+    try:
+        await store.enqueue(NewMessage(
+            id=new_message_id(), mail_from="", recipients=["x@example.com"], trace_headers=b"",
+            body=b"x\r\n", client_address="127.0.0.1", helo_name="h", auth_user=None,
+            message_id_header=None,
+        ))
+        (delivery,) = await store.claim_due("worker-1", 1, 60.0)
+        await store.release_unsent("worker-1", [delivery.id], "test setup")
+        assert await store.hold([delivery.id], "breaker", "crash-loop") == {delivery.id}
+    finally:
+        await store.close()
+    node = NodeProcess.configure(tmp_path / "node", db_dsn)
+    config = str(write_config(node.config_path, node.sections))
+    listing = await run_mta("queue", "held", "--config", config)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0] == "# 1 held"
+    assert lines[1].split("\t")[6] == "hold_reason"
+    fields = lines[2].split("\t")
+    assert fields[0] == str(delivery.id) and fields[2] == "<>" and fields[6] == "crash-loop"
+    released = await run_mta("queue", "release", str(delivery.id), "--reason", "fixed",
+                             "--config", config)
+    assert released.returncode == 0 and f"released: {delivery.id}" in released.stdout
+    assert (await run_mta("queue", "held", "--config", config)).stdout.splitlines()[0] == \
+        "# 0 held"
