@@ -17,6 +17,7 @@ from mta.config.settings import (
     AdminSection,
     AdmissionSection,
     DatabaseSection,
+    DeliverySection,
     LogSection,
     NodeSection,
     SmtpSection,
@@ -39,6 +40,7 @@ class Settings(BaseSettings):
     database: DatabaseSection = Field(default_factory=DatabaseSection)
     smtp: SmtpSection = Field(default_factory=SmtpSection)
     admission: AdmissionSection = Field(default_factory=AdmissionSection)
+    delivery: DeliverySection = Field(default_factory=DeliverySection)
     admin: AdminSection = Field(default_factory=AdminSection)
     log: LogSection = Field(default_factory=LogSection)
     users: tuple[User, ...] = ()

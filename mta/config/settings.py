@@ -143,6 +143,63 @@ class AdmissionSection(_Section):
     max_queued_bytes: NonNegativeBytes = ByteSize(20 * 1024 * 1024 * 1024)
 
 
+class RouteSection(_Section):
+    """A static route: mail for ``domain`` (or ``*``) goes to ``host:port``."""
+
+    domain: str = Field(min_length=1)
+    host: str = Field(min_length=1)
+    port: Annotated[int, Field(ge=1, le=65535)] = 25
+    tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
+    username: str | None = None
+    password: str | None = None
+
+    @model_validator(mode="after")
+    def _credentials_pair(self) -> RouteSection:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password must be set together")
+        return self
+
+
+class DeliverySection(_Section):
+    """Outbound delivery: workers, routing, retries and shaping."""
+
+    enabled: bool = False
+    ehlo_name: str = ""
+    batch_size: PositiveInt = 50
+    lease_seconds: PositiveFloat = 300.0
+    poll_interval: PositiveFloat = 5.0
+    uncertain_mode: Literal["uncertain", "retry"] = "uncertain"
+    nameservers: tuple[str, ...] = ()
+    dns_port: Annotated[int, Field(ge=1, le=65535)] = 53
+    dns_timeout: PositiveFloat = 5.0
+    mx_port: Annotated[int, Field(ge=1, le=65535)] = 25
+    minimal_backoff: PositiveFloat = 300.0
+    maximal_backoff: PositiveFloat = 4000.0
+    max_lifetime: PositiveFloat = 5 * 86400.0
+    max_connections_per_destination: PositiveInt = 20
+    messages_per_minute: PositiveFloat | None = None
+    global_concurrency: PositiveInt = 100
+    connect_timeout: PositiveFloat = 30.0
+    data_end_timeout: PositiveFloat = 600.0
+    routes: tuple[RouteSection, ...] = ()
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers_are_ips(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for server in value:
+            try:
+                ipaddress.ip_address(server)
+            except ValueError:
+                raise ValueError(f"{server!r} is not an IP address") from None
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> DeliverySection:
+        if self.maximal_backoff < self.minimal_backoff:
+            raise ValueError("maximal_backoff must be at least minimal_backoff")
+        return self
+
+
 class AdminSection(_Section):
     """The admin HTTP listener (metrics and health)."""
 
