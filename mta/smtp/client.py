@@ -1,0 +1,467 @@
+"""The outbound SMTP client: one session per connection, reused per next hop.
+
+``OutboundConnection.send(transaction, before_data=...)`` runs one transaction (MAIL,
+RCPT per recipient, DATA) and answers one ``RecipientResult`` per recipient. It
+connects on first use (TCP through ``routing.connect_first``, greeting, EHLO, STARTTLS
+per the hop's policy, AUTH when the hop has credentials). No aiosmtplib, ssl or socket
+exception escapes ``send()``: each becomes a result.
+
+Codes: a recorded reply keeps its code and text (evidence, DESIGN.md I2). Code 0 means
+no usable reply: a network error, a timeout, or a local refusal (TLS policy, AUTH
+without TLS, an address that cannot be sent); the text says which.
+
+``data_sent`` (DESIGN.md I3) is True exactly when the ``354`` reply to DATA was received
+and the client started writing the content: from then on the final dot may have reached
+the server. So a break or timeout while writing the content or waiting for the reply to
+the dot gives ``code=0, data_sent=True``: the ``uncertain`` case (``result.uncertain``).
+A recorded reply at the end of data also has ``data_sent=True`` with its code (a ``451``
+there is a plain deferral). Everything before that, including a failing ``before_data``
+and no reply to DATA itself, has ``data_sent=False``: the message was certainly not
+accepted.
+
+TLS policies: ``none`` never starts TLS; ``opportunistic`` starts it when offered,
+without verifying the certificate (RFC 7435); ``required`` fails (code 0, phase
+``starttls``) when it is not offered; ``verify`` is ``required`` with the certificate
+verified against the injected context or the CA bundle. A failed handshake drops the
+session and defers (phase ``starttls``): no plaintext retry, even when opportunistic.
+AUTH only runs over TLS, unless the hop's policy is ``none``.
+
+Timeouts (RFC 5321 4.5.3.2, ``ClientTimeouts``): ``greeting`` for the 220, ``mail`` for
+MAIL and also for EHLO, STARTTLS, AUTH and RSET, ``rcpt`` per RCPT, ``data_init`` for the
+354, ``data_block`` per written chunk, ``data_end`` for the reply to the dot.
+
+One connection serves one ``send()`` at a time; ``ConnectionCache`` hands each out to one
+user and keeps idle ones per ``NextHop.key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aiosmtplib
+
+from mta.errors import RouteTempFailure
+from mta.smtp.routing import NextHop, connect_first
+
+__all__ = [
+    "ClientTimeouts",
+    "ConnectionCache",
+    "OutboundConnection",
+    "Phase",
+    "RecipientResult",
+    "Transaction",
+]
+
+Phase = Literal["connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data",
+                "data_end"]
+
+#: Bytes handed to the transport per write when the content is one ``bytes`` value.
+CHUNK_BYTES = 64 * 1024
+#: Seconds a polite QUIT may take when an idle connection is closed.
+QUIT_TIMEOUT = 5.0
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
+_LINE_START_DOT = re.compile(rb"\r\n\.")
+
+
+@dataclass(frozen=True)
+class ClientTimeouts:
+    """Seconds per phase (RFC 5321 4.5.3.2 defaults; ``connect`` is the TCP connect)."""
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The outcome for one recipient: the remote code (0 for none), its text, where."""
+
+    recipient: str
+    code: int
+    text: str
+    phase: Phase
+    data_sent: bool
+
+    @property
+    def uncertain(self) -> bool:
+        """The dot may have reached the server but no reply was recorded (I3)."""
+        return self.code == 0 and self.data_sent
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One message for the recipients of one next hop; ``content`` is headers + body."""
+
+    mail_from: str
+    recipients: Sequence[str]
+    content: bytes | AsyncIterable[bytes]
+
+
+class _Failure(Exception):
+    """A session-wide failure: every recipient not yet answered gets it."""
+
+    def __init__(self, code: int, text: str, phase: Phase, *, data_sent: bool = False) -> None:
+        super().__init__(text)
+        self.code, self.text, self.phase, self.data_sent = code, text, phase, data_sent
+
+
+def _no_reply(exc: BaseException, waiting_for: str, timeout: float) -> tuple[int, str]:
+    """Code and text for an exception met while ``waiting_for`` something."""
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0:
+        return exc.code, exc.message
+    if isinstance(exc, ValueError):  # raised before anything was written
+        return 0, f"refused locally: {exc}"
+    if isinstance(exc, TimeoutError):
+        return 0, f"timeout waiting for {waiting_for} after {timeout:g} s"
+    detail = str(exc) or type(exc).__name__
+    return 0, f"connection failed waiting for {waiting_for}: {detail}"
+
+
+#: Phases before MAIL: a failure there leaves no usable session.
+_SESSION_PHASES = frozenset({"connect", "greeting", "ehlo", "starttls", "auth"})
+
+#: What a session step may raise; all of it becomes a result.
+_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError)
+
+
+class _DotStuffer:
+    """Streams content as DATA wants it: CRLF line endings, dot-stuffed, ended by ``.``."""
+
+    def __init__(self) -> None:
+        self._held = b""  # a trailing CR that may start a CRLF in the next chunk
+        self._line_start = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The wire bytes for ``chunk``; a trailing CR waits for the next chunk."""
+        data = self._held + chunk
+        self._held = b""
+        if data.endswith(b"\r"):
+            data, self._held = data[:-1], b"\r"
+        if not data:
+            return b""
+        data = _LINE_ENDINGS.sub(b"\r\n", data)
+        data = _LINE_START_DOT.sub(b"\r\n..", data)
+        if self._line_start and data.startswith(b"."):
+            data = b"." + data
+        self._line_start = data.endswith(b"\n")
+        return data
+
+    def end(self) -> bytes:
+        """The rest: a held CR, a final CRLF if missing, and the terminating dot."""
+        tail = b"\r\n" if self._held or not self._line_start else b""
+        return tail + b".\r\n"
+
+
+async def _chunks(content: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """The content in chunks of bounded size, without copying a ``bytes`` value whole."""
+    if isinstance(content, bytes):
+        view = memoryview(content)
+        for start in range(0, len(view), CHUNK_BYTES):
+            yield bytes(view[start:start + CHUNK_BYTES])
+        return
+    async for chunk in content:
+        yield chunk
+
+
+class OutboundConnection:
+    """One SMTP session to the first host of ``next_hop`` that accepts a connection."""
+
+    def __init__(self, next_hop: NextHop, *, ehlo_name: str,
+                 timeouts: ClientTimeouts | None = None,
+                 tls_context: ssl.SSLContext | None = None, ca_bundle: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``tls_context`` verifies for ``verify`` (default: ``ca_bundle`` or the system CAs)."""
+        self.next_hop = next_hop
+        self.ehlo_name = ehlo_name
+        self.timeouts = timeouts or ClientTimeouts()
+        self._verify_context = tls_context
+        self._ca_bundle = ca_bundle
+        self._clock = clock
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._broken = False
+        self.messages_sent = 0
+        self.idle_since = clock()
+        self.tls = False
+        self.peer = ""
+
+    @property
+    def reusable(self) -> bool:
+        """Connected, and nothing went wrong that could leave the session out of step."""
+        return not self._broken and self._smtp is not None and self._smtp.is_connected
+
+    async def send(self, transaction: Transaction, *,
+                   before_data: Callable[[], Awaitable[None]]) -> list[RecipientResult]:
+        """Run one transaction; ``before_data`` is awaited right before DATA is sent."""
+        results: dict[str, RecipientResult] = {}
+        try:
+            if self._broken:
+                raise _Failure(0, "connection already failed", "connect")
+            smtp = self._smtp if self._smtp is not None else await self._open()
+            if not smtp.is_connected:
+                raise _Failure(0, "connection closed by the server while idle", "mail")
+            self.messages_sent += 1
+            await self._transaction(smtp, transaction, before_data, results)
+        except _Failure as failure:
+            if failure.phase in _SESSION_PHASES or failure.data_sent:
+                self.abort()
+            for rcpt in transaction.recipients:
+                results.setdefault(rcpt, RecipientResult(
+                    rcpt, failure.code, failure.text, failure.phase, failure.data_sent))
+        except BaseException:  # cancelled mid-session: the session is out of step
+            self.abort()
+            raise
+        finally:
+            self.idle_since = self._clock()
+        if self.reusable:
+            await self._reset()
+        return [results[rcpt] for rcpt in transaction.recipients]
+
+    async def close(self) -> None:
+        """QUIT politely when the session is healthy, then close the socket."""
+        if self.reusable and self._smtp is not None:
+            with contextlib.suppress(*_ERRORS):
+                await self._smtp.quit(timeout=min(QUIT_TIMEOUT, self.timeouts.mail))
+        self.abort()
+
+    def abort(self) -> None:
+        """Close at once, without QUIT; the connection is never used again."""
+        self._broken = True
+        if self._smtp is not None:
+            self._smtp.close()
+
+    async def _open(self) -> aiosmtplib.SMTP:
+        """Connect, read the greeting, EHLO, STARTTLS and AUTH as the hop says."""
+        hop, t = self.next_hop, self.timeouts
+        try:
+            host, address, sock = await connect_first(hop.hosts, hop.port, timeout=t.connect)
+        except RouteTempFailure as exc:
+            raise _Failure(0, exc.evidence, "connect") from exc
+        self.peer = f"{host.name}[{address}]:{hop.port}"
+        smtp = aiosmtplib.SMTP(sock=sock, hostname=host.name, local_hostname=self.ehlo_name,
+                               timeout=t.greeting, start_tls=False)
+        self._smtp = smtp
+        try:
+            await smtp.connect()
+        except _ERRORS as exc:
+            sock.close()
+            raise _Failure(*_no_reply(exc, f"the greeting of {self.peer}", t.greeting),
+                           "greeting") from exc
+        await self._ehlo(smtp)
+        if hop.tls != "none" and (smtp.supports_extension("starttls")
+                                  or hop.tls in ("required", "verify")):
+            await self._starttls(smtp)
+        if hop.username is not None and hop.password is not None:
+            if not self.tls and hop.tls != "none":
+                raise _Failure(0, f"AUTH refused locally: no TLS with {self.peer}", "auth")
+            try:
+                await smtp.login(hop.username, hop.password, timeout=t.mail)
+            except _ERRORS as exc:
+                raise _Failure(*_no_reply(exc, "the reply to AUTH", t.mail), "auth") from exc
+        return smtp
+
+    async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
+        """EHLO, or HELO when the server refuses EHLO."""
+        t = self.timeouts.mail
+        try:
+            try:
+                await smtp.ehlo(timeout=t)
+            except aiosmtplib.SMTPHeloError:
+                await smtp.helo(timeout=t)
+        except _ERRORS as exc:
+            raise _Failure(*_no_reply(exc, "the reply to EHLO", t), "ehlo") from exc
+
+    async def _starttls(self, smtp: aiosmtplib.SMTP) -> None:
+        """STARTTLS per the hop's policy, then EHLO again (RFC 3207)."""
+        policy, t = self.next_hop.tls, self.timeouts.mail
+        if not smtp.supports_extension("starttls"):
+            raise _Failure(0, f"TLS {policy} but {self.peer} does not offer STARTTLS",
+                           "starttls")
+        try:
+            await smtp.starttls(tls_context=self._tls_context(), timeout=t)
+        except _ERRORS as exc:
+            raise _Failure(*_no_reply(exc, "the TLS handshake", t), "starttls") from exc
+        self.tls = True
+        await self._ehlo(smtp)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """A verifying context for ``verify``; an encrypting-only one otherwise."""
+        if self.next_hop.tls == "verify":
+            if self._verify_context is not None:
+                return self._verify_context
+            return ssl.create_default_context(cafile=self._ca_bundle)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA loading: verifies nothing
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, transaction: Transaction,
+                           before_data: Callable[[], Awaitable[None]],
+                           results: dict[str, RecipientResult]) -> None:
+        """MAIL, RCPT each, then DATA if one was accepted; fills ``results``."""
+        t = self.timeouts
+        try:
+            await smtp.mail(transaction.mail_from, timeout=t.mail)
+        except _ERRORS as exc:
+            raise _Failure(*_no_reply(exc, "the reply to MAIL", t.mail), "mail") from exc
+        accepted: list[str] = []
+        for rcpt in transaction.recipients:
+            try:
+                await smtp.rcpt(rcpt, timeout=t.rcpt)
+            except (UnicodeEncodeError, ValueError) as exc:  # refused before any write
+                results[rcpt] = RecipientResult(rcpt, 0, f"address not sendable: {exc}",
+                                                "rcpt", False)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                results[rcpt] = RecipientResult(rcpt, exc.code, exc.message, "rcpt", False)
+            except _ERRORS as exc:
+                raise _Failure(*_no_reply(exc, "the reply to RCPT", t.rcpt), "rcpt") from exc
+            else:
+                accepted.append(rcpt)
+        if not accepted:
+            return
+        try:
+            await before_data()
+        except Exception as exc:
+            raise _Failure(0, f"not sent: before_data failed: {exc!r}", "data") from exc
+        code, text = await self._data(smtp, transaction.content)
+        for rcpt in accepted:
+            results[rcpt] = RecipientResult(rcpt, code, text, "data_end", True)
+
+    async def _data(self, smtp: aiosmtplib.SMTP,
+                    content: bytes | AsyncIterable[bytes]) -> tuple[int, str]:
+        """DATA, the content in bounded chunks, the dot: the final reply's code and text."""
+        t = self.timeouts
+        try:
+            reply = await smtp.execute_command(b"DATA", timeout=t.data_init)
+        except _ERRORS as exc:
+            raise _Failure(*_no_reply(exc, "the reply to DATA", t.data_init), "data") from exc
+        if reply.code != aiosmtplib.SMTPStatus.start_input:
+            raise _Failure(reply.code, reply.message, "data")
+        protocol = smtp.protocol
+        if protocol is None:
+            raise _Failure(0, "connection lost after the reply to DATA", "data")
+        # From here on the content is going out: every failure is data_sent (I3).
+        stuffer = _DotStuffer()
+        waiting_for, timeout = "the server to take a data block", t.data_block
+        try:
+            async for chunk in _chunks(content):
+                wire = stuffer.feed(chunk)
+                if wire:
+                    protocol.write(wire)
+                    async with asyncio.timeout(t.data_block):
+                        # The stdlib's StreamWriter.drain() hook: waits while paused.
+                        await protocol._drain_helper()
+            waiting_for, timeout = "reply to end of data", t.data_end
+            protocol.write(stuffer.end())
+            final = await protocol.read_response(timeout=t.data_end)
+        except _ERRORS as exc:
+            raise _Failure(*_no_reply(exc, waiting_for, timeout), "data_end",
+                           data_sent=True) from exc
+        except Exception as exc:  # the content source failed; the dot was not written
+            raise _Failure(0, f"content source failed mid-data: {exc!r}", "data_end",
+                           data_sent=True) from exc
+        if final.code < 0:
+            raise _Failure(0, final.message, "data_end", data_sent=True)
+        if final.code == aiosmtplib.SMTPStatus.domain_unavailable:
+            smtp.close()
+        return final.code, final.message
+
+    async def _reset(self) -> None:
+        """RSET so the next transaction starts clean; a failure retires the connection."""
+        if self._smtp is None:
+            return
+        try:
+            reply = await self._smtp.rset(timeout=self.timeouts.mail)
+        except _ERRORS:
+            self.abort()
+            return
+        if reply.code != aiosmtplib.SMTPStatus.completed:
+            self.abort()
+
+
+class ConnectionCache:
+    """Idle connections per ``NextHop.key``, reused within their message and idle limits.
+
+    At most ``max_cached`` idle connections are kept in all; a connection returned when
+    the cache is full, or one that failed, is closed. Busy connections are not counted:
+    bounding concurrency per destination is the caller's job.
+    """
+
+    def __init__(self, *, ehlo_name: str, timeouts: ClientTimeouts | None = None,
+                 max_messages_per_connection: int = 100, max_idle: float = 30.0,
+                 max_cached: int = 1000, tls_context: ssl.SSLContext | None = None,
+                 ca_bundle: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_messages_per_connection < 1 or max_idle <= 0 or max_cached < 0:
+            raise ValueError("connection cache limits must be positive")
+        self.ehlo_name = ehlo_name
+        self.timeouts = timeouts or ClientTimeouts()
+        self.max_messages_per_connection = max_messages_per_connection
+        self.max_idle = max_idle
+        self.max_cached = max_cached
+        self._tls_context = tls_context
+        self._ca_bundle = ca_bundle
+        self._clock = clock
+        self._idle: dict[str, list[OutboundConnection]] = {}
+
+    def __len__(self) -> int:
+        """How many idle connections are cached."""
+        return sum(len(conns) for conns in self._idle.values())
+
+    @contextlib.asynccontextmanager
+    async def session(self, next_hop: NextHop) -> AsyncIterator[OutboundConnection]:
+        """A connection to ``next_hop`` for this block only: a cached one, or a new one."""
+        conn = await self._take(next_hop.key)
+        if conn is None:
+            conn = OutboundConnection(next_hop, ehlo_name=self.ehlo_name,
+                                      timeouts=self.timeouts, tls_context=self._tls_context,
+                                      ca_bundle=self._ca_bundle, clock=self._clock)
+        try:
+            yield conn
+        except BaseException:
+            conn.abort()
+            raise
+        await self._give_back(conn)
+
+    async def close(self) -> None:
+        """Close every idle connection."""
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await conn.close()
+
+    def _fresh(self, conn: OutboundConnection) -> bool:
+        return (conn.reusable and conn.messages_sent < self.max_messages_per_connection
+                and self._clock() - conn.idle_since < self.max_idle)
+
+    async def _take(self, key: str) -> OutboundConnection | None:
+        """The most recently used fresh idle connection for ``key``; stale ones are closed."""
+        conns = self._idle.pop(key, [])
+        found: OutboundConnection | None = None
+        while conns and found is None:
+            conn = conns.pop()
+            if self._fresh(conn):
+                found = conn
+            else:
+                await conn.close()
+        if conns:
+            self._idle[key] = conns
+        return found
+
+    async def _give_back(self, conn: OutboundConnection) -> None:
+        if (conn.messages_sent == 0 or not self._fresh(conn)
+                or len(self) >= self.max_cached):
+            await conn.close()
+            return
+        self._idle.setdefault(conn.next_hop.key, []).append(conn)

@@ -1,0 +1,393 @@
+"""The outbound SMTP client against the recording sink on loopback: results and reuse."""
+
+from __future__ import annotations
+
+import math
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import trustme
+
+from mta.smtp.client import (
+    ClientTimeouts,
+    ConnectionCache,
+    OutboundConnection,
+    RecipientResult,
+    Transaction,
+)
+from mta.smtp.routing import MailHost, NextHop, TlsPolicy
+from tests.support.sink import Faults, Sink, running_sink
+
+SENDER = "sender@origin.test"
+QUICK = ClientTimeouts(connect=5, greeting=5, mail=5, rcpt=5, data_init=5, data_block=5,
+                       data_end=5)
+
+
+def hop(sink: Sink, tls: TlsPolicy = "none", username: str | None = None,
+        password: str | None = None) -> NextHop:
+    """A static route to the sink."""
+    return NextHop(key=f"route:127.0.0.1:{sink.port}/{tls}",
+                   hosts=(MailHost("127.0.0.1", ("127.0.0.1",), 0),), port=sink.port, tls=tls,
+                   source="route", expires_at=math.inf, username=username, password=password)
+
+
+def message(message_id: str, size: int = 200) -> bytes:
+    """A CRLF message with ``message_id`` and a body of about ``size`` bytes."""
+    body = b"".join(b"line %05d of the body\r\n" % i for i in range(size // 23 + 1))
+    return f"Message-ID: <{message_id}>\r\nSubject: test\r\n\r\n".encode() + body
+
+
+def transaction(message_id: str, *recipients: str, size: int = 200) -> Transaction:
+    """A transaction from ``SENDER`` to ``recipients`` (default one)."""
+    return Transaction(SENDER, recipients or ("r@dest.test",), message(message_id, size))
+
+
+async def nothing() -> None:
+    """A ``before_data`` that journals nothing."""
+
+
+def connection(sink: Sink, tls: TlsPolicy = "none", timeouts: ClientTimeouts = QUICK,
+               **kwargs: object) -> OutboundConnection:
+    """A not yet connected session to the sink."""
+    return OutboundConnection(hop(sink, tls), ehlo_name="relay.origin.test",
+                              timeouts=timeouts, **kwargs)  # type: ignore[arg-type]
+
+
+async def send_once(sink: Sink, tx: Transaction, tls: TlsPolicy = "none",
+                    timeouts: ClientTimeouts = QUICK, **kwargs: object) -> list[RecipientResult]:
+    """One transaction on a fresh connection, closed afterwards."""
+    conn = connection(sink, tls, timeouts, **kwargs)
+    try:
+        return await conn.send(tx, before_data=nothing)
+    finally:
+        await conn.close()
+
+
+async def test_delivery_records_the_2xx_reply_as_evidence() -> None:
+    async with running_sink() as sink:
+        (result,) = await send_once(sink, transaction("ok@origin.test"))
+        assert result == RecipientResult("r@dest.test", 250, "2.0.0 Ok: received", "data_end",
+                                         True)
+        assert not result.uncertain
+        (record,) = sink.transactions
+        assert record.data == message("ok@origin.test")
+        assert (record.mail_from, record.tls) == (SENDER, False)
+
+
+async def test_all_recipients_of_a_message_share_one_transaction() -> None:
+    recipients = [f"r{i}@dest.test" for i in range(20)]
+    async with running_sink() as sink:
+        results = await send_once(sink, transaction("many@origin.test", *recipients))
+        assert [r.recipient for r in results] == recipients
+        assert {(r.code, r.phase) for r in results} == {(250, "data_end")}
+        (record,) = sink.transactions
+        assert record.recipients == tuple(recipients)
+        assert sink.connections == 1
+
+
+async def test_rcpt_rejection_fails_one_recipient_and_delivers_the_others() -> None:
+    faults = Faults(reject={"bad@dest.test": "550 5.1.1 no such user"})
+    async with running_sink(faults=faults) as sink:
+        good, bad, other = await send_once(
+            sink, transaction("rej@origin.test", "good@dest.test", "bad@dest.test",
+                              "other@dest.test"))
+        assert bad == RecipientResult("bad@dest.test", 550, "5.1.1 no such user", "rcpt", False)
+        assert (good.code, other.code) == (250, 250)
+        (record,) = sink.transactions
+        assert record.recipients == ("good@dest.test", "other@dest.test")
+
+
+async def test_every_rcpt_rejected_sends_no_data_and_never_calls_before_data() -> None:
+    faults = Faults(reject={"bad@dest.test": "450 4.2.0 mailbox busy"})
+    called: list[bool] = []
+
+    async def before_data() -> None:
+        called.append(True)
+
+    async with running_sink(faults=faults) as sink:
+        conn = connection(sink)
+        (result,) = await conn.send(transaction("none@origin.test", "bad@dest.test"),
+                                    before_data=before_data)
+        assert (result.code, result.phase, result.data_sent) == (450, "rcpt", False)
+        assert called == []
+        assert conn.reusable
+        await conn.close()
+        assert sink.transactions == []
+
+
+async def test_4xx_at_data_end_is_a_recorded_reply_not_uncertain() -> None:
+    async with running_sink(faults=Faults(tempfail=1.0)) as sink:
+        results = await send_once(sink, transaction("tf@origin.test", "a@dest.test",
+                                                    "b@dest.test"))
+        for result in results:
+            assert (result.code, result.text) == (451, "4.3.0 Sink: try again later")
+            assert (result.phase, result.data_sent, result.uncertain) == ("data_end", True,
+                                                                          False)
+
+
+async def test_drop_mid_data_is_reported_as_data_sent() -> None:
+    faults = Faults(drop_mid_data=1.0, drop_after_bytes=100)
+    async with running_sink(faults=faults) as sink:
+        conn = connection(sink)
+        (result,) = await conn.send(transaction("cut@origin.test", size=200_000),
+                                    before_data=nothing)
+        assert (result.code, result.phase, result.data_sent) == (0, "data_end", True)
+        assert result.uncertain
+        assert not conn.reusable
+        assert sink.transactions == []
+
+
+async def test_drop_after_the_dot_is_uncertain() -> None:
+    async with running_sink(faults=Faults(drop_after_dot=1.0)) as sink:
+        (result,) = await send_once(sink, transaction("dot@origin.test"))
+        assert (result.code, result.phase, result.uncertain) == (0, "data_end", True)
+        assert "reply to end of data" in result.text
+        (record,) = sink.transactions
+        assert record.dropped_after_dot
+
+
+async def test_hung_data_end_times_out_within_the_data_end_timeout() -> None:
+    timeouts = ClientTimeouts(connect=5, greeting=5, mail=5, rcpt=5, data_init=5,
+                              data_block=5, data_end=0.3)
+    async with running_sink(faults=Faults(hang=True)) as sink:
+        started = time.monotonic()
+        (result,) = await send_once(sink, transaction("hang@origin.test"), timeouts=timeouts)
+        elapsed = time.monotonic() - started
+        assert result == RecipientResult(
+            "r@dest.test", 0, "timeout waiting for reply to end of data after 0.3 s",
+            "data_end", True)
+        assert 0.3 <= elapsed < 3
+        (record,) = sink.transactions
+        assert record.hung
+
+
+async def test_silent_server_fails_at_greeting_without_calling_before_data() -> None:
+    timeouts = ClientTimeouts(connect=5, greeting=0.3)
+    called: list[bool] = []
+
+    async def before_data() -> None:
+        called.append(True)
+
+    async with running_sink(faults=Faults(greet=False)) as sink:
+        conn = connection(sink, timeouts=timeouts)
+        (result,) = await conn.send(transaction("silent@origin.test"), before_data=before_data)
+        assert (result.code, result.phase, result.data_sent) == (0, "greeting", False)
+        assert "greeting" in result.text
+        assert called == []
+        assert not conn.reusable
+
+
+async def test_connect_refused_is_reported_at_connect() -> None:
+    async with running_sink() as sink:
+        closed = hop(sink)
+    conn = OutboundConnection(closed, ehlo_name="relay.origin.test", timeouts=QUICK)
+    (result,) = await conn.send(transaction("refused@origin.test"), before_data=nothing)
+    assert (result.code, result.phase, result.data_sent) == (0, "connect", False)
+
+
+async def test_before_data_is_awaited_before_any_content_reaches_the_sink() -> None:
+    journaled: list[float] = []
+    async with running_sink() as sink:
+
+        async def before_data() -> None:
+            assert sink.transactions == []
+            journaled.append(time.monotonic())
+
+        conn = connection(sink)
+        (result,) = await conn.send(transaction("order@origin.test"), before_data=before_data)
+        await conn.close()
+        assert result.code == 250
+        (record,) = sink.transactions
+        assert len(journaled) == 1
+        assert journaled[0] < record.received_at
+
+
+async def test_failing_before_data_sends_nothing() -> None:
+    async def before_data() -> None:
+        raise RuntimeError("journal full")
+
+    async with running_sink() as sink:
+        conn = connection(sink)
+        results = await conn.send(transaction("nojournal@origin.test", "a@dest.test",
+                                              "b@dest.test"), before_data=before_data)
+        for result in results:
+            assert (result.code, result.phase, result.data_sent) == (0, "data", False)
+            assert "journal full" in result.text
+        (again,) = await conn.send(transaction("next@origin.test"), before_data=nothing)
+        await conn.close()
+        assert again.code == 250
+        assert sink.received_ids() == {"next@origin.test"}
+
+
+async def test_streamed_content_is_dot_stuffed_across_chunk_boundaries() -> None:
+    chunks = [b"Message-ID: <s@origin.test>\r\n\r\n.lead\r", b"\n", b".", b"dot\rbare cr\n",
+              b"", b"..two\r\nno final newline"]
+
+    async def content() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    async with running_sink() as sink:
+        (result,) = await send_once(sink, Transaction(SENDER, ["r@dest.test"], content()))
+        assert result.code == 250
+        (record,) = sink.transactions
+        assert record.data == (b"Message-ID: <s@origin.test>\r\n\r\n.lead\r\n.dot\r\nbare cr"
+                               b"\r\n..two\r\nno final newline\r\n")
+
+
+async def test_cached_connection_carries_several_transactions() -> None:
+    async with running_sink() as sink:
+        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK)
+        for name in ("one", "two"):
+            async with cache.session(hop(sink)) as conn:
+                (result,) = await conn.send(transaction(f"{name}@origin.test"),
+                                            before_data=nothing)
+                assert result.code == 250
+        assert len(cache) == 1
+        await cache.close()
+        assert sink.connections == 1
+        assert [t.message_id for t in sink.transactions] == ["one@origin.test",
+                                                             "two@origin.test"]
+
+
+async def test_max_messages_per_connection_opens_a_new_connection() -> None:
+    async with running_sink() as sink:
+        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK,
+                                max_messages_per_connection=2)
+        for i in range(5):
+            async with cache.session(hop(sink)) as conn:
+                (result,) = await conn.send(transaction(f"m{i}@origin.test"),
+                                            before_data=nothing)
+                assert result.code == 250
+                assert conn.messages_sent <= 2
+        await cache.close()
+        assert sink.connections == 3
+        assert sink.deliveries() == 5
+
+
+async def test_idle_connection_past_max_idle_is_not_reused() -> None:
+    now = [0.0]
+    async with running_sink() as sink:
+        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK, max_idle=30,
+                                clock=lambda: now[0])
+        for i, advance in enumerate((0.0, 29.0, 31.0)):
+            now[0] += advance
+            async with cache.session(hop(sink)) as conn:
+                await conn.send(transaction(f"i{i}@origin.test"), before_data=nothing)
+        await cache.close()
+        assert sink.connections == 2
+        assert sink.deliveries() == 3
+
+
+async def test_failed_connection_is_discarded() -> None:
+    async with running_sink(faults=Faults(drop_after_dot=1.0)) as sink:
+        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK)
+        async with cache.session(hop(sink)) as conn:
+            (result,) = await conn.send(transaction("lost@origin.test"), before_data=nothing)
+            assert result.uncertain
+        assert len(cache) == 0
+        sink.faults = Faults()
+        async with cache.session(hop(sink)) as conn:
+            (result,) = await conn.send(transaction("fine@origin.test"), before_data=nothing)
+            assert result.code == 250
+        await cache.close()
+        assert sink.connections == 2
+
+
+async def test_cache_size_is_bounded() -> None:
+    async with running_sink() as sink, running_sink() as other:
+        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK, max_cached=1)
+        async with cache.session(hop(sink)) as first, cache.session(hop(other)) as second:
+            await first.send(transaction("a@origin.test"), before_data=nothing)
+            await second.send(transaction("b@origin.test"), before_data=nothing)
+        assert len(cache) == 1
+        await cache.close()
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A throwaway certificate authority."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    """A server context with a certificate for 127.0.0.1 signed by ``ca``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    """A verifying client context that trusts ``ca``."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+async def test_opportunistic_tls_is_used_when_offered(server_tls: ssl.SSLContext) -> None:
+    async with running_sink(tls_context=server_tls) as sink:
+        conn = connection(sink, "opportunistic")
+        (result,) = await conn.send(transaction("tls@origin.test"), before_data=nothing)
+        await conn.close()
+        assert result.code == 250
+        assert conn.tls
+        (record,) = sink.transactions
+        assert record.tls
+
+
+async def test_opportunistic_tls_sends_plain_when_not_offered() -> None:
+    async with running_sink() as sink:
+        (result,) = await send_once(sink, transaction("plain@origin.test"), "opportunistic")
+        assert result.code == 250
+        (record,) = sink.transactions
+        assert not record.tls
+
+
+async def test_required_tls_fails_when_not_offered() -> None:
+    async with running_sink() as sink:
+        (result,) = await send_once(sink, transaction("req@origin.test"), "required")
+        assert (result.code, result.phase, result.data_sent) == (0, "starttls", False)
+        assert "does not offer STARTTLS" in result.text
+        assert sink.transactions == []
+
+
+async def test_verify_fails_on_an_untrusted_certificate(server_tls: ssl.SSLContext) -> None:
+    async with running_sink(tls_context=server_tls) as sink:
+        (result,) = await send_once(sink, transaction("untrusted@origin.test"), "verify",
+                                    tls_context=trusting(trustme.CA()))
+        assert (result.code, result.phase, result.data_sent) == (0, "starttls", False)
+        assert sink.transactions == []
+
+
+async def test_verify_succeeds_with_the_trusted_ca(ca: trustme.CA,
+                                                   server_tls: ssl.SSLContext) -> None:
+    async with running_sink(tls_context=server_tls) as sink:
+        (result,) = await send_once(sink, transaction("trusted@origin.test"), "verify",
+                                    tls_context=trusting(ca))
+        assert result.code == 250
+        (record,) = sink.transactions
+        assert record.tls
+
+
+async def test_auth_runs_after_starttls(server_tls: ssl.SSLContext) -> None:
+    async with running_sink(tls_context=server_tls, credentials={"relay": "s3cret"}) as sink:
+        conn = OutboundConnection(hop(sink, "opportunistic", "relay", "s3cret"),
+                                  ehlo_name="relay.origin.test", timeouts=QUICK)
+        (result,) = await conn.send(transaction("auth@origin.test"), before_data=nothing)
+        await conn.close()
+        assert result.code == 250
+        (record,) = sink.transactions
+        assert (record.auth_user, record.tls) == ("relay", True)
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
+async def test_auth_is_refused_locally_without_tls() -> None:
+    async with running_sink(credentials={"relay": "s3cret"}) as sink:
+        conn = OutboundConnection(hop(sink, "opportunistic", "relay", "s3cret"),
+                                  ehlo_name="relay.origin.test", timeouts=QUICK)
+        (result,) = await conn.send(transaction("noauth@origin.test"), before_data=nothing)
+        assert (result.code, result.phase, result.data_sent) == (0, "auth", False)
+        assert sink.transactions == []
