@@ -18,6 +18,7 @@ from mta.errors import StoreUnavailable
 from mta.metrics import Metrics
 from mta.queue import Store
 from mta.smtp.admission import Admission
+from mta.smtp.delivery import Deliverer, start_delivery
 from mta.smtp.intake import Intake
 from mta.smtp.listener import start_listeners
 
@@ -42,7 +43,10 @@ class Node:
         self._servers: list[asyncio.Server] = []
         self._admin: web.AppRunner | None = None
         self._stop_background = asyncio.Event()
+        self._stop_delivery = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._delivery_tasks: list[asyncio.Task[None]] = []
+        self.deliverer: Deliverer | None = None
 
     def status(self) -> dict[str, Any]:
         """What ``/healthz`` and ``/readyz`` report, from memory only."""
@@ -66,6 +70,13 @@ class Node:
             asyncio.create_task(admission.run(self._stop_background), name="admission"),
             asyncio.create_task(self._health_loop(), name="health"),
         ]
+        if self.settings.delivery.enabled:
+            self.deliverer = await start_delivery(self.settings, self.store)
+            self.intake.on_accepted.append(self.deliverer.wake.set)
+            self._delivery_tasks = [
+                asyncio.create_task(self.deliverer.run(self._stop_delivery), name=f"delivery-{i}")
+                for i in range(self.settings.node.workers)
+            ]
         self._admin = await start_admin(self.admin_settings, self.metrics, self.status)
         self._servers = await start_listeners(self.intake, self.settings, self.sockets)
         log.info("node.started", node=self.settings.node.name,
@@ -99,6 +110,7 @@ class Node:
             if not finished:
                 log.warning("node.shutdown_grace_expired", grace_s=grace)
             self.intake.close_sessions()
+        await self._stop_deliveries(grace)
         self._stop_background.set()
         for task in self._tasks:
             task.cancel()
@@ -108,6 +120,17 @@ class Node:
         if self.store is not None:
             await self.store.close()
         log.info("node.stopped", node=self.settings.node.name)
+
+    async def _stop_deliveries(self, grace: float) -> None:
+        """Let sends in flight finish within ``grace``; the rest keep journal and lease."""
+        self._stop_delivery.set()
+        if self._delivery_tasks:
+            _, pending = await asyncio.wait(self._delivery_tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._delivery_tasks, return_exceptions=True)
+        if self.deliverer is not None:
+            await self.deliverer.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until ``stop`` is set, then shut down gracefully."""

@@ -288,6 +288,17 @@ class Adoption:
         self.close()
 
 
+def owner_alive(directory: Path, owner: str) -> bool:
+    """True while a process holds ``owner``'s journal lock in ``directory``."""
+    if not (directory / f"{owner}.lock").exists():
+        return False
+    fd = _lock(directory, owner)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
 def adopt(directory: Path) -> Adoption:
     """Lock and replay the segments of every owner whose process is gone."""
     return Adoption(directory)

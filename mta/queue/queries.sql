@@ -171,3 +171,10 @@ LIMIT $2;
 -- The evidence timeline of one delivery, oldest first.
 SELECT at, state, reply_code, detail, actor
 FROM delivery_events WHERE delivery_id = $1 ORDER BY id;
+
+-- name: delivery_lease_owners
+-- Owners (matching LIKE pattern $1) that hold leases now, with the ids they hold.
+SELECT lease_owner, array_agg(id ORDER BY id) AS ids
+FROM deliveries
+WHERE state = 'leased' AND lease_owner LIKE $1
+GROUP BY lease_owner;

@@ -396,3 +396,8 @@ class Store:
         """One delivery's evidence timeline, oldest first."""
         rows = await self._run("delivery_events_list", "fetch", delivery_id)
         return [DeliveryEvent(**dict(row)) for row in rows]
+
+    async def lease_owners(self, pattern: str) -> dict[str, list[int]]:
+        """Owners matching the LIKE ``pattern`` that hold leases, with their delivery ids."""
+        rows = await self._run("delivery_lease_owners", "fetch", pattern)
+        return {row["lease_owner"]: list(row["ids"]) for row in rows}

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import ipaddress
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -56,6 +56,8 @@ class Intake:
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepting = True
+        #: Called after every commit (the node wakes its delivery workers with it).
+        self.on_accepted: list[Callable[[], None]] = []
 
     # --- sessions -------------------------------------------------------------
 
@@ -193,6 +195,8 @@ class Intake:
         self.metrics.intake_accepted_recipients.inc(len(recipients))
         self.metrics.intake_accepted_bytes.inc(size)
         self.admission.note_accepted(size)
+        for callback in self.on_accepted:
+            callback()
         log.info("intake.accepted", queue_id=qid, mail_from=envelope.mail_from,
                  recipients=len(recipients), size=size, client=session.client_ip,
                  message_id=message_id, auth_user=auth_user)

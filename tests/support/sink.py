@@ -177,7 +177,8 @@ class _Handler:
         header = BytesHeaderParser(policy=policy.compat32).parsebytes(data).get("Message-ID")
         auth = session.auth_data
         record = Transaction(
-            mail_from=envelope.mail_from or "", recipients=tuple(envelope.rcpt_tos), data=data,
+            mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
+            recipients=tuple(envelope.rcpt_tos), data=data,
             message_id=normalize_id(str(header)) if header is not None else None,
             received_at=time.monotonic(), tls=session.ssl is not None,
             auth_user=auth.login.decode() if isinstance(auth, LoginPassword) else None)

@@ -1,0 +1,384 @@
+"""Delivery: claim due work, route it, send it, and record only what can be proven.
+
+One :class:`Deliverer` per node process. Each round claims a batch of due deliveries
+(leased to this process), groups them by message and recipient domain (one SMTP
+transaction carries all recipients of a message for one next hop), and sends the
+groups concurrently within the shaper's limits. For every group:
+
+1. the next hop comes from the router; a permanent routing answer (NXDOMAIN, null MX)
+   fails the recipients, a temporary one defers them;
+2. right before DATA, "attempt started" is journaled durably (I3), so a process that dies
+   later leaves proof that the data may have been sent;
+3. each recipient's reply is journaled durably, then the outcome is written to the store
+   under the lease (I2: delivered only with a 2xx, failed only with a 5xx or expiry);
+4. when the store is down, outcomes wait in memory and in the journal and are written
+   when it returns; a process that died is replayed from its journal at the next start
+   (:func:`recover`).
+
+Failed recipients of a message with a non-null sender get one DSN (RFC 3464), queued as
+a new message from the null sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from mta.config import Settings
+from mta.errors import RoutePermFailure, RouteTempFailure, StoreUnavailable
+from mta.queue import ClaimedDelivery, NewMessage, Store
+from mta.queue.ids import new_message_id, queue_id
+from mta.queue.journal import (
+    Applied,
+    AttemptStarted,
+    Journal,
+    JournalError,
+    PendingAttempt,
+    ReplyReceived,
+    adopt,
+    owner_alive,
+)
+from mta.queue.store import AttemptOutcome, MessageRecord
+from mta.smtp.client import ClientTimeouts, ConnectionCache, RecipientResult, Transaction
+from mta.smtp.dsn import FailedRecipient, build_dsn
+from mta.smtp.retry import RetryPolicy, UncertainMode, classify, next_attempt_delay, status_for
+from mta.smtp.routing import ResolverConfig, RouteConfig, Router
+from mta.smtp.throttle import Shaper, ShapingConfig
+
+log = structlog.get_logger(__name__)
+
+_OWNER_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def process_owner(node_name: str) -> str:
+    """This process's lease and journal owner: node name, pid and start time."""
+    return f"{owner_prefix(node_name)}{os.getpid()}-{time.time_ns() // 1_000_000}"
+
+
+def owner_prefix(node_name: str) -> str:
+    """The prefix every owner of ``node_name`` starts with."""
+    return f"{_OWNER_UNSAFE.sub('_', node_name)}-"
+
+
+@dataclass(frozen=True)
+class DeliveryOptions:
+    """How the deliverer claims and retries."""
+
+    batch_size: int = 50
+    lease_seconds: float = 300.0
+    poll_interval: float = 5.0
+    uncertain_mode: UncertainMode = "uncertain"
+    reporting_mta: str = "localhost"
+
+
+class Deliverer:
+    """Claims, sends and records deliveries for one node process."""
+
+    def __init__(self, *, store: Store, router: Router, shaper: Shaper,
+                 connections: ConnectionCache, journal: Journal, policy: RetryPolicy,
+                 owner: str, options: DeliveryOptions, rng: random.Random | None = None
+                 ) -> None:
+        self.store = store
+        self.router = router
+        self.shaper = shaper
+        self.connections = connections
+        self.journal = journal
+        self.policy = policy
+        self.owner = owner
+        self.options = options
+        self.rng = rng or random.Random()
+        self.wake = asyncio.Event()
+        self._unapplied: list[tuple[str, list[AttemptOutcome]]] = []
+        self._held_back_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        """Close cached connections and the journal (after the run loops ended)."""
+        await self.connections.close()
+        await self.journal.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until ``stop``; sleep on wake-up, poll interval or stop when idle."""
+        while not stop.is_set():
+            try:
+                handled = await self.run_once()
+            except StoreUnavailable as exc:
+                log.warning("delivery.store_unavailable", error=str(exc))
+                handled = 0
+            if handled:
+                continue
+            self.wake.clear()
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=self.options.poll_interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+
+    async def run_once(self) -> int:
+        """One round: apply held-back outcomes, claim a batch, deliver it. Returns its size."""
+        await self._apply_held_back()
+        claimed = await self.store.claim_due(self.owner, self.options.batch_size,
+                                             self.options.lease_seconds)
+        groups: dict[tuple[uuid.UUID, str], list[ClaimedDelivery]] = defaultdict(list)
+        for delivery in claimed:
+            groups[(delivery.message_id, delivery.next_hop)].append(delivery)
+        results = await asyncio.gather(*(self._deliver(message_id, domain, deliveries)
+                                         for (message_id, domain), deliveries in groups.items()),
+                                       return_exceptions=True)
+        for (message_id, domain), result in zip(groups, results, strict=True):
+            if isinstance(result, BaseException):
+                # The leases stay until they expire; the journal holds any attempt made.
+                log.error("delivery.group_failed", queue_id=queue_id(message_id),
+                          domain=domain, error=repr(result))
+        return len(claimed)
+
+    async def _deliver(self, message_id: uuid.UUID, domain: str,
+                       deliveries: list[ClaimedDelivery]) -> None:
+        message = await self.store.message(message_id)
+        if message is None:
+            return
+        try:
+            hop = await self.router.next_hop(domain)
+        except (RoutePermFailure, RouteTempFailure) as exc:
+            permanent = isinstance(exc, RoutePermFailure)
+            code = 550 if permanent else 451
+            results = [RecipientResult(d.recipient, code, f"{code} {exc.evidence}", "connect",
+                                       False) for d in deliveries]
+            await self._settle(message, deliveries, results, attempt_id=None, host=domain)
+            return
+        attempt_id = uuid.uuid4().hex
+        started = False
+
+        async def before_data() -> None:
+            nonlocal started
+            await self.journal.append_durable(AttemptStarted(
+                attempt_id, tuple(d.id for d in deliveries), str(message_id),
+                hop.hosts[0].name if hop.hosts else hop.key, time.time()))
+            started = True
+
+        async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key), \
+                self.connections.session(hop) as conn:
+            results = await conn.send(
+                Transaction(message.mail_from, [d.recipient for d in deliveries],
+                            self._content(message_id)),
+                before_data=before_data)
+        if any(r.code and 200 <= r.code < 500 for r in results):
+            self.shaper.record_success(hop.key)
+        else:
+            self.shaper.record_failure(hop.key)
+        await self._settle(message, deliveries, results,
+                           attempt_id=attempt_id if started else None, host=hop.key)
+
+    async def _content(self, message_id: uuid.UUID) -> AsyncIterator[bytes]:
+        """The trace headers, then the body, read from the store only now (I4)."""
+        content = await self.store.message_content(message_id)
+        if content is None:
+            raise StoreUnavailable(f"message {message_id} has no content")
+        trace, body = content
+        yield trace
+        yield body
+
+    @contextlib.asynccontextmanager
+    async def _renewing(self, ids: list[int]) -> AsyncIterator[None]:
+        """Renew the leases on ``ids`` every third of the lease while a send runs."""
+        period = self.options.lease_seconds / 3
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(period)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.renew_leases(self.owner, ids, self.options.lease_seconds)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _settle(self, message: MessageRecord, deliveries: Sequence[ClaimedDelivery],
+                      results: Sequence[RecipientResult], *, attempt_id: str | None,
+                      host: str) -> None:
+        """Journal the replies, decide each outcome, write it, and bounce what failed."""
+        by_recipient = {r.recipient: r for r in results}
+        if attempt_id is not None:
+            await asyncio.gather(*(self.journal.append_durable(ReplyReceived(
+                attempt_id, d.id, by_recipient[d.recipient].code,
+                by_recipient[d.recipient].text, by_recipient[d.recipient].data_sent,
+                time.time())) for d in deliveries))
+        age = (datetime.now(UTC) - message.received_at).total_seconds()
+        outcomes = [self._outcome(d, by_recipient[d.recipient], age) for d in deliveries]
+        await self._apply(attempt_id, outcomes)
+        failed = [(d, by_recipient[d.recipient]) for d, o in zip(deliveries, outcomes,
+                                                                   strict=True)
+                  if o.state == "failed"]
+        if failed:
+            await self._bounce(message, failed, host)
+        for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            log.info("delivery.outcome", queue_id=queue_id(message.id), delivery=delivery.id,
+                     recipient=delivery.recipient, state=outcome.state,
+                     reply=outcome.reply, host=host)
+
+    def _outcome(self, delivery: ClaimedDelivery, result: RecipientResult,
+                 age: float) -> AttemptOutcome:
+        decision = classify(result.code, result.data_sent, age=age, policy=self.policy,
+                            uncertain_mode=self.options.uncertain_mode)
+        retry_in = next_attempt_delay(self.policy, delivery.attempts + 1, self.rng)
+        reply = result.text if result.code == 0 or result.text.startswith(str(result.code)) \
+            else f"{result.code} {result.text}"
+        return AttemptOutcome(delivery.id, decision.outcome, result.code or None,
+                              f"{reply} ({decision.reason}, {result.phase})", retry_in,
+                              decision.possible_duplicate)
+
+    async def _apply(self, attempt_id: str | None, outcomes: list[AttemptOutcome]) -> None:
+        try:
+            await self.store.record_outcomes(self.owner, outcomes)
+        except StoreUnavailable as exc:
+            log.warning("delivery.outcome_held_back", error=str(exc), count=len(outcomes))
+            self._unapplied.append((attempt_id or "", outcomes))
+            return
+        if attempt_id is not None:
+            with contextlib.suppress(JournalError):
+                self.journal.append(Applied(attempt_id, time.time()))
+
+    async def _apply_held_back(self) -> None:
+        """Write outcomes that waited for the store; they are in the journal meanwhile."""
+        async with self._held_back_lock:
+            while self._unapplied:
+                attempt_id, outcomes = self._unapplied[0]
+                await self.store.record_outcomes(self.owner, outcomes)
+                self._unapplied.pop(0)
+                if attempt_id:
+                    self.journal.append(Applied(attempt_id, time.time()))
+
+    async def _bounce(self, message: MessageRecord,
+                      failed: Sequence[tuple[ClaimedDelivery, RecipientResult]],
+                      host: str) -> None:
+        """Queue one DSN to the sender for this message's failed recipients (never to <>)."""
+        content = await self.store.message_content(message.id)
+        if content is None:
+            return
+        trace, body = content
+        headers = (trace + body).split(b"\r\n\r\n", 1)[0] + b"\r\n"
+        now = datetime.now(UTC)
+        dsn = build_dsn(
+            reporting_mta=self.options.reporting_mta, original_sender=message.mail_from,
+            original_headers=headers, arrival_date=message.received_at,
+            queue_id=queue_id(message.id), now=now,
+            failures=[FailedRecipient(
+                recipient=d.recipient, status=status_for(r.code, r.text), action="failed",
+                remote_mta=host, diagnostic=_diagnostic(r),
+                last_attempt=now) for d, r in failed])
+        if dsn is None:
+            return
+        await self.store.enqueue(NewMessage(
+            id=new_message_id(), mail_from="", recipients=[message.mail_from],
+            trace_headers=b"", body=dsn, client_address="127.0.0.1",
+            helo_name=self.options.reporting_mta, auth_user=None, message_id_header=None))
+
+
+def _diagnostic(result: RecipientResult) -> str:
+    """The remote reply as a DSN Diagnostic-Code (``smtp; 550 5.1.1 …``)."""
+    if not result.code:
+        return f"X-mta-fleet; {result.text}"
+    text = result.text if result.text.startswith(str(result.code)) \
+        else f"{result.code} {result.text}"
+    return f"smtp; {text}"
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What a start-up replay did."""
+
+    applied: int
+    uncertain: int
+    released: int
+
+
+async def recover(store: Store, journal_dir: Path, node_name: str,
+                  policy: RetryPolicy) -> RecoveryReport:
+    """Replay dead processes' journals, then requeue what they leased but never sent.
+
+    An attempt with replies is applied as the replies say; a delivery whose attempt
+    started without a reply becomes ``uncertain`` (the data may have arrived). A
+    delivery a dead process leased with no attempt journaled was certainly not sent.
+    """
+    adoption = await asyncio.to_thread(adopt, journal_dir)
+    applied = uncertain = 0
+    try:
+        attempts: list[PendingAttempt] = [*adoption.pending.replied,
+                                          *adoption.pending.unanswered]
+        for attempt in attempts:
+            outcomes = [_replayed(reply, policy) for reply in attempt.replies]
+            outcomes += [AttemptOutcome(delivery_id, "uncertain", None,
+                                        "process died after the attempt started; "
+                                        "no reply was recorded (journal replay)")
+                         for delivery_id in attempt.missing]
+            done = await store.record_outcomes(attempt.owner, outcomes)
+            applied += len(done)
+            uncertain += len(set(attempt.missing) & done)
+        adoption.commit()
+    finally:
+        adoption.close()
+    released = 0
+    for owner, ids in (await store.lease_owners(owner_prefix(node_name) + "%")).items():
+        if not owner_alive(journal_dir, owner):
+            released += len(await store.release_unsent(
+                owner, ids, "lease of a process that died before sending: no attempt "
+                            "was journaled, so the message was certainly not sent"))
+    return RecoveryReport(applied, uncertain, released)
+
+
+def _replayed(reply: ReplyReceived, policy: RetryPolicy) -> AttemptOutcome:
+    decision = classify(reply.code, reply.data_sent, age=0.0, policy=policy)
+    return AttemptOutcome(reply.delivery_id, decision.outcome, reply.code or None,
+                          f"{reply.text} ({decision.reason}, journal replay)",
+                          policy.minimal_backoff, decision.possible_duplicate)
+
+
+async def start_delivery(settings: Settings, store: Store) -> Deliverer:
+    """Replay dead processes' journals, then build this process's deliverer."""
+    config = settings.delivery
+    policy = RetryPolicy(minimal_backoff=config.minimal_backoff,
+                         maximal_backoff=config.maximal_backoff,
+                         max_lifetime=config.max_lifetime)
+    journal_dir = Path(settings.node.data_dir) / "journal"
+    journal_dir.mkdir(parents=True, exist_ok=True)
+    owner = process_owner(settings.node.name)
+    journal = await asyncio.to_thread(Journal.open, journal_dir, owner)
+    report = await recover(store, journal_dir, settings.node.name, policy)
+    log.info("delivery.recovered", owner=owner, applied=report.applied,
+             uncertain=report.uncertain, released=report.released)
+    routes = [RouteConfig(route.domain, route.host, route.port, route.tls, route.username,
+                          route.password) for route in config.routes]
+    router = Router(routes, ResolverConfig(config.nameservers, config.dns_port,
+                                           config.dns_timeout, config.mx_port))
+    shaper = Shaper(ShapingConfig(
+        max_connections_per_destination=config.max_connections_per_destination,
+        initial_window=min(5, config.max_connections_per_destination),
+        messages_per_minute=config.messages_per_minute,
+        global_concurrency=config.global_concurrency))
+    ehlo = config.ehlo_name or settings.smtp.hostname
+    connections = ConnectionCache(ehlo_name=ehlo, timeouts=ClientTimeouts(
+        connect=config.connect_timeout, data_end=config.data_end_timeout))
+    return Deliverer(
+        store=store, router=router, shaper=shaper, connections=connections, journal=journal,
+        policy=policy, owner=owner,
+        options=DeliveryOptions(batch_size=config.batch_size,
+                                lease_seconds=config.lease_seconds,
+                                poll_interval=config.poll_interval,
+                                uncertain_mode=config.uncertain_mode, reporting_mta=ehlo))

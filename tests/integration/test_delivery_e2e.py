@@ -1,0 +1,127 @@
+"""Delivery end to end: client -> intake -> store -> deliverer -> a recording sink."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from mta.config import Settings
+from mta.queue import Store
+from mta.queue.ids import parse_queue_id
+from tests.support.nodes import NodeHandle, start_node, wait_for
+from tests.support.sink import Faults, Sink, running_sink
+from tests.support.smtp import RawSMTP, queue_id_of
+
+
+def delivery_settings(make_settings: Callable[..., Settings], sink: Sink,
+                      **delivery: Any) -> Settings:
+    return make_settings(delivery={
+        "enabled": True, "poll_interval": 60.0, "minimal_backoff": 60.0,
+        "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none"}],
+        **delivery,
+    })
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    async with running_sink() as running:
+        yield running
+
+
+async def submit(node: NodeHandle, sender: str, recipients: list[str], tag: str) -> uuid.UUID:
+    client = await RawSMTP.connect(node.port)
+    await client.cmd("EHLO client.test")
+    reply = await client.submit(sender, recipients,
+                                f"Message-ID: <{tag}@test>\r\nSubject: {tag}\r\n\r\nhi\r\n"
+                                .encode())
+    await client.close()
+    return parse_queue_id(queue_id_of(reply))
+
+
+def store_of(node: NodeHandle) -> Store:
+    assert node.node.store is not None
+    return node.node.store
+
+
+async def states(node: NodeHandle, message_id: uuid.UUID) -> dict[str, str]:
+    return {d.recipient: d.state for d in await store_of(node).deliveries(message_id)}
+
+
+async def test_accepted_mail_is_delivered_at_once_in_one_transaction(
+    make_settings: Callable[..., Settings], sink: Sink
+) -> None:
+    """A 60 s poll interval: only the wake-up from intake can deliver within the deadline."""
+    node = await start_node(delivery_settings(make_settings, sink))
+    try:
+        recipients = ["a@example.com", "b@example.com", "c@other.example"]
+        message_id = await submit(node, "app@example.org", recipients, "m1")
+        await sink.wait_for_count(3, timeout=5)
+        await wait_for(lambda: _all(node, message_id, "delivered"), timeout=5)
+        assert sink.count("m1@test", "a@example.com") == 1
+        same_domain = [t for t in sink.transactions if "a@example.com" in t.recipients]
+        assert sorted(same_domain[0].recipients) == ["a@example.com", "b@example.com"]
+        deliveries = await store_of(node).deliveries(message_id)
+        assert all(d.last_reply_code == 250 for d in deliveries)
+        events = await store_of(node).delivery_events(deliveries[0].id)
+        assert events[-1].state == "delivered" and events[-1].reply_code == 250
+    finally:
+        await node.stop()
+
+
+async def _all(node: NodeHandle, message_id: uuid.UUID, state: str) -> bool:
+    return set((await states(node, message_id)).values()) == {state}
+
+
+async def test_a_5xx_fails_the_recipient_and_sends_one_dsn_to_the_sender(
+    make_settings: Callable[..., Settings], sink: Sink
+) -> None:
+    sink.faults = Faults(reject={"gone@example.com": "550 5.1.1 no such user"})
+    node = await start_node(delivery_settings(make_settings, sink))
+    try:
+        message_id = await submit(node, "app@example.org",
+                                  ["gone@example.com", "here@example.com"], "m2")
+        await wait_for(lambda: _dsn_delivered(sink), timeout=10)
+        found = await states(node, message_id)
+        assert found == {"gone@example.com": "failed", "here@example.com": "delivered"}
+        dsns = [t for t in sink.transactions if t.mail_from == "" and t.reply.startswith("2")]
+        assert len(dsns) == 1 and list(dsns[0].recipients) == ["app@example.org"]
+        unfolded = dsns[0].data.replace(b"\r\n ", b" ")
+        assert b"Diagnostic-Code: smtp; 550 5.1.1 no such user" in unfolded, unfolded
+        assert b"Status: 5.1.1" in unfolded and b"Final-Recipient: rfc822; gone@example.com" \
+            in unfolded
+        assert b'report-type="delivery-status"' in dsns[0].data
+    finally:
+        await node.stop()
+
+
+def _dsn_delivered(sink: Sink) -> bool:
+    return any(t.mail_from == "" for t in sink.transactions)
+
+
+async def test_no_dsn_for_the_null_sender(make_settings: Callable[..., Settings],
+                                          sink: Sink) -> None:
+    sink.faults = Faults(reject={"gone@example.com": "550 5.1.1 no such user"})
+    node = await start_node(delivery_settings(make_settings, sink))
+    try:
+        message_id = await submit(node, "", ["gone@example.com"], "m3")
+        await wait_for(lambda: _all(node, message_id, "failed"), timeout=10)
+        assert await store_of(node).message_count() == 1, "no DSN was queued"
+    finally:
+        await node.stop()
+
+
+async def test_a_4xx_defers_with_its_evidence(make_settings: Callable[..., Settings],
+                                              sink: Sink) -> None:
+    sink.faults = Faults(tempfail=1.0, tempfail_reply="451 4.3.0 try again later")
+    node = await start_node(delivery_settings(make_settings, sink))
+    try:
+        message_id = await submit(node, "app@example.org", ["x@example.com"], "m4")
+        await wait_for(lambda: _all(node, message_id, "deferred"), timeout=10)
+        (delivery,) = await store_of(node).deliveries(message_id)
+        assert delivery.last_reply_code == 451 and "try again later" in (delivery.last_reply or "")
+        assert delivery.attempts == 1
+    finally:
+        await node.stop()
