@@ -41,6 +41,9 @@ def _toml_value(value: Any) -> str:
         return json.dumps(str(value))
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_toml_value(item)}" for key, item in value.items()) \
+            + " }"
     raise TypeError(f"cannot render {value!r} as TOML")
 
 
@@ -92,6 +95,8 @@ class NodeProcess:
     smtp_port: int
     admin_port: int
     runs: int = 0
+    #: Extra environment for the next runs (for example the fault hook's variables).
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
@@ -138,7 +143,7 @@ class NodeProcess:
                 (self.workdir / f"node-{self.runs}.err").open("wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mta", "serve", "--config", str(self.config_path)],
-                env=child_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=err,
+                env={**child_env(), **self.env}, stdin=subprocess.DEVNULL, stdout=log, stderr=err,
                 cwd=self.workdir,
             )
 
