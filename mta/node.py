@@ -17,6 +17,7 @@ from mta.config import Settings
 from mta.errors import StoreUnavailable
 from mta.metrics import Metrics
 from mta.queue import Store
+from mta.queue.retention import Retention
 from mta.smtp.admission import Admission
 from mta.smtp.delivery import Deliverer, start_delivery
 from mta.smtp.intake import Intake
@@ -69,6 +70,12 @@ class Node:
         self._tasks = [
             asyncio.create_task(admission.run(self._stop_background), name="admission"),
             asyncio.create_task(self._health_loop(), name="health"),
+            asyncio.create_task(Retention(
+                self.store, body_after_s=self.settings.retention.body_after,
+                metadata_after_s=self.settings.retention.metadata_after,
+                batch=self.settings.retention.batch,
+                interval_s=self.settings.retention.interval,
+            ).run(self._stop_background), name="retention"),
         ]
         if self.settings.delivery.enabled:
             self.deliverer = await start_delivery(self.settings, self.store)

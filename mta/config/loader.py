@@ -20,6 +20,7 @@ from mta.config.settings import (
     DeliverySection,
     LogSection,
     NodeSection,
+    RetentionSection,
     SmtpSection,
     User,
 )
@@ -41,6 +42,7 @@ class Settings(BaseSettings):
     smtp: SmtpSection = Field(default_factory=SmtpSection)
     admission: AdmissionSection = Field(default_factory=AdmissionSection)
     delivery: DeliverySection = Field(default_factory=DeliverySection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
     admin: AdminSection = Field(default_factory=AdminSection)
     log: LogSection = Field(default_factory=LogSection)
     users: tuple[User, ...] = ()

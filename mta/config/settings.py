@@ -181,6 +181,8 @@ class DeliverySection(_Section):
     global_concurrency: PositiveInt = 100
     connect_timeout: PositiveFloat = 30.0
     data_end_timeout: PositiveFloat = 600.0
+    crash_loop_limit: PositiveInt = 3
+    crash_loop_window: PositiveFloat = 3600.0
     routes: tuple[RouteSection, ...] = ()
 
     @field_validator("nameservers")
@@ -198,6 +200,15 @@ class DeliverySection(_Section):
         if self.maximal_backoff < self.minimal_backoff:
             raise ValueError("maximal_backoff must be at least minimal_backoff")
         return self
+
+
+class RetentionSection(_Section):
+    """How long finished (delivered or failed) mail stays in the store."""
+
+    body_after: Annotated[float, Field(ge=0)] = 86400.0
+    metadata_after: Annotated[float, Field(ge=0)] = 7 * 86400.0
+    batch: PositiveInt = 500
+    interval: PositiveFloat = 60.0
 
 
 class AdminSection(_Section):

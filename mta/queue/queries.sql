@@ -129,16 +129,35 @@ SELECT id, state, last_reply_code, coalesce(last_reply, ''), $1 FROM changed
 RETURNING delivery_id;
 
 -- name: delivery_release_unsent
--- Return deliveries leased to owner $1 that were certainly not sent ($3: why) to the queue.
-WITH changed AS (
-    UPDATE deliveries
-    SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL,
-        next_attempt_at = now(), updated_at = now()
+-- Requeue deliveries leased to dead owner $1 ($2) that were certainly not sent ($3: why).
+-- Each counts as a crash in flight; the $4th within $5 seconds holds it ('crash-loop').
+WITH counted AS (
+    SELECT id,
+           CASE WHEN last_crash_at > now() - make_interval(secs => $5)
+                THEN crash_count + 1 ELSE 1 END AS crashes
+    FROM deliveries
     WHERE id = ANY($2::bigint[]) AND state = 'leased' AND lease_owner = $1
-    RETURNING id, state
+    FOR UPDATE
+), changed AS (
+    UPDATE deliveries AS d
+    SET state = CASE WHEN c.crashes >= $4 THEN 'held' ELSE 'queued' END,
+        hold_reason = CASE WHEN c.crashes >= $4 THEN 'crash-loop' END,
+        crash_count = c.crashes,
+        last_crash_at = now(),
+        lease_owner = NULL, lease_expires_at = NULL,
+        next_attempt_at = now(), updated_at = now()
+    FROM counted AS c
+    WHERE d.id = c.id
+    RETURNING d.id, d.state, d.crash_count
 )
 INSERT INTO delivery_events (delivery_id, state, detail, actor)
-SELECT id, state, $3, $1 FROM changed
+SELECT id, state,
+       CASE WHEN state = 'held'
+            THEN format('crash-loop: %s deaths with this delivery in flight; %s', crash_count,
+                        $3::text)
+            ELSE $3::text END,
+       $1
+FROM changed
 RETURNING delivery_id;
 
 -- name: delivery_operator_transition
@@ -178,3 +197,28 @@ SELECT lease_owner, array_agg(id ORDER BY id) AS ids
 FROM deliveries
 WHERE state = 'leased' AND lease_owner LIKE $1
 GROUP BY lease_owner;
+
+-- name: message_mark_done
+-- Mark the messages of deliveries $1 done once every delivery of theirs is final.
+UPDATE messages AS m
+SET done_at = now()
+WHERE m.id IN (SELECT message_id FROM deliveries WHERE id = ANY($1::bigint[]))
+  AND m.done_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM deliveries AS d
+                  WHERE d.message_id = m.id AND d.state NOT IN ('delivered', 'failed'));
+
+-- name: message_purge_bodies
+-- Drop the bodies of up to $2 messages done for more than $1 seconds (metadata stays).
+UPDATE messages
+SET body = ''::bytea, trace_headers = ''::bytea, body_purged_at = now()
+WHERE id IN (SELECT id FROM messages
+             WHERE done_at IS NOT NULL AND body_purged_at IS NULL
+               AND done_at < now() - make_interval(secs => $1)
+             ORDER BY done_at LIMIT $2);
+
+-- name: message_purge
+-- Delete up to $2 messages done for more than $1 seconds, with their deliveries and events.
+DELETE FROM messages
+WHERE id IN (SELECT id FROM messages
+             WHERE done_at IS NOT NULL AND done_at < now() - make_interval(secs => $1)
+             ORDER BY done_at LIMIT $2);

@@ -354,20 +354,33 @@ class Store:
             [o.reply_code for o in outcomes], [o.reply for o in outcomes],
             [o.retry_in_s for o in outcomes], [o.possible_duplicate for o in outcomes],
         )
-        return {row["delivery_id"] for row in rows}
+        applied = {row["delivery_id"] for row in rows}
+        await self._mark_done(applied)
+        return applied
 
-    async def release_unsent(self, owner: str, delivery_ids: Sequence[int],
-                             reason: str) -> set[int]:
-        """Requeue deliveries ``owner`` leased but certainly never sent (no journaled attempt)."""
+    async def _mark_done(self, delivery_ids: set[int]) -> None:
+        """Set ``done_at`` on messages whose every delivery is now final."""
+        if delivery_ids:
+            await self._run("message_mark_done", "execute", list(delivery_ids))
+
+    async def release_unsent(self, owner: str, delivery_ids: Sequence[int], reason: str, *,
+                             crash_limit: int = 3, crash_window_s: float = 3600.0) -> set[int]:
+        """Requeue deliveries a dead ``owner`` leased but certainly never sent.
+
+        Each release counts a death with the delivery in flight; the ``crash_limit``-th
+        within ``crash_window_s`` holds it with the reason ``crash-loop`` instead.
+        """
         rows = await self._run("delivery_release_unsent", "fetch", owner, list(delivery_ids),
-                               reason)
+                               reason, crash_limit, crash_window_s)
         return {row["delivery_id"] for row in rows}
 
     async def _operator_transition(self, ids: Sequence[int], source: str, target: str,
                                    operator: str, reason: str) -> set[int]:
         rows = await self._run("delivery_operator_transition", "fetch", list(ids), source,
                                target, operator, reason)
-        return {row["delivery_id"] for row in rows}
+        changed = {row["delivery_id"] for row in rows}
+        await self._mark_done(changed)
+        return changed
 
     async def resend_uncertain(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
         """Queue ``uncertain`` deliveries again; they carry ``possible_duplicate`` from now on."""
@@ -401,3 +414,13 @@ class Store:
         """Owners matching the LIKE ``pattern`` that hold leases, with their delivery ids."""
         rows = await self._run("delivery_lease_owners", "fetch", pattern)
         return {row["lease_owner"]: list(row["ids"]) for row in rows}
+
+    async def purge_bodies(self, older_than_s: float, limit: int) -> int:
+        """Drop bodies of messages done for longer than ``older_than_s``; returns how many."""
+        status = await self._run("message_purge_bodies", "execute", older_than_s, limit)
+        return int(str(status).rsplit(" ", 1)[-1])
+
+    async def purge_messages(self, older_than_s: float, limit: int) -> int:
+        """Delete messages done for longer than ``older_than_s``; returns how many."""
+        status = await self._run("message_purge", "execute", older_than_s, limit)
+        return int(str(status).rsplit(" ", 1)[-1])

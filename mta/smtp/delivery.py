@@ -38,6 +38,7 @@ import structlog
 
 from mta.config import Settings
 from mta.errors import RoutePermFailure, RouteTempFailure, StoreUnavailable
+from mta.faults import fault_point
 from mta.queue import ClaimedDelivery, NewMessage, Store
 from mta.queue.ids import new_message_id, queue_id
 from mta.queue.journal import (
@@ -150,6 +151,8 @@ class Deliverer:
         message = await self.store.message(message_id)
         if message is None:
             return
+        fault_point("delivery.start")
+        fault_point(f"delivery.start:{message.message_id_header}")
         try:
             hop = await self.router.next_hop(domain)
         except (RoutePermFailure, RouteTempFailure) as exc:
@@ -309,8 +312,8 @@ class RecoveryReport:
     released: int
 
 
-async def recover(store: Store, journal_dir: Path, node_name: str,
-                  policy: RetryPolicy) -> RecoveryReport:
+async def recover(store: Store, journal_dir: Path, node_name: str, policy: RetryPolicy, *,
+                  crash_limit: int = 3, crash_window_s: float = 3600.0) -> RecoveryReport:
     """Replay dead processes' journals, then requeue what they leased but never sent.
 
     An attempt with replies is applied as the replies say; a delivery whose attempt
@@ -339,7 +342,8 @@ async def recover(store: Store, journal_dir: Path, node_name: str,
         if not owner_alive(journal_dir, owner):
             released += len(await store.release_unsent(
                 owner, ids, "lease of a process that died before sending: no attempt "
-                            "was journaled, so the message was certainly not sent"))
+                            "was journaled, so the message was certainly not sent",
+                crash_limit=crash_limit, crash_window_s=crash_window_s))
     return RecoveryReport(applied, uncertain, released)
 
 
@@ -360,7 +364,9 @@ async def start_delivery(settings: Settings, store: Store) -> Deliverer:
     journal_dir.mkdir(parents=True, exist_ok=True)
     owner = process_owner(settings.node.name)
     journal = await asyncio.to_thread(Journal.open, journal_dir, owner)
-    report = await recover(store, journal_dir, settings.node.name, policy)
+    report = await recover(store, journal_dir, settings.node.name, policy,
+                           crash_limit=config.crash_loop_limit,
+                           crash_window_s=config.crash_loop_window)
     log.info("delivery.recovered", owner=owner, applied=report.applied,
              uncertain=report.uncertain, released=report.released)
     routes = [RouteConfig(route.domain, route.host, route.port, route.tls, route.username,

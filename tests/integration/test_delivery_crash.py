@@ -105,3 +105,45 @@ async def test_kill_after_the_reply_is_journaled_applies_it_at_restart_without_r
 
 async def _is(db_dsn: str, settings: Settings, message_id: uuid.UUID, state: str) -> bool:
     return await state_of(db_dsn, settings, message_id) == state
+
+
+async def test_a_message_that_kills_the_node_each_time_is_held_and_the_rest_delivered(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: object
+) -> None:
+    """The second seed report: a node must not stay down on the same work. After three
+    deaths with the poison message in flight it is held ('crash-loop'), and mail flows."""
+    node = delivering_node(tmp_path, db_dsn, sink)
+    node.sections["node"]["workers"] = 1
+    node.sections["delivery"]["batch_size"] = 1
+    settings = make_settings()  # type: ignore[operator]
+    node.env = {"MTA_FAULT_HOOKS": "1", "MTA_FAULT_KILL_AT": "delivery.start:<poison@test>"}
+    await node.start()
+    try:
+        before = [await submit(node.smtp_port, f"good{n}") for n in range(3)]
+        for message_id in before:
+            await wait_for(lambda m=message_id: _is(db_dsn, settings, m, "delivered"), 15)
+        poison = await submit(node.smtp_port, "poison")
+        deaths = 0
+        for _ in range(3):
+            assert await node.wait_exit(20) == SIGKILL_STATUS
+            deaths += 1
+            await node.start()
+        assert deaths == 3
+        await wait_for(lambda: _is(db_dsn, settings, poison, "held"), timeout=15)
+        after = [await submit(node.smtp_port, f"later{n}") for n in range(2)]
+        for message_id in after:
+            await wait_for(lambda m=message_id: _is(db_dsn, settings, m, "delivered"), 15)
+        assert node.process is not None and node.process.poll() is None, "the node stays up"
+        for tag in ("good0", "good1", "good2", "later0", "later1"):
+            assert sink.count(f"{tag}@test", "user@example.com") == 1, tag
+        assert sink.count("poison@test", "user@example.com") == 0
+        store = await Store.open(db_dsn, settings)
+        try:
+            (held,) = await store.deliveries_in_state("held")
+            events = await store.delivery_events(held.id)
+        finally:
+            await store.close()
+        assert held.hold_reason == "crash-loop"
+        assert events[-1].detail.startswith("crash-loop: 3 deaths")
+    finally:
+        await node.close()

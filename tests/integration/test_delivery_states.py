@@ -120,3 +120,35 @@ async def test_held_deliveries_are_never_claimed_until_released(store: Store) ->
     assert {entry.hold_reason for entry in held} == {"crash-loop"}
     assert await store.release_held(ids, "carol", "fixed") == set(ids)
     assert len(await store.claim_due("worker-a", 10, 60.0)) == 3
+
+
+async def test_finished_messages_are_done_then_purged_bodies_first(store: Store) -> None:
+    from mta.queue.retention import Retention
+
+    await enqueue(store, 2)
+    first, second = await store.claim_due("worker-a", 10, 60.0)
+    queued_before = await store.queued_bytes()
+    await store.record_outcomes("worker-a", [
+        AttemptOutcome(first.id, "delivered", 250, "250 ok"),
+        AttemptOutcome(second.id, "deferred", 451, "451 later", retry_in_s=0),
+    ])
+    message = await store.message(first.message_id)
+    assert message is not None and message.done_at is None, "one delivery is not final yet"
+    (again,) = await store.claim_due("worker-a", 10, 60.0)
+    await store.record_outcomes("worker-a", [AttemptOutcome(again.id, "failed", 550, "550 no")])
+    message = await store.message(first.message_id)
+    assert message is not None and message.done_at is not None
+    assert await store.queued_bytes() == queued_before - message.size_bytes
+
+    keep_bodies = Retention(store, body_after_s=3600, metadata_after_s=7200, batch=1,
+                            interval_s=60)
+    assert (await keep_bodies.run_once()).bodies == 0, "not old enough"
+    purge_now = Retention(store, body_after_s=0, metadata_after_s=3600, batch=1, interval_s=60)
+    counts = await purge_now.run_once()
+    assert (counts.bodies, counts.messages) == (1, 0)
+    assert await store.message_content(first.message_id) == (b"", b"")
+    assert await store.message(first.message_id) is not None, "metadata stays longer"
+    purge_all = Retention(store, body_after_s=0, metadata_after_s=0, batch=1, interval_s=60)
+    assert (await purge_all.run_once()).messages == 1
+    assert await store.message(first.message_id) is None
+    assert await store.deliveries(first.message_id) == []
