@@ -22,6 +22,7 @@ from mta.smtp.admission import Admission
 from mta.smtp.delivery import Deliverer, start_delivery
 from mta.smtp.intake import Intake
 from mta.smtp.listener import start_listeners
+from mta.smtp.wakeup import Notifier, listen_for_work
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +78,8 @@ class Node:
                 interval_s=self.settings.retention.interval,
             ).run(self._stop_background), name="retention"),
         ]
+        notifier = Notifier(self.store, self.settings.node.name)
+        self.intake.on_accepted.append(notifier.poke)
         if self.settings.delivery.enabled:
             self.deliverer = await start_delivery(self.settings, self.store)
             self.intake.on_accepted.append(self.deliverer.wake.set)
@@ -84,6 +87,9 @@ class Node:
                 asyncio.create_task(self.deliverer.run(self._stop_delivery), name=f"delivery-{i}")
                 for i in range(self.settings.node.workers)
             ]
+            self._tasks.append(asyncio.create_task(
+                listen_for_work(self.store, self.deliverer.wake, self._stop_background),
+                name="listener"))
         self._admin = await start_admin(self.admin_settings, self.metrics, self.status)
         self._servers = await start_listeners(self.intake, self.settings, self.sockets)
         log.info("node.started", node=self.settings.node.name,

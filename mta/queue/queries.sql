@@ -222,3 +222,7 @@ DELETE FROM messages
 WHERE id IN (SELECT id FROM messages
              WHERE done_at IS NOT NULL AND done_at < now() - make_interval(secs => $1)
              ORDER BY done_at LIMIT $2);
+
+-- name: deliveries_notify
+-- Tell listening delivery workers (on any process or node of this store) there is work.
+SELECT pg_notify('mta_new_work', $1);

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -22,6 +22,9 @@ from mta.config import ServerLimits, Settings, connection_budget
 from mta.errors import StoreUnavailable
 from mta.queue.migrate import migrate
 from mta.queue.sql import query
+
+#: The channel intake notifies and delivery workers listen on.
+NEW_WORK_CHANNEL = "mta_new_work"
 
 #: Errors that mean "the store did not answer in time or at all".
 STORE_ERRORS: tuple[type[BaseException], ...] = (
@@ -424,3 +427,30 @@ class Store:
         """Delete messages done for longer than ``older_than_s``; returns how many."""
         status = await self._run("message_purge", "execute", older_than_s, limit)
         return int(str(status).rsplit(" ", 1)[-1])
+
+    async def notify_new_work(self, source: str) -> None:
+        """Wake delivery workers that listen on this store (any process, any node)."""
+        await self._run("deliveries_notify", "execute", source)
+
+    @contextlib.asynccontextmanager
+    async def listening(self, on_new_work: Callable[[], None]
+                        ) -> AsyncIterator[Callable[[], bool]]:
+        """Hold one pool connection (a fixed one of the budget) listening for new work.
+
+        Yields a function that tells whether the connection is still open, so the caller
+        can listen again after the store comes back.
+        """
+        async with self._connection() as conn:
+            def callback(*_: object) -> None:
+                on_new_work()
+
+            try:
+                await conn.add_listener(NEW_WORK_CHANNEL, callback)
+            except STORE_ERRORS as exc:
+                raise StoreUnavailable(f"cannot listen: {exc}") from exc
+            try:
+                yield lambda: not conn.is_closed()
+            finally:
+                if not conn.is_closed():
+                    with contextlib.suppress(*STORE_ERRORS):
+                        await conn.remove_listener(NEW_WORK_CHANNEL, callback)

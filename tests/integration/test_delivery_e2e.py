@@ -125,3 +125,32 @@ async def test_a_4xx_defers_with_its_evidence(make_settings: Callable[..., Setti
         assert delivery.attempts == 1
     finally:
         await node.stop()
+
+
+async def test_a_node_that_only_delivers_is_woken_by_another_nodes_intake(
+    make_settings: Callable[..., Settings], sink: Sink
+) -> None:
+    """LISTEN/NOTIFY across processes: with a 60 s poll, only the NOTIFY from the intake
+    node can get the message delivered within the deadline."""
+    intake_only = await start_node(make_settings())
+    deliverer = await start_node(delivery_settings(make_settings, sink))
+    try:
+        await wait_for(lambda: _listening(deliverer), timeout=5)
+        message_id = await submit(intake_only, "app@example.org", ["x@example.com"], "n1")
+        await sink.wait_for_count(1, timeout=5)
+        await wait_for(lambda: _all(deliverer, message_id, "delivered"), timeout=5)
+    finally:
+        await intake_only.stop()
+        await deliverer.stop()
+
+
+async def _listening(node: NodeHandle) -> bool:
+    import asyncpg
+
+    conn = await asyncpg.connect(node.settings.database.dsn)
+    try:
+        return bool(await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'ClientRead' "
+            "AND query LIKE 'LISTEN%'"))
+    finally:
+        await conn.close()
