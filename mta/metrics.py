@@ -57,6 +57,20 @@ class Metrics:
             "mta_store_free_disk_bytes", "Free bytes on the data directory's filesystem.",
             registry=reg,
         )
+        self.delivery_outcomes = Counter(
+            "mta_delivery_outcomes", "Delivery attempts by outcome and destination.",
+            ["outcome", "destination"], registry=reg,
+        )
+        self.delivery_attempt_seconds = Histogram(
+            "mta_delivery_attempt_seconds", "Time from routing to the last reply, per attempt.",
+            ["destination"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
+            registry=reg,
+        )
+        self.delivery_timeouts = Counter(
+            "mta_delivery_timeouts", "Attempts that ended without a reply, by destination.",
+            ["destination"], registry=reg,
+        )
         self.heartbeat = Gauge(
             "mta_heartbeat_timestamp_seconds", "Unix time of the event loop's last beat.",
             registry=reg,

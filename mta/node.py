@@ -81,7 +81,7 @@ class Node:
         notifier = Notifier(self.store, self.settings.node.name)
         self.intake.on_accepted.append(notifier.poke)
         if self.settings.delivery.enabled:
-            self.deliverer = await start_delivery(self.settings, self.store)
+            self.deliverer = await start_delivery(self.settings, self.store, self.metrics)
             self.intake.on_accepted.append(self.deliverer.wake.set)
             self._delivery_tasks = [
                 asyncio.create_task(self.deliverer.run(self._stop_delivery), name=f"delivery-{i}")

@@ -39,6 +39,7 @@ import structlog
 from mta.config import Settings
 from mta.errors import RoutePermFailure, RouteTempFailure, StoreUnavailable
 from mta.faults import fault_point
+from mta.metrics import Metrics
 from mta.queue import ClaimedDelivery, NewMessage, Store
 from mta.queue.ids import new_message_id, queue_id
 from mta.queue.journal import (
@@ -89,8 +90,8 @@ class Deliverer:
 
     def __init__(self, *, store: Store, router: Router, shaper: Shaper,
                  connections: ConnectionCache, journal: Journal, policy: RetryPolicy,
-                 owner: str, options: DeliveryOptions, rng: random.Random | None = None
-                 ) -> None:
+                 owner: str, options: DeliveryOptions, metrics: Metrics,
+                 rng: random.Random | None = None) -> None:
         self.store = store
         self.router = router
         self.shaper = shaper
@@ -99,6 +100,7 @@ class Deliverer:
         self.policy = policy
         self.owner = owner
         self.options = options
+        self.metrics = metrics
         self.rng = rng or random.Random()
         self.wake = asyncio.Event()
         self._unapplied: list[tuple[str, list[AttemptOutcome]]] = []
@@ -172,12 +174,17 @@ class Deliverer:
                 hop.hosts[0].name if hop.hosts else hop.key, time.time()))
             started = True
 
+        sending_since = time.perf_counter()
         async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key), \
                 self.connections.session(hop) as conn:
             results = await conn.send(
                 Transaction(message.mail_from, [d.recipient for d in deliveries],
                             self._content(message_id)),
                 before_data=before_data)
+        self.metrics.delivery_attempt_seconds.labels(hop.key).observe(
+            time.perf_counter() - sending_since)
+        if any(r.code == 0 for r in results):
+            self.metrics.delivery_timeouts.labels(hop.key).inc()
         if any(r.code and 200 <= r.code < 500 for r in results):
             self.shaper.record_success(hop.key)
         else:
@@ -232,6 +239,7 @@ class Deliverer:
         if failed:
             await self._bounce(message, failed, host)
         for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            self.metrics.delivery_outcomes.labels(outcome.state, host).inc()
             log.info("delivery.outcome", queue_id=queue_id(message.id), delivery=delivery.id,
                      recipient=delivery.recipient, state=outcome.state,
                      reply=outcome.reply, host=host)
@@ -354,7 +362,7 @@ def _replayed(reply: ReplyReceived, policy: RetryPolicy) -> AttemptOutcome:
                           policy.minimal_backoff, decision.possible_duplicate)
 
 
-async def start_delivery(settings: Settings, store: Store) -> Deliverer:
+async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> Deliverer:
     """Replay dead processes' journals, then build this process's deliverer."""
     config = settings.delivery
     policy = RetryPolicy(minimal_backoff=config.minimal_backoff,
@@ -383,7 +391,7 @@ async def start_delivery(settings: Settings, store: Store) -> Deliverer:
         connect=config.connect_timeout, data_end=config.data_end_timeout))
     return Deliverer(
         store=store, router=router, shaper=shaper, connections=connections, journal=journal,
-        policy=policy, owner=owner,
+        policy=policy, owner=owner, metrics=metrics,
         options=DeliveryOptions(batch_size=config.batch_size,
                                 lease_seconds=config.lease_seconds,
                                 poll_interval=config.poll_interval,

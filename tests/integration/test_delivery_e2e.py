@@ -67,6 +67,12 @@ async def test_accepted_mail_is_delivered_at_once_in_one_transaction(
         assert all(d.last_reply_code == 250 for d in deliveries)
         events = await store_of(node).delivery_events(deliveries[0].id)
         assert events[-1].state == "delivered" and events[-1].reply_code == 250
+        delivered = sum(
+            sample.value for metric in node.node.metrics.registry.collect()
+            for sample in metric.samples
+            if sample.name == "mta_delivery_outcomes_total"
+            and sample.labels["outcome"] == "delivered")
+        assert delivered == 3
     finally:
         await node.stop()
 
