@@ -115,10 +115,12 @@ def config_check(config: ConfigOption = None) -> None:
         f"{settings.node.workers} + intake_db_slots {settings.node.intake_db_slots} + 2; "
         f"{budget.processes} process(es) -> {budget.node_total} connections"
     )
+    delivery = (f" + workers {settings.node.workers} x 2 copies x max_message_size"
+                if settings.delivery.enabled else "")
     stdout.print(
         f"memory bound per process: {_human(memory_bound_bytes(settings))} "
         f"(data_concurrency {settings.smtp.data_concurrency} x 4 copies x max_message_size "
-        f"{_human(int(settings.smtp.max_message_size))} + base)"
+        f"{_human(int(settings.smtp.max_message_size))}{delivery} + base)"
     )
     if not settings.database.dsn:
         from mta.supervisor import embedded_server

@@ -84,8 +84,7 @@ class Node:
             self.deliverer = await start_delivery(self.settings, self.store, self.metrics)
             self.intake.on_accepted.append(self.deliverer.wake.set)
             self._delivery_tasks = [
-                asyncio.create_task(self.deliverer.run(self._stop_delivery), name=f"delivery-{i}")
-                for i in range(self.settings.node.workers)
+                asyncio.create_task(self.deliverer.run(self._stop_delivery), name="delivery")
             ]
             self._tasks.append(asyncio.create_task(
                 listen_for_work(self.store, self.deliverer.wake, self._stop_background),

@@ -14,6 +14,10 @@ FIXED_CONNECTIONS_PER_PROCESS = 2
 #: undoes dot-stuffing, prepends trace headers and hands the body to the driver.
 INTAKE_COPIES_PER_MESSAGE = 4
 
+#: Copies of one body a delivery holds: the row as the driver returns it, and the chunk
+#: being dot-stuffed onto the socket (bounded, counted as a second copy to be safe).
+DELIVERY_COPIES_PER_MESSAGE = 2
+
 #: Interpreter, libraries, pools and per-session buffers, measured (BENCHMARKS.md).
 BASE_MEMORY_BYTES = 96 * 1024 * 1024
 
@@ -68,5 +72,8 @@ def budget_violation(budget: ConnectionBudget, limits: ServerLimits, reserve: in
 def memory_bound_bytes(settings: Settings) -> int:
     """Upper bound of one node process's memory, from its configuration alone."""
     smtp = settings.smtp
-    intake = smtp.data_concurrency * INTAKE_COPIES_PER_MESSAGE * int(smtp.max_message_size)
-    return BASE_MEMORY_BYTES + intake
+    size = int(smtp.max_message_size)
+    intake = smtp.data_concurrency * INTAKE_COPIES_PER_MESSAGE * size
+    delivery = (settings.node.workers * DELIVERY_COPIES_PER_MESSAGE * size
+                if settings.delivery.enabled else 0)
+    return BASE_MEMORY_BYTES + intake + delivery

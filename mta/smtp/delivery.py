@@ -79,6 +79,8 @@ class DeliveryOptions:
     """How the deliverer claims and retries."""
 
     batch_size: int = 50
+    workers: int = 8
+    max_tasks: int = 200
     lease_seconds: float = 300.0
     poll_interval: float = 5.0
     uncertain_mode: UncertainMode = "uncertain"
@@ -105,15 +107,29 @@ class Deliverer:
         self.wake = asyncio.Event()
         self._unapplied: list[tuple[str, list[AttemptOutcome]]] = []
         self._held_back_lock = asyncio.Lock()
+        #: At most ``workers`` messages are being sent at once: their bodies bound memory (I4).
+        self._sending = asyncio.Semaphore(options.workers)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        """Close cached connections and the journal (after the run loops ended)."""
+        """Cancel sends still running (they keep journal records and leases), then close."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.connections.close()
         await self.journal.close()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until ``stop``; sleep on wake-up, poll interval or stop when idle."""
+        """Claim and dispatch until ``stop``; then wait for the sends in flight.
+
+        Sends run as tasks, so a slow destination holds only its own slots: the loop goes
+        on claiming for the others while at most ``max_tasks`` groups are outstanding.
+        """
         while not stop.is_set():
+            if len(self._tasks) >= self.options.max_tasks:
+                await asyncio.wait([*self._tasks, asyncio.ensure_future(stop.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
                 handled = await self.run_once()
             except StoreUnavailable as exc:
@@ -129,24 +145,32 @@ class Deliverer:
             finally:
                 for waiter in waiters:
                     waiter.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
 
     async def run_once(self) -> int:
-        """One round: apply held-back outcomes, claim a batch, deliver it. Returns its size."""
+        """Apply held-back outcomes, claim a batch and dispatch its groups. Returns its size."""
         await self._apply_held_back()
-        claimed = await self.store.claim_due(self.owner, self.options.batch_size,
+        room = self.options.max_tasks - len(self._tasks)
+        claimed = await self.store.claim_due(self.owner, min(self.options.batch_size, room),
                                              self.options.lease_seconds)
         groups: dict[tuple[uuid.UUID, str], list[ClaimedDelivery]] = defaultdict(list)
         for delivery in claimed:
             groups[(delivery.message_id, delivery.next_hop)].append(delivery)
-        results = await asyncio.gather(*(self._deliver(message_id, domain, deliveries)
-                                         for (message_id, domain), deliveries in groups.items()),
-                                       return_exceptions=True)
-        for (message_id, domain), result in zip(groups, results, strict=True):
-            if isinstance(result, BaseException):
-                # The leases stay until they expire; the journal holds any attempt made.
-                log.error("delivery.group_failed", queue_id=queue_id(message_id),
-                          domain=domain, error=repr(result))
+        for (message_id, domain), deliveries in groups.items():
+            task = asyncio.create_task(self._deliver_logged(message_id, domain, deliveries))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return len(claimed)
+
+    async def _deliver_logged(self, message_id: uuid.UUID, domain: str,
+                              deliveries: list[ClaimedDelivery]) -> None:
+        try:
+            await self._deliver(message_id, domain, deliveries)
+        except Exception as exc:
+            # The leases stay until the process restarts; the journal holds any attempt.
+            log.error("delivery.group_failed", queue_id=queue_id(message_id), domain=domain,
+                      error=repr(exc))
 
     async def _deliver(self, message_id: uuid.UUID, domain: str,
                        deliveries: list[ClaimedDelivery]) -> None:
@@ -176,7 +200,7 @@ class Deliverer:
 
         sending_since = time.perf_counter()
         async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key), \
-                self.connections.session(hop) as conn:
+                self._sending, self.connections.session(hop) as conn:
             results = await conn.send(
                 Transaction(message.mail_from, [d.recipient for d in deliveries],
                             self._content(message_id)),
@@ -300,6 +324,7 @@ class Deliverer:
             id=new_message_id(), mail_from="", recipients=[message.mail_from],
             trace_headers=b"", body=dsn, client_address="127.0.0.1",
             helo_name=self.options.reporting_mta, auth_user=None, message_id_header=None))
+        self.wake.set()
 
 
 def _diagnostic(result: RecipientResult) -> str:
@@ -393,6 +418,8 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
         store=store, router=router, shaper=shaper, connections=connections, journal=journal,
         policy=policy, owner=owner, metrics=metrics,
         options=DeliveryOptions(batch_size=config.batch_size,
+                                workers=settings.node.workers,
+                                max_tasks=max(config.batch_size, 4 * settings.node.workers),
                                 lease_seconds=config.lease_seconds,
                                 poll_interval=config.poll_interval,
                                 uncertain_mode=config.uncertain_mode, reporting_mta=ehlo))

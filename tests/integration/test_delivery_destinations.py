@@ -1,0 +1,107 @@
+"""Destinations that misbehave: one that hangs must not starve the others, and one that
+fails at random must end with every delivery delivered or uncertain, never silently twice."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+from mta.config import Settings
+from mta.queue import Store
+from mta.queue.ids import parse_queue_id
+from tests.support.nodes import NodeHandle, start_node, wait_for
+from tests.support.sink import Faults, running_sink
+from tests.support.smtp import RawSMTP, queue_id_of
+
+
+async def submit(node: NodeHandle, rcpt: str, tag: str) -> uuid.UUID:
+    client = await RawSMTP.connect(node.port)
+    await client.cmd("EHLO client.test")
+    reply = await client.submit("app@example.org", [rcpt],
+                                f"Message-ID: <{tag}@test>\r\n\r\nbody {tag}\r\n".encode())
+    await client.close()
+    return parse_queue_id(queue_id_of(reply))
+
+
+def store_of(node: NodeHandle) -> Store:
+    assert node.node.store is not None
+    return node.node.store
+
+
+async def state(node: NodeHandle, message_id: uuid.UUID) -> str:
+    (delivery,) = await store_of(node).deliveries(message_id)
+    return delivery.state
+
+
+async def test_a_hung_destination_does_not_hold_up_a_healthy_one(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with running_sink(faults=Faults(hang=True), hang_limit=30) as hung, \
+            running_sink() as healthy:
+        node = await start_node(make_settings(delivery={
+            "enabled": True, "poll_interval": 60.0, "data_end_timeout": 3.0,
+            "max_connections_per_destination": 1,
+            "routes": [
+                {"domain": "hung.example", "host": "127.0.0.1", "port": hung.port,
+                 "tls": "none"},
+                {"domain": "*", "host": "127.0.0.1", "port": healthy.port, "tls": "none"},
+            ],
+        }))
+        try:
+            stuck = [await submit(node, f"u{n}@hung.example", f"h{n}") for n in range(3)]
+            await hung.wait_for_count(1, timeout=5)
+            fine = [await submit(node, f"u{n}@fine.example", f"f{n}") for n in range(10)]
+            await healthy.wait_for_count(10, timeout=5)
+            for message_id in fine:
+                await wait_for(lambda m=message_id: _is(node, m, "delivered"), timeout=5)
+            assert await state(node, stuck[0]) == "leased", \
+                "the healthy mail went through while the hung attempt still waited"
+            # One connection at a time to the hung destination: its first attempt ends in a
+            # timeout, recorded as the evidence; the destination then cools off as dead.
+            await wait_for(lambda: _is(node, stuck[0], "uncertain"), timeout=10)
+            (evidence,) = await store_of(node).deliveries(stuck[0])
+            assert "timeout waiting for reply to end of data" in (evidence.last_reply or "")
+            shaped = node.node.deliverer
+            assert shaped is not None
+            assert any(state.failures for state in shaped.shaper.states().values())
+            hung.release()
+        finally:
+            await node.stop()
+
+
+async def _is(node: NodeHandle, message_id: uuid.UUID, wanted: str) -> bool:
+    return await state(node, message_id) == wanted
+
+
+async def test_a_flaky_destination_ends_delivered_or_uncertain_never_twice(
+    make_settings: Callable[..., Settings],
+) -> None:
+    faults = Faults(tempfail=0.25, drop_mid_data=0.1, drop_after_dot=0.1)
+    async with running_sink(faults=faults, seed=7) as sink:
+        node = await start_node(make_settings(delivery={
+            "enabled": True, "poll_interval": 0.2, "minimal_backoff": 0.1,
+            "maximal_backoff": 0.4,
+            "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none"}],
+        }))
+        try:
+            sent = {f"m{n}": await submit(node, f"r{n}@example.com", f"m{n}") for n in range(40)}
+            final = {"delivered", "uncertain"}
+
+            async def settled() -> bool:
+                return all([await state(node, m) in final for m in sent.values()])
+
+            await wait_for(settled, timeout=60)
+            outcome = {tag: await state(node, m) for tag, m in sent.items()}
+        finally:
+            await node.stop()
+    assert sink.duplicates() == {} or not sink.duplicates(), sink.duplicates()
+    for n, tag in enumerate(sent):
+        received = sink.count(f"{tag}@test", f"r{n}@example.com")
+        assert received <= 1, (tag, received)
+        if outcome[tag] == "delivered":
+            assert received == 1, f"{tag} is delivered but the sink never got it"
+        elif received:
+            assert outcome[tag] == "uncertain"
+    assert "delivered" in outcome.values() and "uncertain" in outcome.values()
+    deferred_then_delivered = [tag for tag, m in sent.items() if outcome[tag] == "delivered"]
+    assert deferred_then_delivered
