@@ -48,6 +48,7 @@ from typing import Literal
 import aiosmtplib
 
 from mta.errors import RouteTempFailure
+from mta.faults import fault_point
 from mta.smtp.routing import NextHop, connect_first
 
 __all__ = [
@@ -364,6 +365,8 @@ class OutboundConnection:
                         await protocol._drain_helper()
             waiting_for, timeout = "reply to end of data", t.data_end
             protocol.write(stuffer.end())
+            await protocol._drain_helper()
+            fault_point("delivery.after_dot")
             final = await protocol.read_response(timeout=t.data_end)
         except _ERRORS as exc:
             raise _Failure(*_no_reply(exc, waiting_for, timeout), "data_end",

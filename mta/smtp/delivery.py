@@ -74,6 +74,16 @@ def owner_prefix(node_name: str) -> str:
     return f"{_OWNER_UNSAFE.sub('_', node_name)}-"
 
 
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    """The trace headers, then the body, without joining them into one more copy."""
+    for part in parts:
+        yield part
+
+
+class _NotSent(Exception):
+    """A group failed before anything reached the remote server."""
+
+
 @dataclass(frozen=True)
 class DeliveryOptions:
     """How the deliverer claims and retries."""
@@ -167,6 +177,12 @@ class Deliverer:
                               deliveries: list[ClaimedDelivery]) -> None:
         try:
             await self._deliver(message_id, domain, deliveries)
+        except _NotSent as exc:
+            # Nothing was sent: give the leases back (now, or when the store returns).
+            log.warning("delivery.not_sent", queue_id=queue_id(message_id), error=str(exc))
+            self._unapplied.append(("", [AttemptOutcome(
+                d.id, "deferred", None, f"not sent: {exc}", self.policy.minimal_backoff)
+                for d in deliveries]))
         except Exception as exc:
             # The leases stay until the process restarts; the journal holds any attempt.
             log.error("delivery.group_failed", queue_id=queue_id(message_id), domain=domain,
@@ -174,7 +190,10 @@ class Deliverer:
 
     async def _deliver(self, message_id: uuid.UUID, domain: str,
                        deliveries: list[ClaimedDelivery]) -> None:
-        message = await self.store.message(message_id)
+        try:
+            message = await self.store.message(message_id)
+        except StoreUnavailable as exc:
+            raise _NotSent(f"store unavailable before the attempt ({exc})") from exc
         if message is None:
             return
         fault_point("delivery.start")
@@ -197,14 +216,24 @@ class Deliverer:
                 attempt_id, tuple(d.id for d in deliveries), str(message_id),
                 hop.hosts[0].name if hop.hosts else hop.key, time.time()))
             started = True
+            fault_point("delivery.after_attempt_started")
 
         sending_since = time.perf_counter()
         async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key), \
-                self._sending, self.connections.session(hop) as conn:
-            results = await conn.send(
-                Transaction(message.mail_from, [d.recipient for d in deliveries],
-                            self._content(message_id)),
-                before_data=before_data)
+                self._sending:
+            # The body is read only now, inside the sending slot (I4), and before the
+            # attempt starts: a store outage here means certainly not sent.
+            try:
+                content = await self.store.message_content(message_id)
+            except StoreUnavailable as exc:
+                raise _NotSent(f"store unavailable before the attempt ({exc})") from exc
+            if content is None:
+                return
+            async with self.connections.session(hop) as conn:
+                results = await conn.send(
+                    Transaction(message.mail_from, [d.recipient for d in deliveries],
+                                _chunks(*content)),
+                    before_data=before_data)
         self.metrics.delivery_attempt_seconds.labels(hop.key).observe(
             time.perf_counter() - sending_since)
         if any(r.code == 0 for r in results):
@@ -215,15 +244,6 @@ class Deliverer:
             self.shaper.record_failure(hop.key)
         await self._settle(message, deliveries, results,
                            attempt_id=attempt_id if started else None, host=hop.key)
-
-    async def _content(self, message_id: uuid.UUID) -> AsyncIterator[bytes]:
-        """The trace headers, then the body, read from the store only now (I4)."""
-        content = await self.store.message_content(message_id)
-        if content is None:
-            raise StoreUnavailable(f"message {message_id} has no content")
-        trace, body = content
-        yield trace
-        yield body
 
     @contextlib.asynccontextmanager
     async def _renewing(self, ids: list[int]) -> AsyncIterator[None]:
@@ -254,6 +274,7 @@ class Deliverer:
                 attempt_id, d.id, by_recipient[d.recipient].code,
                 by_recipient[d.recipient].text, by_recipient[d.recipient].data_sent,
                 time.time())) for d in deliveries))
+            fault_point("delivery.after_reply_journaled")
         age = (datetime.now(UTC) - message.received_at).total_seconds()
         outcomes = [self._outcome(d, by_recipient[d.recipient], age) for d in deliveries]
         await self._apply(attempt_id, outcomes)
