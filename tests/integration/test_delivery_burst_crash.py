@@ -1,0 +1,132 @@
+"""I3 under load: 2,000 deliveries in flight, the node SIGKILLed at each named point of
+the delivery path and at a random moment, restarted, and checked against the sink."""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from mta.config import Settings
+from mta.queue import NewMessage, Store
+from mta.queue.ids import new_message_id
+from tests.support.nodes import wait_for
+from tests.support.process import NodeProcess
+from tests.support.sink import Sink, running_sink
+
+DELIVERIES = 2000
+SIGKILL_STATUS = -9
+FINAL = ("delivered", "uncertain")
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    async with running_sink() as running:
+        yield running
+
+
+async def preload(db_dsn: str, settings: Settings) -> None:
+    store = await Store.open(db_dsn, settings)
+    try:
+        for n in range(DELIVERIES):
+            await store.enqueue(NewMessage(
+                id=new_message_id(), mail_from="app@example.org",
+                recipients=[f"r{n}@example.com"], trace_headers=b"",
+                body=f"Message-ID: <b{n}@test>\r\n\r\nbody {n}\r\n".encode(),
+                client_address="127.0.0.1", helo_name="h", auth_user=None,
+                message_id_header=f"<b{n}@test>"))
+    finally:
+        await store.close()
+
+
+async def states(db_dsn: str) -> dict[str, str]:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        rows = await conn.fetch("SELECT recipient, state FROM deliveries")
+    finally:
+        await conn.close()
+    return {row["recipient"]: row["state"] for row in rows}
+
+
+def node_for(tmp_path: Path, db_dsn: str, sink: Sink) -> NodeProcess:
+    return NodeProcess.configure(tmp_path / "node", db_dsn, node={"workers": 8}, delivery={
+        "enabled": True, "poll_interval": 0.5, "batch_size": 50,
+        "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none"}],
+    })
+
+
+def check_invariants(sink: Sink, final: dict[str, str], in_flight_at_kill: int) -> None:
+    """Nothing lost; every duplicate and every unrecorded arrival is uncertain."""
+    assert len(final) == DELIVERIES
+    assert set(final.values()) <= set(FINAL), Counter(final.values())
+    received = Counter()
+    for transaction in sink.transactions:
+        if transaction.received:
+            for rcpt in transaction.recipients:
+                received[rcpt.lower()] += 1
+    for rcpt, state in final.items():
+        count = received[rcpt]
+        if count > 1:
+            assert state == "uncertain", f"{rcpt} arrived {count} times but is {state}"
+        if state == "delivered":
+            assert count == 1, f"{rcpt} is delivered but arrived {count} times"
+        elif count:
+            assert state == "uncertain", (rcpt, state)
+    uncertain = sum(1 for state in final.values() if state == "uncertain")
+    assert uncertain <= in_flight_at_kill, (uncertain, in_flight_at_kill)
+
+
+async def crash_and_recover(tmp_path: Path, db_dsn: str, sink: Sink,
+                            make_settings: Callable[..., Settings],
+                            kill_after: int | None, env: dict[str, str]) -> None:
+    """Preload, run until killed (by the fault hook in ``env`` or by the test once the
+    sink has ``kill_after`` transactions), restart, settle, check the invariants."""
+    await preload(db_dsn, make_settings())
+    node = node_for(tmp_path, db_dsn, sink)
+    node.env = env
+    await node.start()
+    try:
+        if kill_after is not None:
+            await wait_for(lambda: len(sink.transactions) >= kill_after, timeout=60)
+            node.signal(signal.SIGKILL)
+        assert await node.wait_exit(60) == SIGKILL_STATUS
+        at_kill = await states(db_dsn)
+        in_flight = sum(1 for state in at_kill.values() if state == "leased")
+        assert in_flight > 0, "deliveries were in flight at the kill"
+        assert sum(1 for s in at_kill.values() if s in ("queued", "leased")) > 0
+        node.env = {}
+        await node.start()
+
+        async def settled() -> bool:
+            return all(state in FINAL for state in (await states(db_dsn)).values())
+
+        await wait_for(settled, timeout=120)
+        check_invariants(sink, await states(db_dsn), in_flight)
+    finally:
+        await node.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", [
+    "delivery.after_attempt_started", "delivery.after_dot", "delivery.after_reply_journaled",
+])
+async def test_sigkill_at_a_named_point_mid_burst(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: Callable[..., Settings],
+    point: str,
+) -> None:
+    await crash_and_recover(tmp_path, db_dsn, sink, make_settings, None, {
+        "MTA_FAULT_HOOKS": "1", "MTA_FAULT_KILL_AT": point, "MTA_FAULT_KILL_AFTER": "400",
+    })
+
+
+@pytest.mark.slow
+async def test_sigkill_at_a_random_moment_mid_burst(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: Callable[..., Settings],
+) -> None:
+    moment = random.Random().randrange(300, 1500)
+    await crash_and_recover(tmp_path, db_dsn, sink, make_settings, moment, {})
