@@ -32,6 +32,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -120,6 +121,9 @@ class Deliverer:
         #: At most ``workers`` messages are being sent at once: their bodies bound memory (I4).
         self._sending = asyncio.Semaphore(options.workers)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: set[int] = set()
+        #: Set when a claim failed midway: it may have committed without our knowing.
+        self._orphans_possible = False
 
     async def close(self) -> None:
         """Cancel sends still running (they keep journal records and leases), then close."""
@@ -162,16 +166,26 @@ class Deliverer:
         """Apply held-back outcomes, claim a batch and dispatch its groups. Returns its size."""
         await self._apply_held_back()
         room = self.options.max_tasks - len(self._tasks)
-        claimed = await self.store.claim_due(self.owner, min(self.options.batch_size, room),
-                                             self.options.lease_seconds)
+        try:
+            claimed = await self.store.claim_due(self.owner, min(self.options.batch_size, room),
+                                                 self.options.lease_seconds)
+        except StoreUnavailable:
+            self._orphans_possible = True
+            raise
         groups: dict[tuple[uuid.UUID, str], list[ClaimedDelivery]] = defaultdict(list)
         for delivery in claimed:
             groups[(delivery.message_id, delivery.next_hop)].append(delivery)
         for (message_id, domain), deliveries in groups.items():
+            ids = {d.id for d in deliveries}
+            self._in_flight |= ids
             task = asyncio.create_task(self._deliver_logged(message_id, domain, deliveries))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(partial(self._finished, ids))
         return len(claimed)
+
+    def _finished(self, ids: set[int], _: asyncio.Task[None]) -> None:
+        self._in_flight.difference_update(ids)
 
     async def _deliver_logged(self, message_id: uuid.UUID, domain: str,
                               deliveries: list[ClaimedDelivery]) -> None:
@@ -312,7 +326,12 @@ class Deliverer:
                 self.journal.append(Applied(attempt_id, time.time()))
 
     async def _apply_held_back(self) -> None:
-        """Write outcomes that waited for the store; they are in the journal meanwhile."""
+        """Write outcomes that waited for the store; they are in the journal meanwhile.
+
+        After a claim failed midway, leases this process holds but is not working on
+        were claimed without our knowing: nothing was sent for them, so they are
+        deferred back to the queue.
+        """
         async with self._held_back_lock:
             while self._unapplied:
                 attempt_id, outcomes = self._unapplied[0]
@@ -320,6 +339,19 @@ class Deliverer:
                 self._unapplied.pop(0)
                 if attempt_id:
                     self.journal.append(Applied(attempt_id, time.time()))
+            if self._orphans_possible:
+                # Only after every held-back outcome is written: those leases are ours too.
+                owned = await self.store.lease_owners(_like_literal(self.owner))
+                # Read the in-memory sets after the query: a send may have finished during
+                # it, leaving its outcome held back rather than in flight.
+                held_back = {o.delivery_id for _, outcomes in self._unapplied for o in outcomes}
+                orphans = sorted(set(owned.get(self.owner, [])) - self._in_flight - held_back)
+                if orphans:
+                    await self.store.record_outcomes(self.owner, [AttemptOutcome(
+                        i, "deferred", None, "claimed while the store failed; not sent", 0.0)
+                        for i in orphans])
+                    log.warning("delivery.orphan_leases_released", count=len(orphans))
+                self._orphans_possible = False
 
     async def _bounce(self, message: MessageRecord,
                       failed: Sequence[tuple[ClaimedDelivery, RecipientResult]],
@@ -346,6 +378,11 @@ class Deliverer:
             trace_headers=b"", body=dsn, client_address="127.0.0.1",
             helo_name=self.options.reporting_mta, auth_user=None, message_id_header=None))
         self.wake.set()
+
+
+def _like_literal(text: str) -> str:
+    """``text`` as a LIKE pattern that matches only itself."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _diagnostic(result: RecipientResult) -> str:

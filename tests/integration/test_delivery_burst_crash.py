@@ -3,6 +3,7 @@ the delivery path and at a random moment, restarted, and checked against the sin
 
 from __future__ import annotations
 
+import asyncio
 import random
 import signal
 from collections import Counter
@@ -16,6 +17,7 @@ from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
 from tests.support.nodes import wait_for
+from tests.support.pg import DATABASE, own_postgres
 from tests.support.process import NodeProcess
 from tests.support.sink import Sink, running_sink
 
@@ -130,3 +132,40 @@ async def test_sigkill_at_a_random_moment_mid_burst(
 ) -> None:
     moment = random.Random().randrange(300, 1500)
     await crash_and_recover(tmp_path, db_dsn, sink, make_settings, moment, {})
+
+
+@pytest.mark.slow
+async def test_postgres_killed_mid_burst_recovers_without_loss_or_duplicates(
+    tmp_path: Path, sink: Sink, make_settings: Callable[..., Settings],
+) -> None:
+    """SIGKILL the store's server during a burst and start it again: the node carries on
+    by itself; replies that arrived meanwhile are applied from memory and the journal."""
+    async with own_postgres(tmp_path / "pg") as server:
+        dsn = server.dsn_for(DATABASE)
+        await preload(dsn, make_settings())
+        node = NodeProcess.configure(tmp_path / "node", dsn, node={"workers": 8}, delivery={
+            "enabled": True, "poll_interval": 0.5, "batch_size": 50,
+            "minimal_backoff": 0.5, "maximal_backoff": 1.0,
+            "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none"}],
+        })
+        await node.start()
+        try:
+            await wait_for(lambda: len(sink.transactions) >= 400, timeout=60)
+            await asyncio.to_thread(server.kill)
+            await asyncio.to_thread(server.start)
+
+            async def settled() -> bool:
+                try:
+                    found = await states(dsn)
+                except (OSError, asyncpg.PostgresError):
+                    return False
+                return len(found) == DELIVERIES and all(s == "delivered" for s in found.values())
+
+            await wait_for(settled, timeout=120)
+            assert node.process is not None and node.process.poll() is None
+        finally:
+            await node.close()
+    received = Counter(rcpt.lower() for t in sink.transactions if t.received
+                       for rcpt in t.recipients)
+    assert len(received) == DELIVERIES
+    assert max(received.values()) == 1, "no message was sent twice"
