@@ -99,9 +99,9 @@ class Node:
         while not self._stop_background.is_set():
             self.metrics.heartbeat.set(time.time())
             try:
-                await asyncio.wait_for(self.store.ping(), self.settings.database.acquire_timeout)
+                await self.store.ping()  # bounded by the acquire and statement timeouts
                 up = True
-            except (StoreUnavailable, TimeoutError):
+            except StoreUnavailable:
                 up = False
             if up != self.store_up:
                 log.warning("node.store_up" if up else "node.store_down")

@@ -260,9 +260,10 @@ class Store:
             raise StoreUnavailable(f"no database connection: {exc}") from exc
         try:
             yield conn
-        except TimeoutError:
-            # The statement may still run on a server that does not answer: drop the
-            # connection rather than wait (up to acquire_timeout more) for its cancel.
+        except (TimeoutError, asyncio.CancelledError):
+            # The statement may still be running: a released connection would hand the
+            # next caller "another operation is in progress" (releases skip asyncpg's
+            # reset). Drop it rather than wait for the server to confirm a cancel.
             conn.terminate()
             raise
         finally:
