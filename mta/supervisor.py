@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -120,14 +121,27 @@ def serve(settings: Settings) -> int:
         database.close()
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Get SIGTERM when ``parent`` dies, even by SIGKILL, so no node process is orphaned."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run_children(settings: Settings, dsn: str, sockets: Mapping[str, socket.socket]) -> int:
     """Fork one child per process; forward SIGTERM/SIGINT; stop all if one dies."""
     children: dict[int, int] = {}
+    supervisor = os.getpid()
     for index in range(settings.node.processes):
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                _die_with(supervisor)
                 run_process(settings, dsn, sockets, index)
             except BaseException:
                 log.exception("node.process_crashed", index=index)

@@ -60,3 +60,34 @@ async def test_two_processes_serve_one_port_and_exit_zero_on_sigterm(
     finally:
         await node.close()
     assert await node_connections(db_dsn) == 0
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_node_processes_exit_when_their_supervisor_is_killed(
+    tmp_path: Path, db_dsn: str
+) -> None:
+    node = NodeProcess.configure(tmp_path / "node", db_dsn, node={"processes": PROCESSES})
+    node.spawn()
+    try:
+        await wait_for(lambda: sum(1 for e in node.events() if e.get("event") == "node.started")
+                       == PROCESSES, timeout=60)
+        children = children_of(node.pid)
+        assert len(children) == PROCESSES
+        node.signal(signal.SIGKILL)
+        await node.wait_exit(10)
+        await wait_for(lambda: not any(Path(f"/proc/{c}").exists() for c in children),
+                       timeout=30)
+    finally:
+        await node.close()
