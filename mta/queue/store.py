@@ -296,14 +296,6 @@ class Store:
         """Raise ``StoreUnavailable`` unless the server answers."""
         await self._run("ping", "fetchval")
 
-    async def server_state(self) -> ServerState:
-        """The server's limits, connections in use and durability settings."""
-        try:
-            async with self._connection() as conn:
-                return await read_server_state(conn)
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"server_limits: {exc}") from exc
-
     async def queued_bytes(self) -> int:
         """Bytes of messages that still have deliveries to make."""
         return int(await self._run("message_queued_bytes", "fetchval"))
