@@ -8,9 +8,11 @@ import ctypes
 import os
 import signal
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import structlog
 
@@ -78,6 +80,17 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks, sys.stderr)
+
+
+def dump_tasks(out: TextIO) -> None:
+    """Write every running task's stack to ``out``: what a process that seems stuck waits on."""
+    tasks = asyncio.all_tasks()
+    print(f"--- {len(tasks)} tasks in process {os.getpid()} ---", file=out)
+    for task in tasks:
+        print(f"{task!r}", file=out)
+        task.print_stack(limit=12, file=out)
+    out.flush()
 
 
 def _admin_for_process(settings: Settings, index: int) -> Settings:
@@ -133,7 +146,7 @@ def _die_with(parent: int) -> None:
 
 
 def _run_children(settings: Settings, dsn: str, sockets: Mapping[str, socket.socket]) -> int:
-    """Fork one child per process; forward SIGTERM/SIGINT; stop all if one dies."""
+    """Fork one child per process; forward SIGTERM/SIGINT/SIGUSR1; stop all if one dies."""
     children: dict[int, int] = {}
     supervisor = os.getpid()
     for index in range(settings.node.processes):
@@ -154,8 +167,8 @@ def _run_children(settings: Settings, dsn: str, sockets: Mapping[str, socket.soc
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, forward)
     status = 0
     while children:
         pid, code = os.wait()

@@ -25,11 +25,14 @@ from mta.queue.sql import query
 
 #: The channel intake notifies and delivery workers listen on.
 NEW_WORK_CHANNEL = "mta_new_work"
+#: Delivery states after which nothing more happens (a message with only these is done).
+FINAL_STATES = frozenset({"delivered", "failed"})
 
 #: Errors that mean "the store did not answer in time or at all".
 STORE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -260,10 +263,13 @@ class Store:
             raise StoreUnavailable(f"no database connection: {exc}") from exc
         try:
             yield conn
-        except (TimeoutError, asyncio.CancelledError):
-            # The statement may still be running: a released connection would hand the
-            # next caller "another operation is in progress" (releases skip asyncpg's
-            # reset). Drop it rather than wait for the server to confirm a cancel.
+        except asyncpg.PostgresError:
+            raise  # the server answered with an error: the session is in step
+        except BaseException:
+            # A timeout, a cancel or a broken link: the statement may still be running or
+            # the protocol be mid-message, and a released connection would hand the next
+            # caller "another operation is in progress" (releases skip asyncpg's reset).
+            # Drop it rather than wait for the server to confirm anything.
             conn.terminate()
             raise
         finally:
@@ -351,7 +357,9 @@ class Store:
             [o.retry_in_s for o in outcomes], [o.possible_duplicate for o in outcomes],
         )
         applied = {row["delivery_id"] for row in rows}
-        await self._mark_done(applied)
+        # Every given id, not only those applied now: a repeat of outcomes whose first
+        # write committed just before the store failed still marks their messages done.
+        await self._mark_done({o.delivery_id for o in outcomes if o.state in FINAL_STATES})
         return applied
 
     async def _mark_done(self, delivery_ids: set[int]) -> None:
@@ -441,9 +449,15 @@ class Store:
                 await conn.add_listener(NEW_WORK_CHANNEL, callback)
             except STORE_ERRORS as exc:
                 raise StoreUnavailable(f"cannot listen: {exc}") from exc
+            def is_open() -> bool:
+                try:
+                    return not conn.is_closed()
+                except asyncpg.InterfaceError:  # lost, so the pool took the proxy back
+                    return False
+
             try:
-                yield lambda: not conn.is_closed()
+                yield is_open
             finally:
-                if not conn.is_closed():
+                if is_open():
                     with contextlib.suppress(*STORE_ERRORS):
                         await conn.remove_listener(NEW_WORK_CHANNEL, callback)

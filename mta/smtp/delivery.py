@@ -53,7 +53,7 @@ from mta.queue.journal import (
     adopt,
     owner_alive,
 )
-from mta.queue.store import AttemptOutcome, MessageRecord
+from mta.queue.store import AttemptOutcome, FinalOrRetry, MessageRecord
 from mta.smtp.client import ClientTimeouts, ConnectionCache, RecipientResult, Transaction
 from mta.smtp.dsn import FailedRecipient, build_dsn
 from mta.smtp.retry import RetryPolicy, UncertainMode, classify, next_attempt_delay, status_for
@@ -83,6 +83,21 @@ async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
 
 class _NotSent(Exception):
     """A group failed before anything reached the remote server."""
+
+
+#: Seconds the claim loop waits after an unexpected error before it claims again.
+ROUND_RETRY_S = 1.0
+
+
+@dataclass
+class _Progress:
+    """How far one group's attempt got: decides its outcome if the attempt breaks."""
+
+    attempt_id: str = ""
+    #: "attempt started" is in the journal: the data may have reached the remote.
+    started: bool = False
+    #: The outcomes were written to the store or held back for it.
+    settled: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,8 @@ class Deliverer:
         self.rng = rng or random.Random()
         self.wake = asyncio.Event()
         self._unapplied: list[tuple[str, list[AttemptOutcome]]] = []
+        self._unsent_bounces: list[tuple[MessageRecord, list[tuple[ClaimedDelivery,
+                                                                  RecipientResult]], str]] = []
         self._held_back_lock = asyncio.Lock()
         #: At most ``workers`` messages are being sent at once: their bodies bound memory (I4).
         self._sending = asyncio.Semaphore(options.workers)
@@ -141,24 +158,22 @@ class Deliverer:
         """
         while not stop.is_set():
             if len(self._tasks) >= self.options.max_tasks:
-                await asyncio.wait([*self._tasks, asyncio.ensure_future(stop.wait())],
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await _first_of(list(self._tasks), stop, timeout=None)
                 continue
             try:
                 handled = await self.run_once()
             except StoreUnavailable as exc:
                 log.warning("delivery.store_unavailable", error=str(exc))
                 handled = 0
+            except Exception:
+                # A bug must not stop delivery for good while intake goes on accepting.
+                log.exception("delivery.round_failed")
+                await _first_of([], stop, timeout=ROUND_RETRY_S)
+                continue
             if handled:
                 continue
             self.wake.clear()
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
-            try:
-                await asyncio.wait(waiters, timeout=self.options.poll_interval,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+            await _first_of([], stop, self.wake, timeout=self.options.poll_interval)
         if self._tasks:
             await asyncio.wait(self._tasks)
 
@@ -178,7 +193,8 @@ class Deliverer:
         for (message_id, domain), deliveries in groups.items():
             ids = {d.id for d in deliveries}
             self._in_flight |= ids
-            task = asyncio.create_task(self._deliver_logged(message_id, domain, deliveries))
+            task = asyncio.create_task(self._deliver_logged(message_id, domain, deliveries,
+                                                            _Progress()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             task.add_done_callback(partial(self._finished, ids))
@@ -188,9 +204,9 @@ class Deliverer:
         self._in_flight.difference_update(ids)
 
     async def _deliver_logged(self, message_id: uuid.UUID, domain: str,
-                              deliveries: list[ClaimedDelivery]) -> None:
+                              deliveries: list[ClaimedDelivery], progress: _Progress) -> None:
         try:
-            await self._deliver(message_id, domain, deliveries)
+            await self._deliver(message_id, domain, deliveries, progress)
         except _NotSent as exc:
             # Nothing was sent: give the leases back (now, or when the store returns).
             log.warning("delivery.not_sent", queue_id=queue_id(message_id), error=str(exc))
@@ -198,12 +214,22 @@ class Deliverer:
                 d.id, "deferred", None, f"not sent: {exc}", self.policy.minimal_backoff)
                 for d in deliveries]))
         except Exception as exc:
-            # The leases stay until the process restarts; the journal holds any attempt.
-            log.error("delivery.group_failed", queue_id=queue_id(message_id), domain=domain,
-                      error=repr(exc))
+            log.exception("delivery.group_failed", queue_id=queue_id(message_id),
+                          domain=domain)
+            if progress.settled:
+                return
+            # Decide as a journal replay would: once the attempt started, the data may
+            # have arrived, so the deliveries are uncertain; before that, not sent.
+            state: FinalOrRetry = "uncertain" if progress.started else "deferred"
+            reason = (f"internal error after the attempt started: {exc!r}" if progress.started
+                      else f"not sent: internal error: {exc!r}")
+            self._unapplied.append((progress.attempt_id if progress.started else "", [
+                AttemptOutcome(d.id, state, None, reason, self.policy.minimal_backoff)
+                for d in deliveries]))
+            self.wake.set()  # the claim loop writes held-back outcomes first
 
     async def _deliver(self, message_id: uuid.UUID, domain: str,
-                       deliveries: list[ClaimedDelivery]) -> None:
+                       deliveries: list[ClaimedDelivery], progress: _Progress) -> None:
         try:
             message = await self.store.message(message_id)
         except StoreUnavailable as exc:
@@ -219,17 +245,15 @@ class Deliverer:
             code = 550 if permanent else 451
             results = [RecipientResult(d.recipient, code, f"{code} {exc.evidence}", "connect",
                                        False) for d in deliveries]
-            await self._settle(message, deliveries, results, attempt_id=None, host=domain)
+            await self._settle(message, deliveries, results, progress, host=domain)
             return
-        attempt_id = uuid.uuid4().hex
-        started = False
+        progress.attempt_id = uuid.uuid4().hex
 
         async def before_data() -> None:
-            nonlocal started
             await self.journal.append_durable(AttemptStarted(
-                attempt_id, tuple(d.id for d in deliveries), str(message_id),
+                progress.attempt_id, tuple(d.id for d in deliveries), str(message_id),
                 hop.hosts[0].name if hop.hosts else hop.key, time.time()))
-            started = True
+            progress.started = True
             fault_point("delivery.after_attempt_started")
 
         sending_since = time.perf_counter()
@@ -256,8 +280,7 @@ class Deliverer:
             self.shaper.record_success(hop.key)
         else:
             self.shaper.record_failure(hop.key)
-        await self._settle(message, deliveries, results,
-                           attempt_id=attempt_id if started else None, host=hop.key)
+        await self._settle(message, deliveries, results, progress, host=hop.key)
 
     @contextlib.asynccontextmanager
     async def _renewing(self, ids: list[int]) -> AsyncIterator[None]:
@@ -279,10 +302,11 @@ class Deliverer:
                 await task
 
     async def _settle(self, message: MessageRecord, deliveries: Sequence[ClaimedDelivery],
-                      results: Sequence[RecipientResult], *, attempt_id: str | None,
+                      results: Sequence[RecipientResult], progress: _Progress, *,
                       host: str) -> None:
         """Journal the replies, decide each outcome, write it, and bounce what failed."""
         by_recipient = {r.recipient: r for r in results}
+        attempt_id = progress.attempt_id if progress.started else None
         if attempt_id is not None:
             await asyncio.gather(*(self.journal.append_durable(ReplyReceived(
                 attempt_id, d.id, by_recipient[d.recipient].code,
@@ -292,6 +316,7 @@ class Deliverer:
         age = (datetime.now(UTC) - message.received_at).total_seconds()
         outcomes = [self._outcome(d, by_recipient[d.recipient], age) for d in deliveries]
         await self._apply(attempt_id, outcomes)
+        progress.settled = True
         failed = [(d, by_recipient[d.recipient]) for d, o in zip(deliveries, outcomes,
                                                                    strict=True)
                   if o.state == "failed"]
@@ -339,6 +364,9 @@ class Deliverer:
                 self._unapplied.pop(0)
                 if attempt_id:
                     self.journal.append(Applied(attempt_id, time.time()))
+            while self._unsent_bounces:
+                await self._queue_dsn(*self._unsent_bounces[0])
+                self._unsent_bounces.pop(0)
             if self._orphans_possible:
                 # Only after every held-back outcome is written: those leases are ours too.
                 owned = await self.store.lease_owners(_like_literal(self.owner))
@@ -354,8 +382,18 @@ class Deliverer:
                 self._orphans_possible = False
 
     async def _bounce(self, message: MessageRecord,
-                      failed: Sequence[tuple[ClaimedDelivery, RecipientResult]],
-                      host: str) -> None:
+                      failed: list[tuple[ClaimedDelivery, RecipientResult]], host: str) -> None:
+        """Queue the DSN for ``failed`` now, or when the store is back."""
+        try:
+            await self._queue_dsn(message, failed, host)
+        except StoreUnavailable as exc:
+            log.warning("delivery.dsn_held_back", queue_id=queue_id(message.id),
+                        error=str(exc))
+            self._unsent_bounces.append((message, failed, host))
+
+    async def _queue_dsn(self, message: MessageRecord,
+                         failed: Sequence[tuple[ClaimedDelivery, RecipientResult]],
+                         host: str) -> None:
         """Queue one DSN to the sender for this message's failed recipients (never to <>)."""
         content = await self.store.message_content(message.id)
         if content is None:
@@ -378,6 +416,18 @@ class Deliverer:
             trace_headers=b"", body=dsn, client_address="127.0.0.1",
             helo_name=self.options.reporting_mta, auth_user=None, message_id_header=None))
         self.wake.set()
+
+
+async def _first_of(tasks: list[asyncio.Task[None]], *events: asyncio.Event,
+                    timeout: float | None) -> None:
+    """Wait until a task ends, an event is set, or ``timeout`` passes."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait([*tasks, *waiters], timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _like_literal(text: str) -> str:

@@ -55,5 +55,8 @@ async def listen_for_work(store: Store, wake: asyncio.Event, stop: asyncio.Event
                         await asyncio.wait_for(stop.wait(), LISTENER_CHECK_S)
         except StoreUnavailable as exc:
             log.warning("delivery.listener_unavailable", error=str(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), LISTENER_CHECK_S)
+        except Exception:
+            # A bug must not end listening for good: workers would wait for the poll.
+            log.exception("delivery.listener_failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), LISTENER_CHECK_S)

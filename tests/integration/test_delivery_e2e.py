@@ -160,3 +160,52 @@ async def _listening(node: NodeHandle) -> bool:
             "AND query LIKE 'LISTEN%'"))
     finally:
         await conn.close()
+
+
+async def test_an_internal_error_after_the_attempt_started_leaves_the_delivery_uncertain(
+    make_settings: Callable[..., Settings], sink: Sink, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug between DATA and the store update: the data may have arrived, so the
+    delivery is uncertain (never resent by itself), exactly as a journal replay decides."""
+    from mta.queue.journal import ReplyReceived
+
+    node = await start_node(delivery_settings(make_settings, sink))
+    try:
+        deliverer = node.node.deliverer
+        assert deliverer is not None
+        append_durable = deliverer.journal.append_durable
+
+        async def broken_after_the_reply(record: object) -> None:
+            if isinstance(record, ReplyReceived):
+                raise RuntimeError("injected bug")
+            await append_durable(record)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(deliverer.journal, "append_durable", broken_after_the_reply)
+        message_id = await submit(node, "app@example.org", ["u@example.com"], "m5")
+        await wait_for(lambda: _all(node, message_id, "uncertain"), timeout=10)
+        (delivery,) = await store_of(node).deliveries(message_id)
+        assert "internal error after the attempt started" in (delivery.last_reply or "")
+        assert [t.recipients for t in sink.transactions if t.received] == [("u@example.com",)]
+    finally:
+        await node.stop()
+
+
+async def test_an_internal_error_before_the_attempt_defers_the_delivery(
+    make_settings: Callable[..., Settings], sink: Sink, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node = await start_node(delivery_settings(make_settings, sink))
+    try:
+        deliverer = node.node.deliverer
+        assert deliverer is not None
+
+        async def broken_router(domain: str) -> object:
+            raise RuntimeError("injected bug")
+
+        monkeypatch.setattr(deliverer.router, "next_hop", broken_router)
+        message_id = await submit(node, "app@example.org", ["d@example.com"], "m6")
+        await wait_for(lambda: _all(node, message_id, "deferred"), timeout=10)
+        (delivery,) = await store_of(node).deliveries(message_id)
+        assert "not sent: internal error" in (delivery.last_reply or "")
+        assert sink.transactions == []
+    finally:
+        await node.stop()

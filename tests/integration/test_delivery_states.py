@@ -152,3 +152,25 @@ async def test_finished_messages_are_done_then_purged_bodies_first(store: Store)
     assert (await purge_all.run_once()).messages == 1
     assert await store.message(first.message_id) is None
     assert await store.deliveries(first.message_id) == []
+
+
+async def test_repeating_outcomes_whose_first_write_landed_still_marks_the_message_done(
+    store: Store, db_dsn: str,
+) -> None:
+    """The outcome write can commit and the store fail before the message is marked done;
+    the held-back repeat applies nothing new but must still finish the message."""
+    import asyncpg
+
+    await enqueue(store, 1)
+    (delivery,) = await store.claim_due("worker-a", 1, 60.0)
+    outcome = AttemptOutcome(delivery.id, "delivered", 250, "250 ok")
+    assert await store.record_outcomes("worker-a", [outcome]) == {delivery.id}
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("UPDATE messages SET done_at = NULL WHERE id = $1",
+                           delivery.message_id)
+    finally:
+        await conn.close()
+    assert await store.record_outcomes("worker-a", [outcome]) == set()
+    message = await store.message(delivery.message_id)
+    assert message is not None and message.done_at is not None

@@ -91,3 +91,27 @@ async def test_node_processes_exit_when_their_supervisor_is_killed(
                        timeout=30)
     finally:
         await node.close()
+
+
+async def test_sigusr1_writes_every_task_stack_and_the_node_keeps_serving(
+    tmp_path: Path, db_dsn: str
+) -> None:
+    """The diagnostic for a node that seems stuck: what each task is waiting on. The
+    supervisor of several processes passes the signal on to each."""
+    node = NodeProcess.configure(tmp_path / "node", db_dsn, node={"processes": PROCESSES})
+    node.spawn()
+    try:
+        await wait_for(lambda: sum(1 for e in node.events() if e.get("event") == "node.started")
+                       == PROCESSES, timeout=60)
+        node.signal(signal.SIGUSR1)
+        await wait_for(lambda: node.stderr_text().count("name='retention'") == 2 * PROCESSES,
+                       timeout=10)
+        dump = node.stderr_text()
+        assert dump.count("tasks in process") == PROCESSES
+        assert "name='health'" in dump and "name='admission'" in dump
+        for index in range(PROCESSES):
+            assert (await healthz(node.admin_port + index))["status"] == "ok"
+    finally:
+        node.signal(signal.SIGTERM)
+        assert await node.wait_exit(30) == 0
+        await node.close()
