@@ -2,8 +2,9 @@
 
 ``OutboundConnection.send(transaction, before_data=...)`` runs one transaction (MAIL,
 RCPT per recipient, DATA) and answers one ``RecipientResult`` per recipient. It
-connects on first use (TCP through ``routing.connect_first``, greeting, EHLO, STARTTLS
-per the hop's policy, AUTH when the hop has credentials). No aiosmtplib, ssl or socket
+connects on first use (TCP to the hop's addresses in MX order, greeting, EHLO, STARTTLS
+per the hop's policy, AUTH when the hop has credentials), moving on to the next address
+when a connection or a session before MAIL fails. No aiosmtplib, ssl or socket
 exception escapes ``send()``: each becomes a result.
 
 Codes: a recorded reply keeps its code and text (evidence, DESIGN.md I2). Code 0 means
@@ -39,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
@@ -47,11 +49,11 @@ from typing import Literal
 
 import aiosmtplib
 
-from mta.errors import RouteTempFailure
 from mta.faults import fault_point
-from mta.smtp.routing import NextHop, connect_first
+from mta.smtp.routing import NextHop, addresses_to_try, open_socket
 
 __all__ = [
+    "SETUP_PHASES",
     "ClientTimeouts",
     "ConnectionCache",
     "OutboundConnection",
@@ -67,6 +69,9 @@ Phase = Literal["connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt
 CHUNK_BYTES = 64 * 1024
 #: Seconds a polite QUIT may take when an idle connection is closed.
 QUIT_TIMEOUT = 5.0
+#: Sessions per delivery attempt that may fail before MAIL before the attempt gives up
+#: (Postfix's ``smtp_mx_session_limit``); refused connections do not count.
+MAX_SESSIONS_PER_ATTEMPT = 2
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
 _LINE_START_DOT = re.compile(rb"\r\n\.")
@@ -130,8 +135,10 @@ def _no_reply(exc: BaseException, waiting_for: str, timeout: float) -> tuple[int
     return 0, f"connection failed waiting for {waiting_for}: {detail}"
 
 
+#: Phases of a session's setup, after the TCP connect: replies there are not about mail.
+SETUP_PHASES: frozenset[Phase] = frozenset({"greeting", "ehlo", "starttls", "auth"})
 #: Phases before MAIL: a failure there leaves no usable session.
-_SESSION_PHASES = frozenset({"connect", "greeting", "ehlo", "starttls", "auth"})
+_SESSION_PHASES = SETUP_PHASES | {"connect"}
 
 #: What a session step may raise; all of it becomes a result.
 _ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError)
@@ -243,14 +250,48 @@ class OutboundConnection:
             self._smtp.close()
 
     async def _open(self) -> aiosmtplib.SMTP:
-        """Connect, read the greeting, EHLO, STARTTLS and AUTH as the hop says."""
+        """A ready session with the first host address that gives one, in MX order.
+
+        A refused connection, or a session that fails before MAIL (a 4xx or 5xx or no
+        greeting, EHLO refused, a failed TLS handshake or policy, AUTH refused), moves on
+        to the next address, as Postfix does; at most ``MAX_SESSIONS_PER_ATTEMPT`` of
+        them get as far as a greeting.
+        """
         hop, t = self.next_hop, self.timeouts
-        try:
-            host, address, sock = await connect_first(hop.hosts, hop.port, timeout=t.connect)
-        except RouteTempFailure as exc:
-            raise _Failure(0, exc.evidence, "connect") from exc
-        self.peer = f"{host.name}[{address}]:{hop.port}"
-        smtp = aiosmtplib.SMTP(sock=sock, hostname=host.name, local_hostname=self.ehlo_name,
+        failures: list[str] = []
+        last: _Failure | None = None
+        sessions = 0
+        for host, address in addresses_to_try(hop.hosts):
+            peer = f"{host.name}[{address}]:{hop.port}"
+            try:
+                sock = await open_socket(address, hop.port, timeout=t.connect)
+            except (OSError, TimeoutError) as exc:
+                last = _Failure(0, f"{peer}: {str(exc) or type(exc).__name__}", "connect")
+                failures.append(last.text)
+                continue
+            self.peer, sessions = peer, sessions + 1
+            try:
+                return await self._handshake(host.name, sock)
+            except _Failure as failure:
+                self.abort()
+                self._smtp, self._broken, self.tls = None, False, False
+                last = failure
+                failures.append(f"{peer}: {failure.code} {failure.text}" if failure.code
+                                else f"{peer}: {failure.text}")
+                if sessions >= MAX_SESSIONS_PER_ATTEMPT:
+                    break
+        if last is None:
+            raise _Failure(0, "no address to connect to", "connect")
+        if sessions == 0:
+            raise _Failure(0, "no host accepted a connection: " + "; ".join(failures),
+                           "connect")
+        text = last.text if len(failures) == 1 else "; ".join(failures)
+        raise _Failure(last.code, text, last.phase)
+
+    async def _handshake(self, host_name: str, sock: socket.socket) -> aiosmtplib.SMTP:
+        """Greeting, EHLO, STARTTLS and AUTH as the hop says, on a connected socket."""
+        hop, t = self.next_hop, self.timeouts
+        smtp = aiosmtplib.SMTP(sock=sock, hostname=host_name, local_hostname=self.ehlo_name,
                                timeout=t.greeting, start_tls=False)
         self._smtp = smtp
         try:

@@ -54,7 +54,13 @@ from mta.queue.journal import (
     owner_alive,
 )
 from mta.queue.store import AttemptOutcome, FinalOrRetry, MessageRecord
-from mta.smtp.client import ClientTimeouts, ConnectionCache, RecipientResult, Transaction
+from mta.smtp.client import (
+    SETUP_PHASES,
+    ClientTimeouts,
+    ConnectionCache,
+    RecipientResult,
+    Transaction,
+)
 from mta.smtp.dsn import FailedRecipient, build_dsn
 from mta.smtp.retry import RetryPolicy, UncertainMode, classify, next_attempt_delay, status_for
 from mta.smtp.routing import ResolverConfig, RouteConfig, Router
@@ -331,7 +337,8 @@ class Deliverer:
     def _outcome(self, delivery: ClaimedDelivery, result: RecipientResult,
                  age: float) -> AttemptOutcome:
         decision = classify(result.code, result.data_sent, age=age, policy=self.policy,
-                            uncertain_mode=self.options.uncertain_mode)
+                            uncertain_mode=self.options.uncertain_mode,
+                            before_mail=result.phase in SETUP_PHASES)
         retry_in = next_attempt_delay(self.policy, delivery.attempts + 1, self.rng)
         reply = result.text if result.code == 0 or result.text.startswith(str(result.code)) \
             else f"{result.code} {result.text}"

@@ -86,17 +86,23 @@ def classify(
     age: float,
     policy: RetryPolicy,
     uncertain_mode: UncertainMode = "uncertain",
+    before_mail: bool = False,
 ) -> Decision:
     """Classify an attempt's final reply ``code`` (0: network error, no reply).
 
     ``data_sent`` means the final ``.`` of DATA may have reached the server; ``age`` is
     seconds since the message was accepted. Under ``uncertain_mode="retry"`` a missing
     reply to the dot defers with ``possible_duplicate`` instead of ``uncertain``.
+    ``before_mail`` marks a reply to the session's setup (greeting, EHLO, STARTTLS,
+    AUTH): even a 5xx there says nothing about the recipients, so it defers (Postfix's
+    ``smtp_skip_5xx_greeting`` and ``smtp_sasl_auth_soft_bounce``) until expiry.
     """
     if not (code == 0 or 100 <= code <= 599):
         raise ValueError(f"not an SMTP reply code: {code}")
     if 200 <= code < 300:
         return Decision("delivered", False, f"{code} reply")
+    if code >= 500 and before_mail:
+        return _defer(f"{code} reply before MAIL", age, policy, possible_duplicate=False)
     if code >= 500:
         return Decision("failed", False, f"{code} reply")
     if code >= 400:

@@ -42,10 +42,11 @@ __all__ = [
     "RouteConfig",
     "Router",
     "TlsPolicy",
-    "connect_first",
+    "addresses_to_try",
     "match_route",
     "mx_key",
     "normalise_domain",
+    "open_socket",
     "route_key",
     "route_table",
 ]
@@ -57,6 +58,9 @@ HopSource = Literal["mx", "a", "route"]
 NEGATIVE_TTL_DEFAULT = 60.0
 #: Cap on the cache lifetime of a hop that skipped a host after a temporary DNS error.
 SKIPPED_HOST_TTL = 60.0
+#: Addresses tried per delivery attempt, across all MX hosts (Postfix's
+#: ``smtp_mx_address_limit``): a domain with many dead hosts cannot stall a worker long.
+MAX_ADDRESSES_PER_ATTEMPT = 5
 
 
 @dataclass(frozen=True)
@@ -321,30 +325,24 @@ def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> float:
     return NEGATIVE_TTL_DEFAULT
 
 
-async def connect_first(
-    hosts: Sequence[MailHost], port: int, *, timeout: float
-) -> tuple[MailHost, str, socket.socket]:
-    """A TCP connection to the first host address that accepts one, in the given order.
+def addresses_to_try(hosts: Sequence[MailHost]) -> list[tuple[MailHost, str]]:
+    """Each host's addresses in order, at most ``MAX_ADDRESSES_PER_ATTEMPT`` in all."""
+    pairs = [(host, address) for host in hosts for address in host.addresses]
+    return pairs[:MAX_ADDRESSES_PER_ATTEMPT]
 
-    Returns the host, the address and the connected non-blocking socket (for
-    ``aiosmtplib.SMTP(sock=...)``). Raises ``RouteTempFailure`` listing every failure.
+
+async def open_socket(address: str, port: int, *, timeout: float) -> socket.socket:
+    """A connected non-blocking TCP socket (for ``aiosmtplib.SMTP(sock=...)``).
+
+    Raises ``OSError`` or ``TimeoutError``; the socket is closed on any failure.
     """
-    loop = asyncio.get_running_loop()
-    failures: list[str] = []
-    for host in hosts:
-        for address in host.addresses:
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                async with asyncio.timeout(timeout):
-                    await loop.sock_connect(sock, (address, port))
-            except (OSError, TimeoutError) as exc:
-                sock.close()
-                failures.append(f"{host.name}[{address}]:{port}: {str(exc) or type(exc).__name__}")
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return host, address, sock
-    raise RouteTempFailure("no host accepted a connection: " + ("; ".join(failures) or "none"))
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -11,6 +11,7 @@ import pytest
 from mta.config import Settings
 from mta.queue import Store
 from mta.queue.ids import parse_queue_id
+from tests.support.bad_peer import BadPeer, running_bad_peer
 from tests.support.nodes import NodeHandle, start_node, wait_for
 from tests.support.sink import Faults, Sink, running_sink
 from tests.support.smtp import RawSMTP, queue_id_of
@@ -209,3 +210,27 @@ async def test_an_internal_error_before_the_attempt_defers_the_delivery(
         assert sink.transactions == []
     finally:
         await node.stop()
+
+
+async def test_a_destination_refusing_at_the_greeting_defers_without_a_dsn(
+    make_settings: Callable[..., Settings], sink: Sink,
+) -> None:
+    """A 554 greeting says nothing about the recipients: deferred, as Postfix does with
+    ``smtp_skip_5xx_greeting``, with the greeting as evidence."""
+    peer = BadPeer(greeting="554 5.7.1 mx.dest.test: no SMTP service for you")
+    async with running_bad_peer(peer, "127.0.0.2", sink.port):
+        settings = make_settings(delivery={
+            "enabled": True, "poll_interval": 60.0, "minimal_backoff": 60.0,
+            "routes": [{"domain": "*", "host": "127.0.0.2", "port": sink.port, "tls": "none"}],
+        })
+        node = await start_node(settings)
+        try:
+            message_id = await submit(node, "app@example.org", ["g@example.com"], "m7")
+            await wait_for(lambda: _all(node, message_id, "deferred"), timeout=10)
+            (delivery,) = await store_of(node).deliveries(message_id)
+            assert delivery.last_reply_code == 554
+            assert "no SMTP service for you" in (delivery.last_reply or "")
+            assert "before MAIL" in (delivery.last_reply or "")
+            assert await store_of(node).message_count() == 1, "no DSN"
+        finally:
+            await node.stop()

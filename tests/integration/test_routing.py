@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -12,8 +11,10 @@ import dns.message
 import pytest
 
 from mta.errors import RoutePermFailure, RouteTempFailure
-from mta.smtp.routing import MailHost, ResolverConfig, RouteConfig, Router, connect_first
+from mta.smtp.client import ClientTimeouts, OutboundConnection, Transaction
+from mta.smtp.routing import ResolverConfig, RouteConfig, Router
 from tests.support.dns import LoopbackDns, loopback_dns
+from tests.support.sink import running_sink
 
 TIMEOUT = 0.5
 
@@ -209,48 +210,34 @@ async def test_smarthost_name_is_resolved(dns_server: LoopbackDns) -> None:
     assert dns_server.count("example.test") == 0
 
 
-async def test_dead_primary_mx_is_first_and_connect_falls_over_to_secondary(
+async def test_dead_primary_mx_is_first_and_delivery_falls_over_to_secondary(
     dns_server: LoopbackDns,
 ) -> None:
-    accepted = asyncio.Event()
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.set()
-        writer.close()
-
-    sink = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    port = sink.sockets[0].getsockname()[1]
-    dns_server.set_zone("""
-        example.test.      300 IN MX 10 dead.example.test.
-        example.test.      300 IN MX 20 live.example.test.
-        dead.example.test. 300 IN A 127.0.0.2
-        live.example.test. 300 IN A 127.0.0.1
-    """)
-    try:
-        hop = await make_router(dns_server, mx_port=port).next_hop("example.test")
+    async with running_sink() as sink:
+        dns_server.set_zone("""
+            example.test.      300 IN MX 10 dead.example.test.
+            example.test.      300 IN MX 20 live.example.test.
+            dead.example.test. 300 IN A 127.0.0.2
+            live.example.test. 300 IN A 127.0.0.1
+        """)
+        hop = await make_router(dns_server, mx_port=sink.port).next_hop("example.test")
         assert [(h.name, h.addresses) for h in hop.hosts] == [
             ("dead.example.test", ("127.0.0.2",)),
             ("live.example.test", ("127.0.0.1",)),
         ]
-        host, address, sock = await connect_first(hop.hosts, hop.port, timeout=5)
-        sock.close()
-        assert (host.name, address) == ("live.example.test", "127.0.0.1")
-        await asyncio.wait_for(accepted.wait(), 5)
-    finally:
-        sink.close()
-        await sink.wait_closed()
+        conn = OutboundConnection(hop, ehlo_name="relay.origin.test",
+                                  timeouts=ClientTimeouts(connect=5, greeting=5))
+        (result,) = await conn.send(Transaction(
+            "a@origin.test", ["r@example.test"],
+            b"Message-ID: <mx@test>\r\n\r\nbody\r\n"), before_data=_nothing)
+        await conn.close()
+        assert result.code == 250, result
+        assert conn.peer == f"live.example.test[127.0.0.1]:{sink.port}"
+        assert [t.message_id for t in sink.transactions] == ["mx@test"]
 
 
-async def test_connect_first_reports_every_refusal() -> None:
-    sink = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = sink.sockets[0].getsockname()[1]
-    sink.close()
-    await sink.wait_closed()
-    hosts = [MailHost("a.test", ("127.0.0.1",), 10), MailHost("b.test", ("127.0.0.2",), 20)]
-    with pytest.raises(RouteTempFailure) as caught:
-        await connect_first(hosts, port, timeout=5)
-    assert f"a.test[127.0.0.1]:{port}" in caught.value.evidence
-    assert f"b.test[127.0.0.2]:{port}" in caught.value.evidence
+async def _nothing() -> None:
+    """A ``before_data`` that journals nothing."""
 
 
 async def test_loopback_dns_answers_over_tcp(dns_server: LoopbackDns) -> None:

@@ -11,6 +11,7 @@ import pytest
 import trustme
 
 from mta.smtp.client import (
+    SETUP_PHASES,
     ClientTimeouts,
     ConnectionCache,
     OutboundConnection,
@@ -18,6 +19,7 @@ from mta.smtp.client import (
     Transaction,
 )
 from mta.smtp.routing import MailHost, NextHop, TlsPolicy
+from tests.support.bad_peer import BadPeer, running_bad_peer
 from tests.support.sink import Faults, Sink, running_sink
 
 SENDER = "sender@origin.test"
@@ -390,4 +392,101 @@ async def test_auth_is_refused_locally_without_tls() -> None:
                                   ehlo_name="relay.origin.test", timeouts=QUICK)
         (result,) = await conn.send(transaction("noauth@origin.test"), before_data=nothing)
         assert (result.code, result.phase, result.data_sent) == (0, "auth", False)
+        assert sink.transactions == []
+
+
+def two_hosts(sink: Sink, primary: str = "127.0.0.2",
+              secondary: str = "127.0.0.1") -> NextHop:
+    """An MX pair on the sink's port: ``primary`` (preference 10), then ``secondary``."""
+    return NextHop(key="mx:mx1.dest.test,mx2.dest.test",
+                   hosts=(MailHost("mx1.dest.test", (primary,), 10),
+                          MailHost("mx2.dest.test", (secondary,), 20)),
+                   port=sink.port, tls="opportunistic", source="mx", expires_at=math.inf)
+
+
+@pytest.mark.parametrize("peer", [
+    BadPeer(greeting="421 4.3.2 mx1 busy, try later"),
+    BadPeer(greeting="554 5.7.1 no SMTP service here"),
+    BadPeer(greeting=None),
+    BadPeer(replies={"EHLO": "502 5.5.1 EHLO refused", "HELO": "502 5.5.1 HELO refused"}),
+], ids=["421-greeting", "554-greeting", "no-greeting", "ehlo-and-helo-refused"])
+async def test_a_primary_failing_before_mail_is_skipped_for_the_next_mx(peer: BadPeer) -> None:
+    timeouts = ClientTimeouts(connect=5, greeting=0.5, mail=5, rcpt=5, data_init=5,
+                              data_block=5, data_end=5)
+    async with running_sink() as sink, running_bad_peer(peer, "127.0.0.2", sink.port):
+        conn = OutboundConnection(two_hosts(sink), ehlo_name="relay.origin.test",
+                                  timeouts=timeouts)
+        (result,) = await conn.send(transaction("fallback@origin.test"), before_data=nothing)
+        await conn.close()
+        assert peer.sessions == 1, "the primary was tried first"
+        assert result.code == 250, result
+        assert conn.peer == f"mx2.dest.test[127.0.0.1]:{sink.port}"
+        assert [t.message_id for t in sink.transactions] == ["fallback@origin.test"]
+
+
+async def test_a_primary_whose_tls_handshake_fails_is_skipped_for_the_next_mx() -> None:
+    peer = BadPeer(replies={"EHLO": "250-bad.peer.test\r\n250 STARTTLS",
+                            "STARTTLS": "220 2.0.0 go ahead"})
+    async with running_sink() as sink, running_bad_peer(peer, "127.0.0.2", sink.port):
+        conn = OutboundConnection(two_hosts(sink), ehlo_name="relay.origin.test",
+                                  timeouts=QUICK)
+        (result,) = await conn.send(transaction("tlsfall@origin.test"), before_data=nothing)
+        await conn.close()
+        assert peer.sessions == 1
+        assert result.code == 250, result
+        assert len(sink.transactions) == 1
+
+
+async def test_every_host_failing_before_mail_gives_each_hosts_evidence() -> None:
+    primary = BadPeer(greeting="554 5.7.1 no SMTP service here")
+    secondary = BadPeer(greeting="421 4.3.2 busy")
+    async with running_sink() as sink, \
+            running_bad_peer(primary, "127.0.0.2", sink.port), \
+            running_bad_peer(secondary, "127.0.0.3", sink.port):
+        conn = OutboundConnection(two_hosts(sink, "127.0.0.2", "127.0.0.3"),
+                                  ehlo_name="relay.origin.test", timeouts=QUICK)
+        (result,) = await conn.send(transaction("nohost@origin.test"), before_data=nothing)
+        assert (result.code, result.phase, result.data_sent) == (421, "greeting", False)
+        assert f"mx1.dest.test[127.0.0.2]:{sink.port}: 554 5.7.1 no SMTP service here" \
+            in result.text
+        assert f"mx2.dest.test[127.0.0.3]:{sink.port}: 421 4.3.2 busy" in result.text
+        assert sink.transactions == []
+
+
+async def test_no_more_than_two_sessions_fail_before_mail_per_attempt() -> None:
+    peers = [BadPeer(greeting="421 4.3.2 busy") for _ in range(3)]
+    async with running_sink() as sink, \
+            running_bad_peer(peers[0], "127.0.0.2", sink.port), \
+            running_bad_peer(peers[1], "127.0.0.3", sink.port), \
+            running_bad_peer(peers[2], "127.0.0.4", sink.port):
+        hop = NextHop(key="mx:many", hosts=tuple(
+            MailHost(f"mx{n}.dest.test", (f"127.0.0.{n + 2}",), n) for n in range(3)),
+            port=sink.port, tls="none", source="mx", expires_at=math.inf)
+        conn = OutboundConnection(hop, ehlo_name="relay.origin.test", timeouts=QUICK)
+        (result,) = await conn.send(transaction("limit@origin.test"), before_data=nothing)
+        assert result.code == 421
+        assert [peer.sessions for peer in peers] == [1, 1, 0]
+
+
+async def test_refused_connections_to_every_host_are_all_reported() -> None:
+    async with running_sink() as sink:
+        port = sink.port
+    hop_ = NextHop(key="mx:dead", hosts=(MailHost("a.test", ("127.0.0.1",), 10),
+                                         MailHost("b.test", ("127.0.0.2",), 20)),
+                   port=port, tls="none", source="mx", expires_at=math.inf)
+    conn = OutboundConnection(hop_, ehlo_name="relay.origin.test", timeouts=QUICK)
+    (result,) = await conn.send(transaction("dead@origin.test"), before_data=nothing)
+    assert (result.code, result.phase) == (0, "connect")
+    assert result.text.startswith("no host accepted a connection: ")
+    assert f"a.test[127.0.0.1]:{port}" in result.text and f"b.test[127.0.0.2]:{port}" in \
+        result.text
+
+
+async def test_auth_refused_with_535_is_a_setup_failure(server_tls: ssl.SSLContext) -> None:
+    async with running_sink(tls_context=server_tls, credentials={"relay": "s3cret"}) as sink:
+        conn = OutboundConnection(hop(sink, "opportunistic", "relay", "wrong"),
+                                  ehlo_name="relay.origin.test", timeouts=QUICK)
+        (result,) = await conn.send(transaction("badauth@origin.test"), before_data=nothing)
+        assert (result.code, result.phase, result.data_sent) == (535, "auth", False)
+        assert result.phase in SETUP_PHASES
         assert sink.transactions == []

@@ -172,3 +172,11 @@ def test_impossible_codes_are_rejected(code: int) -> None:
 )
 def test_status_for(code: int, text: str, status: str) -> None:
     assert status_for(code, text) == status
+
+
+@pytest.mark.parametrize("code", [421, 554, 535])
+def test_a_refusal_before_mail_defers_until_expiry(code: int) -> None:
+    young = classify(code, False, age=0.0, policy=DEFAULT, before_mail=True)
+    assert young.outcome == "deferred"
+    old = classify(code, False, age=DEFAULT.max_lifetime, policy=DEFAULT, before_mail=True)
+    assert (old.outcome, old.reason) == ("failed", "expired")
