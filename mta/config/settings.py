@@ -180,7 +180,14 @@ class DeliverySection(_Section):
     messages_per_minute: PositiveFloat | None = None
     global_concurrency: PositiveInt = 100
     connect_timeout: PositiveFloat = 30.0
+    greeting_timeout: PositiveFloat = 300.0
+    mail_timeout: PositiveFloat = 300.0
+    rcpt_timeout: PositiveFloat = 300.0
+    data_init_timeout: PositiveFloat = 120.0
+    data_block_timeout: PositiveFloat = 180.0
     data_end_timeout: PositiveFloat = 600.0
+    connection_reuse_limit: PositiveInt = 100
+    connection_idle_timeout: PositiveFloat = 30.0
     crash_loop_limit: PositiveInt = 3
     crash_loop_window: PositiveFloat = 3600.0
     routes: tuple[RouteSection, ...] = ()

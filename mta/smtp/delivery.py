@@ -527,8 +527,13 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
         messages_per_minute=config.messages_per_minute,
         global_concurrency=config.global_concurrency))
     ehlo = config.ehlo_name or settings.smtp.hostname
-    connections = ConnectionCache(ehlo_name=ehlo, timeouts=ClientTimeouts(
-        connect=config.connect_timeout, data_end=config.data_end_timeout))
+    connections = ConnectionCache(
+        ehlo_name=ehlo, max_messages_per_connection=config.connection_reuse_limit,
+        max_idle=config.connection_idle_timeout, timeouts=ClientTimeouts(
+            connect=config.connect_timeout, greeting=config.greeting_timeout,
+            mail=config.mail_timeout, rcpt=config.rcpt_timeout,
+            data_init=config.data_init_timeout, data_block=config.data_block_timeout,
+            data_end=config.data_end_timeout))
     return Deliverer(
         store=store, router=router, shaper=shaper, connections=connections, journal=journal,
         policy=policy, owner=owner, metrics=metrics,
