@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -199,6 +199,23 @@ async def _keep_session(_: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release reset round trip: no statement here changes session state."""
 
 
+@contextlib.contextmanager
+def _unavailable_on_error(name: str) -> Iterator[None]:
+    """Driver and network errors in the block raise ``StoreUnavailable`` naming ``name``."""
+    try:
+        yield
+    except STORE_ERRORS as exc:
+        raise StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _insert_args(message: NewMessage) -> tuple[Any, ...]:
+    """The parameters of ``message_insert`` for ``message``."""
+    return (message.id, message.mail_from, len(message.trace_headers) + len(message.body),
+            message.trace_headers, message.body, message.client_address, message.helo_name,
+            message.auth_user, message.message_id_header, list(message.recipients),
+            [recipient_next_hop(rcpt) for rcpt in message.recipients])
+
+
 class Store:
     """One node process's view of its store, over a pool sized by the budget (I6)."""
 
@@ -277,26 +294,15 @@ class Store:
 
     async def _run(self, name: str, method: str, *args: Any) -> Any:
         """Run one named statement with a connection from the pool, within the timeout."""
-        try:
+        with _unavailable_on_error(name):
             async with self._connection() as conn:
                 call = getattr(conn, method)
                 return await call(query(name), *args, timeout=self._db.commit_timeout)
-        except StoreUnavailable:
-            raise
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
 
     async def enqueue(self, message: NewMessage) -> None:
         """Commit a message and its deliveries durably, or raise ``StoreUnavailable``."""
-        hops = [recipient_next_hop(rcpt) for rcpt in message.recipients]
         async with self.intake_slot():
-            await self._run(
-                "message_insert", "execute",
-                message.id, message.mail_from, len(message.trace_headers) + len(message.body),
-                message.trace_headers, message.body, message.client_address,
-                message.helo_name, message.auth_user,
-                message.message_id_header, list(message.recipients), hops,
-            )
+            await self._run("message_insert", "execute", *_insert_args(message))
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the server answers."""
@@ -344,19 +350,33 @@ class Store:
                                lease_seconds)
         return {row["id"] for row in rows}
 
-    async def record_outcomes(self, owner: str, outcomes: Sequence[AttemptOutcome]) -> set[int]:
+    async def record_outcomes(self, owner: str, outcomes: Sequence[AttemptOutcome], *,
+                              bounce: NewMessage | None = None) -> set[int]:
         """Apply outcomes to deliveries ``owner`` still leases; returns the ids applied.
 
         Applying the same outcome twice changes nothing the second time (the delivery is
         no longer leased), so a journal replay may repeat what already reached the store.
+        ``bounce``, the DSN for the ``failed`` outcomes, commits in the same transaction,
+        and only when every one of them is applied now: a failure never lacks its DSN,
+        and a repeat never queues a second one (I3).
         """
-        rows = await self._run(
-            "delivery_record_outcomes", "fetch", owner,
-            [o.delivery_id for o in outcomes], [o.state for o in outcomes],
-            [o.reply_code for o in outcomes], [o.reply for o in outcomes],
-            [o.retry_in_s for o in outcomes], [o.possible_duplicate for o in outcomes],
-        )
-        applied = {row["delivery_id"] for row in rows}
+        failed = {o.delivery_id for o in outcomes if o.state == "failed"}
+        args = (owner, [o.delivery_id for o in outcomes], [o.state for o in outcomes],
+                [o.reply_code for o in outcomes], [o.reply for o in outcomes],
+                [o.retry_in_s for o in outcomes], [o.possible_duplicate for o in outcomes])
+        if bounce is None or not failed:
+            rows = await self._run("delivery_record_outcomes", "fetch", *args)
+            applied = {row["delivery_id"] for row in rows}
+        else:
+            timeout = self._db.commit_timeout
+            with _unavailable_on_error("delivery_record_outcomes"):
+                async with self._connection() as conn, conn.transaction():
+                    rows = await conn.fetch(query("delivery_record_outcomes"), *args,
+                                            timeout=timeout)
+                    applied = {row["delivery_id"] for row in rows}
+                    if failed <= applied:
+                        await conn.execute(query("message_insert"), *_insert_args(bounce),
+                                           timeout=timeout)
         # Every given id, not only those applied now: a repeat of outcomes whose first
         # write committed just before the store failed still marks their messages done.
         await self._mark_done({o.delivery_id for o in outcomes if o.state in FINAL_STATES})

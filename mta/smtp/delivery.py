@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -96,6 +96,18 @@ ROUND_RETRY_S = 1.0
 
 
 @dataclass
+class _Settlement:
+    """Outcomes to write together, with the DSN that their failures owe the sender."""
+
+    #: The journaled attempt they settle ("" when none started).
+    attempt_id: str
+    outcomes: list[AttemptOutcome]
+    message: MessageRecord | None = None
+    failed: list[RecipientResult] = field(default_factory=list)
+    host: str = ""
+
+
+@dataclass
 class _Progress:
     """How far one group's attempt got: decides its outcome if the attempt breaks."""
 
@@ -137,9 +149,8 @@ class Deliverer:
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.wake = asyncio.Event()
-        self._unapplied: list[tuple[str, list[AttemptOutcome]]] = []
-        self._unsent_bounces: list[tuple[MessageRecord, list[tuple[ClaimedDelivery,
-                                                                  RecipientResult]], str]] = []
+        #: Settlements that wait for the store (their replies are in the journal).
+        self._unapplied: list[_Settlement] = []
         self._held_back_lock = asyncio.Lock()
         #: At most ``workers`` messages are being sent at once: their bodies bound memory (I4).
         self._sending = asyncio.Semaphore(options.workers)
@@ -166,6 +177,8 @@ class Deliverer:
             if len(self._tasks) >= self.options.max_tasks:
                 await _first_of(list(self._tasks), stop, timeout=None)
                 continue
+            # Cleared before the round, not after: a wake-up during it is not lost.
+            self.wake.clear()
             try:
                 handled = await self.run_once()
             except StoreUnavailable as exc:
@@ -178,7 +191,6 @@ class Deliverer:
                 continue
             if handled:
                 continue
-            self.wake.clear()
             await _first_of([], stop, self.wake, timeout=self.options.poll_interval)
         if self._tasks:
             await asyncio.wait(self._tasks)
@@ -216,7 +228,7 @@ class Deliverer:
         except _NotSent as exc:
             # Nothing was sent: give the leases back (now, or when the store returns).
             log.warning("delivery.not_sent", queue_id=queue_id(message_id), error=str(exc))
-            self._unapplied.append(("", [AttemptOutcome(
+            self._unapplied.append(_Settlement("", [AttemptOutcome(
                 d.id, "deferred", None, f"not sent: {exc}", self.policy.minimal_backoff)
                 for d in deliveries]))
         except Exception as exc:
@@ -229,9 +241,10 @@ class Deliverer:
             state: FinalOrRetry = "uncertain" if progress.started else "deferred"
             reason = (f"internal error after the attempt started: {exc!r}" if progress.started
                       else f"not sent: internal error: {exc!r}")
-            self._unapplied.append((progress.attempt_id if progress.started else "", [
-                AttemptOutcome(d.id, state, None, reason, self.policy.minimal_backoff)
-                for d in deliveries]))
+            self._unapplied.append(_Settlement(
+                progress.attempt_id if progress.started else "",
+                [AttemptOutcome(d.id, state, None, reason, self.policy.minimal_backoff)
+                 for d in deliveries]))
             self.wake.set()  # the claim loop writes held-back outcomes first
 
     async def _deliver(self, message_id: uuid.UUID, domain: str,
@@ -321,13 +334,10 @@ class Deliverer:
             fault_point("delivery.after_reply_journaled")
         age = (datetime.now(UTC) - message.received_at).total_seconds()
         outcomes = [self._outcome(d, by_recipient[d.recipient], age) for d in deliveries]
-        await self._apply(attempt_id, outcomes)
-        progress.settled = True
-        failed = [(d, by_recipient[d.recipient]) for d, o in zip(deliveries, outcomes,
-                                                                   strict=True)
+        failed = [by_recipient[d.recipient] for d, o in zip(deliveries, outcomes, strict=True)
                   if o.state == "failed"]
-        if failed:
-            await self._bounce(message, failed, host)
+        await self._apply(_Settlement(attempt_id or "", outcomes, message, failed, host))
+        progress.settled = True
         for delivery, outcome in zip(deliveries, outcomes, strict=True):
             self.metrics.delivery_outcomes.labels(outcome.state, host).inc()
             log.info("delivery.outcome", queue_id=queue_id(message.id), delivery=delivery.id,
@@ -346,19 +356,31 @@ class Deliverer:
                               f"{reply} ({decision.reason}, {result.phase})", retry_in,
                               decision.possible_duplicate)
 
-    async def _apply(self, attempt_id: str | None, outcomes: list[AttemptOutcome]) -> None:
+    async def _apply(self, settlement: _Settlement) -> None:
+        """Write ``settlement`` now, or hold it back until the store returns."""
         try:
-            await self.store.record_outcomes(self.owner, outcomes)
+            await self._write(settlement)
         except StoreUnavailable as exc:
-            log.warning("delivery.outcome_held_back", error=str(exc), count=len(outcomes))
-            self._unapplied.append((attempt_id or "", outcomes))
-            return
-        if attempt_id is not None:
+            log.warning("delivery.outcome_held_back", error=str(exc),
+                        count=len(settlement.outcomes))
+            self._unapplied.append(settlement)
+
+    async def _write(self, settlement: _Settlement) -> None:
+        """Outcomes and the DSN their failures owe, in one transaction; then ``Applied``."""
+        bounce = None
+        if settlement.message is not None and settlement.failed:
+            bounce = await bounce_for(self.store, settlement.message, settlement.failed,
+                                      remote_mta=settlement.host,
+                                      reporting_mta=self.options.reporting_mta)
+        await self.store.record_outcomes(self.owner, settlement.outcomes, bounce=bounce)
+        if bounce is not None:
+            self.wake.set()
+        if settlement.attempt_id:
             with contextlib.suppress(JournalError):
-                self.journal.append(Applied(attempt_id, time.time()))
+                self.journal.append(Applied(settlement.attempt_id, time.time()))
 
     async def _apply_held_back(self) -> None:
-        """Write outcomes that waited for the store; they are in the journal meanwhile.
+        """Write settlements that waited for the store; they are in the journal meanwhile.
 
         After a claim failed midway, leases this process holds but is not working on
         were claimed without our knowing: nothing was sent for them, so they are
@@ -366,20 +388,15 @@ class Deliverer:
         """
         async with self._held_back_lock:
             while self._unapplied:
-                attempt_id, outcomes = self._unapplied[0]
-                await self.store.record_outcomes(self.owner, outcomes)
+                await self._write(self._unapplied[0])
                 self._unapplied.pop(0)
-                if attempt_id:
-                    self.journal.append(Applied(attempt_id, time.time()))
-            while self._unsent_bounces:
-                await self._queue_dsn(*self._unsent_bounces[0])
-                self._unsent_bounces.pop(0)
             if self._orphans_possible:
                 # Only after every held-back outcome is written: those leases are ours too.
                 owned = await self.store.lease_owners(_like_literal(self.owner))
                 # Read the in-memory sets after the query: a send may have finished during
                 # it, leaving its outcome held back rather than in flight.
-                held_back = {o.delivery_id for _, outcomes in self._unapplied for o in outcomes}
+                held_back = {o.delivery_id for settlement in self._unapplied
+                             for o in settlement.outcomes}
                 orphans = sorted(set(owned.get(self.owner, [])) - self._in_flight - held_back)
                 if orphans:
                     await self.store.record_outcomes(self.owner, [AttemptOutcome(
@@ -388,41 +405,37 @@ class Deliverer:
                     log.warning("delivery.orphan_leases_released", count=len(orphans))
                 self._orphans_possible = False
 
-    async def _bounce(self, message: MessageRecord,
-                      failed: list[tuple[ClaimedDelivery, RecipientResult]], host: str) -> None:
-        """Queue the DSN for ``failed`` now, or when the store is back."""
-        try:
-            await self._queue_dsn(message, failed, host)
-        except StoreUnavailable as exc:
-            log.warning("delivery.dsn_held_back", queue_id=queue_id(message.id),
-                        error=str(exc))
-            self._unsent_bounces.append((message, failed, host))
 
-    async def _queue_dsn(self, message: MessageRecord,
-                         failed: Sequence[tuple[ClaimedDelivery, RecipientResult]],
-                         host: str) -> None:
-        """Queue one DSN to the sender for this message's failed recipients (never to <>)."""
-        content = await self.store.message_content(message.id)
-        if content is None:
-            return
-        trace, body = content
-        headers = (trace + body).split(b"\r\n\r\n", 1)[0] + b"\r\n"
-        now = datetime.now(UTC)
-        dsn = build_dsn(
-            reporting_mta=self.options.reporting_mta, original_sender=message.mail_from,
-            original_headers=headers, arrival_date=message.received_at,
-            queue_id=queue_id(message.id), now=now,
-            failures=[FailedRecipient(
-                recipient=d.recipient, status=status_for(r.code, r.text), action="failed",
-                remote_mta=host, diagnostic=_diagnostic(r),
-                last_attempt=now) for d, r in failed])
-        if dsn is None:
-            return
-        await self.store.enqueue(NewMessage(
-            id=new_message_id(), mail_from="", recipients=[message.mail_from],
-            trace_headers=b"", body=dsn, client_address="127.0.0.1",
-            helo_name=self.options.reporting_mta, auth_user=None, message_id_header=None))
-        self.wake.set()
+async def bounce_for(store: Store, message: MessageRecord, failed: Sequence[RecipientResult],
+                     *, remote_mta: str, reporting_mta: str) -> NewMessage | None:
+    """The DSN (RFC 3464) owed to ``message``'s sender for its ``failed`` recipients.
+
+    None for the null sender (never a bounce to a bounce), or when the message is gone.
+    The DSN is a new message from the null sender; the caller commits it with the
+    failures (``Store.record_outcomes(..., bounce=...)``).
+    """
+    if not message.mail_from:
+        return None
+    content = await store.message_content(message.id)
+    if content is None:
+        return None
+    trace, body = content
+    headers = (trace + body).split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    now = datetime.now(UTC)
+    dsn = build_dsn(
+        reporting_mta=reporting_mta, original_sender=message.mail_from,
+        original_headers=headers, arrival_date=message.received_at,
+        queue_id=queue_id(message.id), now=now,
+        failures=[FailedRecipient(
+            recipient=r.recipient, status=status_for(r.code, r.text), action="failed",
+            remote_mta=remote_mta, diagnostic=_diagnostic(r), last_attempt=now)
+            for r in failed])
+    if dsn is None:
+        return None
+    return NewMessage(
+        id=new_message_id(), mail_from="", recipients=[message.mail_from], trace_headers=b"",
+        body=dsn, client_address="127.0.0.1", helo_name=reporting_mta, auth_user=None,
+        message_id_header=None)
 
 
 async def _first_of(tasks: list[asyncio.Task[None]], *events: asyncio.Event,
@@ -461,12 +474,14 @@ class RecoveryReport:
 
 
 async def recover(store: Store, journal_dir: Path, node_name: str, policy: RetryPolicy, *,
-                  crash_limit: int = 3, crash_window_s: float = 3600.0) -> RecoveryReport:
+                  crash_limit: int = 3, crash_window_s: float = 3600.0,
+                  reporting_mta: str = "localhost") -> RecoveryReport:
     """Replay dead processes' journals, then requeue what they leased but never sent.
 
-    An attempt with replies is applied as the replies say; a delivery whose attempt
-    started without a reply becomes ``uncertain`` (the data may have arrived). A
-    delivery a dead process leased with no attempt journaled was certainly not sent.
+    An attempt with replies is applied as the replies say, a failure with its DSN; a
+    delivery whose attempt started without a reply becomes ``uncertain`` (the data may
+    have arrived). A delivery a dead process leased with no attempt journaled was
+    certainly not sent.
     """
     adoption = await asyncio.to_thread(adopt, journal_dir)
     applied = uncertain = 0
@@ -479,7 +494,8 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
                                         "process died after the attempt started; "
                                         "no reply was recorded (journal replay)")
                          for delivery_id in attempt.missing]
-            done = await store.record_outcomes(attempt.owner, outcomes)
+            bounce = await _replayed_bounce(store, attempt, outcomes, reporting_mta)
+            done = await store.record_outcomes(attempt.owner, outcomes, bounce=bounce)
             applied += len(done)
             uncertain += len(set(attempt.missing) & done)
         adoption.commit()
@@ -493,6 +509,24 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
                             "was journaled, so the message was certainly not sent",
                 crash_limit=crash_limit, crash_window_s=crash_window_s))
     return RecoveryReport(applied, uncertain, released)
+
+
+async def _replayed_bounce(store: Store, attempt: PendingAttempt,
+                           outcomes: Sequence[AttemptOutcome],
+                           reporting_mta: str) -> NewMessage | None:
+    """The DSN owed for the failures a replayed attempt records, if any."""
+    failed = {o.delivery_id for o in outcomes if o.state == "failed"}
+    if not failed:
+        return None
+    message = await store.message(uuid.UUID(attempt.started.message_id))
+    if message is None:
+        return None
+    recipients = {d.id: d.recipient for d in await store.deliveries(message.id)}
+    results = [RecipientResult(recipients[r.delivery_id], r.code, r.text, "data_end",
+                               r.data_sent)
+               for r in attempt.replies if r.delivery_id in failed and r.delivery_id in recipients]
+    return await bounce_for(store, message, results, remote_mta=attempt.started.host,
+                            reporting_mta=reporting_mta)
 
 
 def _replayed(reply: ReplyReceived, policy: RetryPolicy) -> AttemptOutcome:
@@ -512,9 +546,10 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
     journal_dir.mkdir(parents=True, exist_ok=True)
     owner = process_owner(settings.node.name)
     journal = await asyncio.to_thread(Journal.open, journal_dir, owner)
+    ehlo = config.ehlo_name or settings.smtp.hostname
     report = await recover(store, journal_dir, settings.node.name, policy,
                            crash_limit=config.crash_loop_limit,
-                           crash_window_s=config.crash_loop_window)
+                           crash_window_s=config.crash_loop_window, reporting_mta=ehlo)
     log.info("delivery.recovered", owner=owner, applied=report.applied,
              uncertain=report.uncertain, released=report.released)
     routes = [RouteConfig(route.domain, route.host, route.port, route.tls, route.username,
@@ -526,7 +561,6 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
         initial_window=min(5, config.max_connections_per_destination),
         messages_per_minute=config.messages_per_minute,
         global_concurrency=config.global_concurrency))
-    ehlo = config.ehlo_name or settings.smtp.hostname
     connections = ConnectionCache(
         ehlo_name=ehlo, max_messages_per_connection=config.connection_reuse_limit,
         max_idle=config.connection_idle_timeout, timeouts=ClientTimeouts(

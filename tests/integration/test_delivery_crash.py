@@ -14,7 +14,7 @@ from mta.queue import Store
 from mta.queue.ids import parse_queue_id
 from tests.support.nodes import wait_for
 from tests.support.process import NodeProcess
-from tests.support.sink import Sink, running_sink
+from tests.support.sink import Faults, Sink, running_sink
 from tests.support.smtp import RawSMTP, queue_id_of
 
 SIGKILL_STATUS = -9
@@ -99,6 +99,40 @@ async def test_kill_after_the_reply_is_journaled_applies_it_at_restart_without_r
         await node.start()
         await wait_for(lambda: _is(db_dsn, settings, message_id, "delivered"), timeout=15)
         assert sink.count("crash2@test", "user@example.com") == 1
+    finally:
+        await node.close()
+
+
+async def test_kill_after_a_5xx_is_journaled_fails_it_at_restart_with_exactly_one_dsn(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: object
+) -> None:
+    """The 554 to the dot was journaled, then the process died before the store update:
+    the replay records the failure and queues its DSN with it; the sender hears once."""
+    sink.faults = Faults(data_reply="554 5.6.0 content rejected")
+    node = delivering_node(tmp_path, db_dsn, sink)
+    settings = make_settings()  # type: ignore[operator]
+    await kill_at(node, "journal.after_append", after=2)
+    try:
+        message_id = await submit(node.smtp_port, "crash5xx")
+        assert await node.wait_exit(15) == SIGKILL_STATUS
+        assert await state_of(db_dsn, settings, message_id) == "leased"
+        assert [t.reply for t in sink.transactions] == ["554 5.6.0 content rejected"]
+        sink.faults = Faults()  # the DSN is accepted
+        node.env = {}
+        await node.start()
+        await wait_for(lambda: _is(db_dsn, settings, message_id, "failed"), timeout=15)
+
+        def dsns() -> list[str]:
+            return [rcpt for t in sink.transactions if t.mail_from == "" and t.received
+                    for rcpt in t.recipients]
+
+        await wait_for(lambda: dsns() == ["app@example.org"], timeout=15)
+        await node.wait_logged("delivery.recovered")
+        store = await Store.open(db_dsn, settings)
+        try:
+            assert await store.message_count() == 2, "the message and one DSN"
+        finally:
+            await store.close()
     finally:
         await node.close()
 

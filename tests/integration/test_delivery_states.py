@@ -174,3 +174,31 @@ async def test_repeating_outcomes_whose_first_write_landed_still_marks_the_messa
     assert await store.record_outcomes("worker-a", [outcome]) == set()
     message = await store.message(delivery.message_id)
     assert message is not None and message.done_at is not None
+
+
+async def test_a_failure_and_its_dsn_commit_together_and_only_once(store: Store) -> None:
+    await enqueue(store, 2)
+    failing, delivering = await store.claim_due("worker-a", 10, 60.0)
+    dsn = NewMessage(id=new_message_id(), mail_from="", recipients=["a@example.org"],
+                     trace_headers=b"", body=b"DSN\r\n", client_address="127.0.0.1",
+                     helo_name="h", auth_user=None, message_id_header=None)
+    outcomes = [AttemptOutcome(failing.id, "failed", 550, "550 5.1.1 no such user"),
+                AttemptOutcome(delivering.id, "delivered", 250, "250 ok")]
+    assert await store.record_outcomes("worker-a", outcomes, bounce=dsn) == {
+        failing.id, delivering.id}
+    assert await store.message_count() == 2
+    again = NewMessage(**{**dsn.__dict__, "id": new_message_id()})
+    assert await store.record_outcomes("worker-a", outcomes, bounce=again) == set()
+    assert await store.message_count() == 2, "a repeat queues no second DSN"
+    assert [d.recipient for d in await store.deliveries(dsn.id)] == ["a@example.org"]
+
+
+async def test_a_dsn_is_not_queued_for_a_failure_this_owner_cannot_record(store: Store) -> None:
+    await enqueue(store, 1)
+    (delivery,) = await store.claim_due("worker-a", 1, 60.0)
+    dsn = NewMessage(id=new_message_id(), mail_from="", recipients=["a@example.org"],
+                     trace_headers=b"", body=b"DSN\r\n", client_address="127.0.0.1",
+                     helo_name="h", auth_user=None, message_id_header=None)
+    late = [AttemptOutcome(delivery.id, "failed", 550, "550 no")]
+    assert await store.record_outcomes("worker-b", late, bounce=dsn) == set()
+    assert await store.message_count() == 1

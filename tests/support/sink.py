@@ -10,6 +10,7 @@ Faults (``Faults``, replaceable at any time through ``sink.faults``):
 - ``reject``: a reply (e.g. ``550 5.1.1 no such user``) to RCPT for given recipients;
 - ``hang``: never reply to the final dot, until ``release()`` (or ``hang_limit``);
 - ``greet=False``: accept TCP but never send a greeting (a hung destination);
+- ``data_reply``: the reply to every final dot instead of ``250`` (e.g. a ``554``);
 - three exclusive fractions of the transactions that reach DATA: drop the connection
   mid-DATA after ``drop_after_bytes`` bytes (nothing recorded), drop it after the final
   dot without a reply (recorded, ``dropped_after_dot=True``), or reply ``tempfail_reply``
@@ -53,6 +54,8 @@ class Faults:
     reject: Mapping[str, str] = field(default_factory=dict)
     hang: bool = False
     greet: bool = True
+    #: The reply to every final dot instead of ``250`` (a ``5xx`` rejects the content).
+    data_reply: str | None = None
 
     def __post_init__(self) -> None:
         fractions = (self.tempfail, self.drop_mid_data, self.drop_after_dot)
@@ -64,6 +67,8 @@ class Faults:
             raise ValueError("reject replies must be 4xx or 5xx")
         if self.drop_after_bytes < 1:
             raise ValueError("drop_after_bytes must be positive")
+        if self.data_reply is not None and self.data_reply[:1] not in ("2", "4", "5"):
+            raise ValueError(f"data_reply must be 2xx, 4xx or 5xx: {self.data_reply!r}")
 
 
 @dataclass
@@ -202,7 +207,7 @@ class _Handler:
             await sink._changed()
             return ACCEPTED
         else:
-            record.reply = ACCEPTED
+            record.reply = sink.faults.data_reply or ACCEPTED
         await sink._record(record)
         return record.reply
 
