@@ -71,6 +71,19 @@ class Metrics:
             "mta_delivery_timeouts", "Attempts that ended without a reply, by destination.",
             ["destination"], registry=reg,
         )
+        self.queue_deliveries = Gauge(
+            "mta_queue_deliveries", "Deliveries with work left, by state (last refresh).",
+            ["state"], registry=reg,
+        )
+        self.queue_due_lag_seconds = Gauge(
+            "mta_queue_due_lag_seconds",
+            "How long the most overdue due delivery has waited past its due time.",
+            registry=reg,
+        )
+        self.queue_oldest_message_seconds = Gauge(
+            "mta_queue_oldest_message_age_seconds",
+            "Age of the oldest message with work left.", registry=reg,
+        )
         self.heartbeat = Gauge(
             "mta_heartbeat_timestamp_seconds", "Unix time of the event loop's last beat.",
             registry=reg,

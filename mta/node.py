@@ -71,6 +71,7 @@ class Node:
         self._tasks = [
             asyncio.create_task(admission.run(self._stop_background), name="admission"),
             asyncio.create_task(self._health_loop(), name="health"),
+            asyncio.create_task(self._queue_stats_loop(), name="queue-stats"),
             asyncio.create_task(Retention(
                 self.store, body_after_s=self.settings.retention.body_after,
                 metadata_after_s=self.settings.retention.metadata_after,
@@ -110,6 +111,20 @@ class Node:
             self.metrics.store_pool_in_use.set(self.store.pool_in_use)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_background.wait(), HEALTH_INTERVAL_S)
+
+    async def _queue_stats_loop(self) -> None:
+        """Refresh the queue gauges; while the store is down they keep their last values."""
+        assert self.store is not None
+        while not self._stop_background.is_set():
+            with contextlib.suppress(StoreUnavailable):
+                stats = await self.store.queue_stats()
+                for state, count in stats.by_state.items():
+                    self.metrics.queue_deliveries.labels(state).set(count)
+                self.metrics.queue_due_lag_seconds.set(stats.due_lag_s)
+                self.metrics.queue_oldest_message_seconds.set(stats.oldest_message_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_background.wait(),
+                                       self.settings.database.queued_bytes_refresh)
 
     async def stop(self) -> None:
         """DESIGN.md's shutdown: stop accepting, let DATA in flight commit, close, exit."""

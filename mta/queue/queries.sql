@@ -55,6 +55,21 @@ SELECT id FROM messages ORDER BY received_at, id;
 -- Bytes of messages that still have work to do (admission control).
 SELECT coalesce(sum(size_bytes), 0)::bigint FROM messages WHERE done_at IS NULL;
 
+-- name: queue_stats
+-- Deliveries with work left per state (each count walks its state's partial index), how
+-- long the most overdue due delivery has waited, and the oldest unfinished message.
+SELECT
+    (SELECT count(*) FROM deliveries WHERE state = 'queued') AS queued,
+    (SELECT count(*) FROM deliveries WHERE state = 'deferred') AS deferred,
+    (SELECT count(*) FROM deliveries WHERE state = 'leased') AS leased,
+    (SELECT count(*) FROM deliveries WHERE state = 'uncertain') AS uncertain,
+    (SELECT count(*) FROM deliveries WHERE state = 'held') AS held,
+    coalesce((SELECT extract(epoch FROM now() - next_attempt_at)::float8 FROM deliveries
+              WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()
+              ORDER BY next_attempt_at LIMIT 1), 0) AS due_lag_s,
+    coalesce((SELECT extract(epoch FROM now() - received_at)::float8 FROM messages
+              WHERE done_at IS NULL ORDER BY received_at LIMIT 1), 0) AS oldest_message_s;
+
 -- name: delivery_list_for_message
 -- Every delivery of one message.
 SELECT id, recipient, next_hop, state, attempts, next_attempt_at, lease_owner,

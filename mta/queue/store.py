@@ -100,6 +100,21 @@ class ClaimedDelivery:
 FinalOrRetry = Literal["delivered", "deferred", "failed", "uncertain"]
 
 
+#: Delivery states with work left, for an operator or the node itself.
+PENDING_STATES = ("queued", "deferred", "leased", "uncertain", "held")
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What the queue holds now: counts per pending state, and how far behind it is."""
+
+    by_state: dict[str, int]
+    #: Seconds the most overdue due delivery has waited past its due time (0: none).
+    due_lag_s: float
+    #: Seconds since the oldest message with work left arrived (0: none).
+    oldest_message_s: float
+
+
 @dataclass(frozen=True)
 class AttemptOutcome:
     """What one attempt proved about one delivery, with the evidence (I2)."""
@@ -303,6 +318,13 @@ class Store:
         """Commit a message and its deliveries durably, or raise ``StoreUnavailable``."""
         async with self.intake_slot():
             await self._run("message_insert", "execute", *_insert_args(message))
+
+    async def queue_stats(self) -> QueueStats:
+        """Deliveries with work left per state, the due lag and the oldest message's age."""
+        row = await self._run("queue_stats", "fetchrow")
+        return QueueStats(
+            by_state={state: int(row[state]) for state in PENDING_STATES},
+            due_lag_s=float(row["due_lag_s"]), oldest_message_s=float(row["oldest_message_s"]))
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the server answers."""

@@ -26,26 +26,28 @@ def _message_rows(ids: list[uuid.UUID]) -> Iterator[tuple[Any, ...]]:
         yield (message_id, "sender@example.org", 10, b"", b"body", "127.0.0.1", "h", None, None)
 
 
-def _delivery_rows(ids: list[uuid.UUID], now: datetime) -> Iterator[tuple[Any, ...]]:
+def _delivery_rows(ids: list[uuid.UUID], now: datetime,
+                   queued_percent: int) -> Iterator[tuple[Any, ...]]:
     for n, message_id in enumerate(ids):
         for i in range(PER_MESSAGE):
             due = now - timedelta(seconds=(n * PER_MESSAGE + i) % 86_400)
-            state = "queued" if i % 4 else "delivered"
+            state = "queued" if i % 100 < queued_percent else "delivered"
             yield (message_id, f"r{i}@d{i % 97}.example", f"d{i % 97}.example", state, due)
 
 
-async def load_deliveries(dsn: str) -> None:
-    """COPY 1,000 messages x 1,000 deliveries, a quarter of them already delivered."""
+async def load_deliveries(dsn: str, messages: int = MESSAGES, queued_percent: int = 75) -> None:
+    """COPY ``messages`` x 1,000 deliveries, ``queued_percent`` of them queued, the rest
+    already delivered."""
     conn = await asyncpg.connect(dsn)
     try:
-        ids = [new_message_id() for _ in range(MESSAGES)]
+        ids = [new_message_id() for _ in range(messages)]
         await conn.copy_records_to_table(
             "messages", records=_message_rows(ids),
             columns=["id", "mail_from", "size_bytes", "trace_headers", "body",
                      "client_address", "helo_name", "auth_user", "message_id_header"],
         )
         await conn.copy_records_to_table(
-            "deliveries", records=_delivery_rows(ids, datetime.now(UTC)),
+            "deliveries", records=_delivery_rows(ids, datetime.now(UTC), queued_percent),
             columns=["message_id", "recipient", "next_hop", "state", "next_attempt_at"],
         )
         await conn.execute("ANALYZE deliveries")
@@ -57,6 +59,30 @@ def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield plan
     for child in plan.get("Plans", []):
         yield from plan_nodes(child)
+
+
+async def test_queue_stats_walk_the_partial_indexes_when_most_mail_is_done(
+    db_dsn: str, make_settings: Any,
+) -> None:
+    """The stats run every few seconds: they must not scan the delivered history."""
+    await load_deliveries(db_dsn, messages=200, queued_percent=1)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("ANALYZE messages")
+        raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + query("queue_stats"))
+    finally:
+        await conn.close()
+    nodes = list(plan_nodes(json.loads(raw)[0]["Plan"]))
+    scanned = [(n["Node Type"], n.get("Relation Name")) for n in nodes if "Scan" in n["Node Type"]]
+    assert ("Seq Scan", "deliveries") not in scanned, scanned
+    store = await Store.open(db_dsn, make_settings())
+    try:
+        stats = await store.queue_stats()
+    finally:
+        await store.close()
+    assert stats.by_state == {"queued": 2_000, "deferred": 0, "leased": 0, "uncertain": 0,
+                              "held": 0}
+    assert stats.due_lag_s > 0 and stats.oldest_message_s >= 0
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 from mta.config import Settings
 from mta.queue import Store
 from mta.queue.ids import parse_queue_id
+from tests.support.admin import metric
 from tests.support.bad_peer import BadPeer, running_bad_peer
 from tests.support.nodes import NodeHandle, start_node, wait_for
 from tests.support.sink import Faults, Sink, running_sink
@@ -234,3 +235,26 @@ async def test_a_destination_refusing_at_the_greeting_defers_without_a_dsn(
             assert await store_of(node).message_count() == 1, "no DSN"
         finally:
             await node.stop()
+
+
+async def test_queue_metrics_show_what_waits_and_for_how_long(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """With delivery off, accepted mail waits: /metrics says how much and since when."""
+    node = await start_node(make_settings(database={"queued_bytes_refresh": 0.1}))
+    try:
+        await submit(node, "app@example.org", ["q1@example.com", "q2@example.com"], "m8")
+
+        async def queued() -> bool:
+            return await metric(node.admin_port, 'mta_queue_deliveries{state="queued"}') == 2
+
+        await wait_for(queued, timeout=10)
+        assert await metric(node.admin_port, 'mta_queue_deliveries{state="uncertain"}') == 0
+        await wait_for(lambda: _positive(node, "mta_queue_oldest_message_age_seconds"),
+                       timeout=10)
+    finally:
+        await node.stop()
+
+
+async def _positive(node: NodeHandle, name: str) -> bool:
+    return await metric(node.admin_port, name) > 0
