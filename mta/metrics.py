@@ -75,6 +75,11 @@ class Metrics:
             "mta_queue_deliveries", "Deliveries with work left, by state (last refresh).",
             ["state"], registry=reg,
         )
+        self.queue_expired_leases = Gauge(
+            "mta_queue_expired_leases",
+            "Leased deliveries past their lease expiry (a stuck or overloaded process).",
+            registry=reg,
+        )
         self.queue_due_lag_seconds = Gauge(
             "mta_queue_due_lag_seconds",
             "How long the most overdue due delivery has waited past its due time.",

@@ -120,6 +120,7 @@ class Node:
                 stats = await self.store.queue_stats()
                 for state, count in stats.by_state.items():
                     self.metrics.queue_deliveries.labels(state).set(count)
+                self.metrics.queue_expired_leases.set(stats.expired_leases)
                 self.metrics.queue_due_lag_seconds.set(stats.due_lag_s)
                 self.metrics.queue_oldest_message_seconds.set(stats.oldest_message_s)
             with contextlib.suppress(TimeoutError):

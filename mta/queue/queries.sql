@@ -56,14 +56,17 @@ SELECT id FROM messages ORDER BY received_at, id;
 SELECT coalesce(sum(size_bytes), 0)::bigint FROM messages WHERE done_at IS NULL;
 
 -- name: queue_stats
--- Deliveries with work left per state (each count walks its state's partial index), how
--- long the most overdue due delivery has waited, and the oldest unfinished message.
+-- Deliveries with work left per state (each count walks its state's partial index),
+-- leases past their expiry (a live process that stopped renewing them), how long the most
+-- overdue due delivery has waited, and the oldest unfinished message.
 SELECT
     (SELECT count(*) FROM deliveries WHERE state = 'queued') AS queued,
     (SELECT count(*) FROM deliveries WHERE state = 'deferred') AS deferred,
     (SELECT count(*) FROM deliveries WHERE state = 'leased') AS leased,
     (SELECT count(*) FROM deliveries WHERE state = 'uncertain') AS uncertain,
     (SELECT count(*) FROM deliveries WHERE state = 'held') AS held,
+    (SELECT count(*) FROM deliveries
+     WHERE state = 'leased' AND lease_expires_at < now()) AS expired_leases,
     coalesce((SELECT extract(epoch FROM now() - next_attempt_at)::float8 FROM deliveries
               WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()
               ORDER BY next_attempt_at LIMIT 1), 0) AS due_lag_s,

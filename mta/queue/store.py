@@ -109,6 +109,8 @@ class QueueStats:
     """What the queue holds now: counts per pending state, and how far behind it is."""
 
     by_state: dict[str, int]
+    #: Leases past their expiry: kept (never blindly unlocked) until their owner dies.
+    expired_leases: int
     #: Seconds the most overdue due delivery has waited past its due time (0: none).
     due_lag_s: float
     #: Seconds since the oldest message with work left arrived (0: none).
@@ -324,6 +326,7 @@ class Store:
         row = await self._run("queue_stats", "fetchrow")
         return QueueStats(
             by_state={state: int(row[state]) for state in PENDING_STATES},
+            expired_leases=int(row["expired_leases"]),
             due_lag_s=float(row["due_lag_s"]), oldest_message_s=float(row["oldest_message_s"]))
 
     async def ping(self) -> None:

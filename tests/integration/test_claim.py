@@ -83,6 +83,7 @@ async def test_queue_stats_walk_the_partial_indexes_when_most_mail_is_done(
     assert stats.by_state == {"queued": 2_000, "deferred": 0, "leased": 0, "uncertain": 0,
                               "held": 0}
     assert stats.due_lag_s > 0 and stats.oldest_message_s >= 0
+    assert stats.expired_leases == 0
 
 
 @pytest.mark.slow

@@ -202,3 +202,24 @@ async def test_a_dsn_is_not_queued_for_a_failure_this_owner_cannot_record(store:
     late = [AttemptOutcome(delivery.id, "failed", 550, "550 no")]
     assert await store.record_outcomes("worker-b", late, bounce=dsn) == set()
     assert await store.message_count() == 1
+
+
+async def test_an_expired_lease_of_a_live_owner_is_counted_not_taken_over(
+    store: Store,
+) -> None:
+    """Nothing unlocks a lease by its expiry: it shows in the stats, and its owner's
+    outcome still applies (I3: only the journal rules return leases to the queue)."""
+    from tests.support.nodes import wait_for
+
+    await enqueue(store, 1)
+    (delivery,) = await store.claim_due("slow-worker", 1, 0.05)
+
+    async def expired() -> bool:
+        return (await store.queue_stats()).expired_leases == 1
+
+    await wait_for(expired, timeout=5)
+    assert await store.claim_due("worker-b", 10, 60.0) == []
+    assert (await store.queue_stats()).by_state["leased"] == 1
+    outcome = AttemptOutcome(delivery.id, "delivered", 250, "250 ok")
+    assert await store.record_outcomes("slow-worker", [outcome]) == {delivery.id}
+    assert (await store.queue_stats()).expired_leases == 0
