@@ -15,6 +15,7 @@ from mta.queue.ids import parse_queue_id
 from mta.smtp import replies
 from mta.smtp.auth import hash_password
 from tests.support.intake import assert_closed_by_server, running_node, store_of, stored_content
+from tests.support.nodes import NodeHandle
 from tests.support.smtp import RawSMTP, queue_id_of
 
 SettingsFactory = Callable[..., Settings]
@@ -80,6 +81,16 @@ async def starttls(port: int, context: ssl.SSLContext) -> RawSMTP:
     return client
 
 
+async def submit_and_check(node: NodeHandle, client: RawSMTP, protocol: bytes) -> str:
+    """Submit ``BODY`` and check it is stored as sent, its Received: naming ``protocol``."""
+    reply = await client.submit("alice@example.org", ["bob@example.com"], BODY)
+    await client.close()
+    trace, body = await stored_content(node, reply)
+    assert body == BODY
+    assert protocol in trace
+    return reply
+
+
 async def test_starttls_is_offered_and_the_certificate_verifies(
     tls_settings: Callable[..., Settings], client_context: ssl.SSLContext,
 ) -> None:
@@ -127,11 +138,7 @@ async def test_auth_plain_after_starttls_lets_an_outside_client_submit(
         await client.cmd("EHLO client.test")
         assert await client.cmd("MAIL FROM:<alice@example.org>") == replies.NOT_AUTHORISED
         assert await client.cmd(f"AUTH PLAIN {plain_credentials(USER, PASSWORD)}") == AUTH_OK
-        reply = await client.submit("alice@example.org", ["bob@example.com"], BODY)
-        await client.close()
-        trace, body = await stored_content(node, reply)
-        assert body == BODY
-        assert b" with ESMTPSA id " in trace
+        reply = await submit_and_check(node, client, b" with ESMTPSA id ")
         record = await store_of(node).message(parse_queue_id(queue_id_of(reply)))
         assert record is not None and record.auth_user == USER
 
@@ -158,11 +165,7 @@ async def test_auth_login_after_starttls_lets_an_outside_client_submit(
         assert await client.cmd(b64(USER)) == f"334 {b64('Password:')}"
         assert await client.cmd(b64(PASSWORD)) == AUTH_OK
         assert (await client.cmd("AUTH LOGIN")).startswith("503 "), "already authenticated"
-        reply = await client.submit("alice@example.org", ["bob@example.com"], BODY)
-        await client.close()
-        trace, body = await stored_content(node, reply)
-        assert body == BODY
-        assert b" with ESMTPSA id " in trace
+        await submit_and_check(node, client, b" with ESMTPSA id ")
 
 
 async def test_wrong_password_gets_535_5_7_8_and_no_submission(
@@ -218,11 +221,7 @@ async def test_implicit_tls_listener_accepts_auth_and_submission(
         assert "AUTH PLAIN LOGIN" in caps
         assert "STARTTLS" not in caps
         assert await client.cmd(f"AUTH PLAIN {plain_credentials(USER, PASSWORD)}") == AUTH_OK
-        reply = await client.submit("alice@example.org", ["bob@example.com"], BODY)
-        await client.close()
-        trace, body = await stored_content(node, reply)
-        assert body == BODY
-        assert b" with ESMTPSA id " in trace
+        await submit_and_check(node, client, b" with ESMTPSA id ")
 
 
 async def test_tls_without_auth_from_an_allowed_network_is_recorded_as_esmtps(
@@ -231,10 +230,7 @@ async def test_tls_without_auth_from_an_allowed_network_is_recorded_as_esmtps(
     async with running_node(tls_settings(allowed_networks=["127.0.0.0/8"])) as node:
         client = await starttls(node.port, client_context)
         await client.cmd("EHLO client.test")
-        reply = await client.submit("alice@example.org", ["bob@example.com"], BODY)
-        await client.close()
-        trace, _ = await stored_content(node, reply)
-        assert b" with ESMTPS id " in trace
+        await submit_and_check(node, client, b" with ESMTPS id ")
 
 
 async def test_auth_is_not_offered_after_tls_when_no_users_are_configured(
