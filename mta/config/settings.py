@@ -152,6 +152,8 @@ class RouteSection(_Section):
     tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
     username: str | None = None
     password: str | None = None
+    #: After a lost reply to the dot: unset means ``delivery.uncertain_mode``.
+    uncertain_mode: Literal["uncertain", "retry"] | None = None
 
     @model_validator(mode="after")
     def _credentials_pair(self) -> RouteSection:

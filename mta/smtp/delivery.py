@@ -299,7 +299,8 @@ class Deliverer:
             self.shaper.record_success(hop.key)
         else:
             self.shaper.record_failure(hop.key)
-        await self._settle(message, deliveries, results, progress, host=hop.key)
+        await self._settle(message, deliveries, results, progress, host=hop.key,
+                           uncertain_mode=hop.uncertain_mode or self.options.uncertain_mode)
 
     @contextlib.asynccontextmanager
     async def _renewing(self, ids: list[int]) -> AsyncIterator[None]:
@@ -322,7 +323,7 @@ class Deliverer:
 
     async def _settle(self, message: MessageRecord, deliveries: Sequence[ClaimedDelivery],
                       results: Sequence[RecipientResult], progress: _Progress, *,
-                      host: str) -> None:
+                      host: str, uncertain_mode: UncertainMode = "uncertain") -> None:
         """Journal the replies, decide each outcome, write it, and bounce what failed."""
         by_recipient = {r.recipient: r for r in results}
         attempt_id = progress.attempt_id if progress.started else None
@@ -333,7 +334,8 @@ class Deliverer:
                 time.time())) for d in deliveries))
             fault_point("delivery.after_reply_journaled")
         age = (datetime.now(UTC) - message.received_at).total_seconds()
-        outcomes = [self._outcome(d, by_recipient[d.recipient], age) for d in deliveries]
+        outcomes = [self._outcome(d, by_recipient[d.recipient], age, uncertain_mode)
+                    for d in deliveries]
         failed = [by_recipient[d.recipient] for d, o in zip(deliveries, outcomes, strict=True)
                   if o.state == "failed"]
         await self._apply(_Settlement(attempt_id or "", outcomes, message, failed, host))
@@ -344,10 +346,10 @@ class Deliverer:
                      recipient=delivery.recipient, state=outcome.state,
                      reply=outcome.reply, host=host)
 
-    def _outcome(self, delivery: ClaimedDelivery, result: RecipientResult,
-                 age: float) -> AttemptOutcome:
+    def _outcome(self, delivery: ClaimedDelivery, result: RecipientResult, age: float,
+                 uncertain_mode: UncertainMode) -> AttemptOutcome:
         decision = classify(result.code, result.data_sent, age=age, policy=self.policy,
-                            uncertain_mode=self.options.uncertain_mode,
+                            uncertain_mode=uncertain_mode,
                             before_mail=result.phase in SETUP_PHASES)
         retry_in = next_attempt_delay(self.policy, delivery.attempts + 1, self.rng)
         reply = result.text if result.code == 0 or result.text.startswith(str(result.code)) \
@@ -553,7 +555,7 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
     log.info("delivery.recovered", owner=owner, applied=report.applied,
              uncertain=report.uncertain, released=report.released)
     routes = [RouteConfig(route.domain, route.host, route.port, route.tls, route.username,
-                          route.password) for route in config.routes]
+                          route.password, route.uncertain_mode) for route in config.routes]
     router = Router(routes, ResolverConfig(config.nameservers, config.dns_port,
                                            config.dns_timeout, config.mx_port))
     shaper = Shaper(ShapingConfig(

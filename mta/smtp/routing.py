@@ -33,6 +33,7 @@ import dns.resolver
 import dns.rrset
 
 from mta.errors import ConfigError, RoutePermFailure, RouteTempFailure
+from mta.smtp.retry import UncertainMode
 
 __all__ = [
     "HopSource",
@@ -73,6 +74,7 @@ class RouteConfig:
     tls: TlsPolicy = "opportunistic"
     username: str | None = None
     password: str | None = None
+    uncertain_mode: UncertainMode | None = None
 
     def __post_init__(self) -> None:
         if not self.domain or ("*" in self.domain and self.domain != "*"):
@@ -129,6 +131,8 @@ class NextHop:
     expires_at: float
     username: str | None = None
     password: str | None = None
+    #: The route's choice after a lost reply to the dot (None: the node's default).
+    uncertain_mode: UncertainMode | None = None
 
 
 def route_key(route: RouteConfig) -> str:
@@ -270,7 +274,7 @@ class Router:
             host, ttl = MailHost(route.host, (route.host,), 0), math.inf
         return NextHop(key=route_key(route), hosts=(host,), port=route.port, tls=route.tls,
                        source="route", expires_at=now + ttl, username=route.username,
-                       password=route.password)
+                       password=route.password, uncertain_mode=route.uncertain_mode)
 
     async def _resolve_host(self, name: str, preference: int) -> tuple[MailHost, float]:
         """The host with its A then AAAA addresses, and their smallest TTL.

@@ -105,3 +105,34 @@ async def test_a_flaky_destination_ends_delivered_or_uncertain_never_twice(
     assert "delivered" in outcome.values() and "uncertain" in outcome.values()
     deferred_then_delivered = [tag for tag, m in sent.items() if outcome[tag] == "delivered"]
     assert deferred_then_delivered
+
+
+async def test_a_flaky_destination_on_a_retry_route_ends_delivered_with_duplicates_marked(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A route set to ``retry`` resends after a lost reply to the dot: everything ends
+    delivered, and every delivery the sink got twice carries ``possible_duplicate``."""
+    faults = Faults(tempfail=0.2, drop_mid_data=0.1, drop_after_dot=0.2)
+    async with running_sink(faults=faults, seed=11) as sink:
+        node = await start_node(make_settings(delivery={
+            "enabled": True, "poll_interval": 0.2, "minimal_backoff": 0.1,
+            "maximal_backoff": 0.4,
+            "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none",
+                        "uncertain_mode": "retry"}],
+        }))
+        try:
+            sent = {f"p{n}": await submit(node, f"r{n}@example.com", f"p{n}") for n in range(40)}
+
+            async def settled() -> bool:
+                return all([await state(node, m) == "delivered" for m in sent.values()])
+
+            await wait_for(settled, timeout=60)
+            marked = {tag: (await store_of(node).deliveries(m))[0].possible_duplicate
+                      for tag, m in sent.items()}
+        finally:
+            await node.stop()
+    arrivals = {tag: sink.count(f"{tag}@test", f"r{n}@example.com") for n, tag in enumerate(sent)}
+    twice = [tag for tag, count in arrivals.items() if count > 1]
+    assert twice, "the drops after the dot made some resends arrive twice"
+    assert all(count >= 1 for count in arrivals.values()), arrivals
+    assert all(marked[tag] for tag in twice), {tag: marked[tag] for tag in twice}
