@@ -67,6 +67,11 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
             registry=reg,
         )
+        self.delivery_possible_duplicates = Counter(
+            "mta_delivery_possible_duplicates",
+            "Resends after a lost reply to the dot (uncertain_mode retry), by destination.",
+            ["destination"], registry=reg,
+        )
         self.delivery_timeouts = Counter(
             "mta_delivery_timeouts", "Attempts that ended without a reply, by destination.",
             ["destination"], registry=reg,

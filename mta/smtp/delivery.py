@@ -342,6 +342,8 @@ class Deliverer:
         progress.settled = True
         for delivery, outcome in zip(deliveries, outcomes, strict=True):
             self.metrics.delivery_outcomes.labels(outcome.state, host).inc()
+            if outcome.possible_duplicate:
+                self.metrics.delivery_possible_duplicates.labels(host).inc()
             log.info("delivery.outcome", queue_id=queue_id(message.id), delivery=delivery.id,
                      recipient=delivery.recipient, state=outcome.state,
                      reply=outcome.reply, host=host)

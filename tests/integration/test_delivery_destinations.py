@@ -9,6 +9,7 @@ from collections.abc import Callable
 from mta.config import Settings
 from mta.queue import Store
 from mta.queue.ids import parse_queue_id
+from tests.support.admin import metric
 from tests.support.nodes import NodeHandle, start_node, wait_for
 from tests.support.sink import Faults, running_sink
 from tests.support.smtp import RawSMTP, queue_id_of
@@ -129,6 +130,9 @@ async def test_a_flaky_destination_on_a_retry_route_ends_delivered_with_duplicat
             await wait_for(settled, timeout=60)
             marked = {tag: (await store_of(node).deliveries(m))[0].possible_duplicate
                       for tag, m in sent.items()}
+            counted = await metric(node.admin_port,
+                                   "mta_delivery_possible_duplicates_total"
+                                   f'{{destination="route:127.0.0.1:{sink.port}/none"}}')
         finally:
             await node.stop()
     arrivals = {tag: sink.count(f"{tag}@test", f"r{n}@example.com") for n, tag in enumerate(sent)}
@@ -136,3 +140,4 @@ async def test_a_flaky_destination_on_a_retry_route_ends_delivered_with_duplicat
     assert twice, "the drops after the dot made some resends arrive twice"
     assert all(count >= 1 for count in arrivals.values()), arrivals
     assert all(marked[tag] for tag in twice), {tag: marked[tag] for tag in twice}
+    assert counted >= len(twice)
