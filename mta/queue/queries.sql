@@ -146,6 +146,20 @@ INSERT INTO delivery_events (delivery_id, state, reply_code, detail, actor)
 SELECT id, state, last_reply_code, coalesce(last_reply, ''), $1 FROM changed
 RETURNING delivery_id;
 
+-- name: delivery_postpone
+-- Give back owner $1's leases on deliveries $2, unattempted, each due again in its $3
+-- seconds: this process has enough of their destination in hand. Not an attempt, so no
+-- evidence event and no attempt counted.
+UPDATE deliveries AS d
+SET state = CASE WHEN d.attempts > 0 THEN 'deferred' ELSE 'queued' END,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    next_attempt_at = now() + make_interval(secs => p.delay_s),
+    updated_at = now()
+FROM unnest($2::bigint[], $3::float8[]) AS p (id, delay_s)
+WHERE d.id = p.id AND d.state = 'leased' AND d.lease_owner = $1
+RETURNING d.id;
+
 -- name: delivery_release_unsent
 -- Requeue deliveries leased to dead owner $1 ($2) that were certainly not sent ($3: why).
 -- Each counts as a crash in flight; the $4th within $5 seconds holds it ('crash-loop').

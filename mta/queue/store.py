@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -411,6 +411,12 @@ class Store:
         """Set ``done_at`` on messages whose every delivery is now final."""
         if delivery_ids:
             await self._run("message_mark_done", "execute", list(delivery_ids))
+
+    async def postpone(self, owner: str, delays: Mapping[int, float]) -> set[int]:
+        """Give back ``owner``'s leases unattempted, each due again after its delay."""
+        rows = await self._run("delivery_postpone", "fetch", owner, list(delays),
+                               list(delays.values()))
+        return {row["id"] for row in rows}
 
     async def release_unsent(self, owner: str, delivery_ids: Sequence[int], reason: str, *,
                              crash_limit: int = 3, crash_window_s: float = 3600.0) -> set[int]:

@@ -28,7 +28,7 @@ import random
 import re
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,10 +81,62 @@ def owner_prefix(node_name: str) -> str:
     return f"{_OWNER_UNSAFE.sub('_', node_name)}-"
 
 
-async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
-    """The trace headers, then the body, without joining them into one more copy."""
-    for part in parts:
-        yield part
+#: Bytes of a body handed to the SMTP client at a time.
+BODY_CHUNK_BYTES = 64 * 1024
+
+
+class _Body:
+    """A message's content, read only right before DATA and held only while it is written.
+
+    ``load`` takes one of the process's ``workers`` sending slots, then reads the body:
+    at most that many bodies are in memory for delivery at once (I4), whatever the
+    number of sessions waiting for a slow server. The slot is given back as soon as the
+    content has been handed to the connection (before the reply to the dot, which a hung
+    server may never send), or when the attempt ends.
+    """
+
+    def __init__(self, store: Store, message_id: uuid.UUID,
+                 sending: asyncio.Semaphore) -> None:
+        self._store = store
+        self._message_id = message_id
+        self._sending = sending
+        self._holding = False
+        self._content: tuple[bytes, bytes] | None = None
+        #: Why the body could not be read (the attempt stopped before DATA).
+        self.unavailable: StoreUnavailable | None = None
+
+    async def load(self) -> None:
+        """Take a sending slot and read the body; raises if the store cannot give it."""
+        await self._sending.acquire()
+        self._holding = True
+        try:
+            content = await self._store.message_content(self._message_id)
+        except StoreUnavailable as exc:
+            self.unavailable = exc
+            raise
+        if content is None:
+            raise LookupError("the message is gone from the store")
+        self._content = content
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The trace headers, then the body in bounded slices; the slot is freed after."""
+        try:
+            if self._content is None:
+                raise LookupError("the body was not loaded before DATA")
+            trace, body = self._content
+            yield trace
+            view = memoryview(body)
+            for start in range(0, len(view), BODY_CHUNK_BYTES):
+                yield bytes(view[start:start + BODY_CHUNK_BYTES])
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Drop the content and give the sending slot back (once)."""
+        self._content = None
+        if self._holding:
+            self._holding = False
+            self._sending.release()
 
 
 class _NotSent(Exception):
@@ -93,6 +145,10 @@ class _NotSent(Exception):
 
 #: Seconds the claim loop waits after an unexpected error before it claims again.
 ROUND_RETRY_S = 1.0
+#: Seconds until a postponed delivery is due again (its destination had enough in hand):
+#: as long as the destination has been full, within these bounds.
+POSTPONE_MIN_S = 5.0
+POSTPONE_MAX_S = 300.0
 
 
 @dataclass
@@ -125,6 +181,9 @@ class DeliveryOptions:
     batch_size: int = 50
     workers: int = 8
     max_tasks: int = 200
+    #: Groups per destination domain in hand at once; more are postponed (not attempted),
+    #: so a slow or hung destination cannot fill ``max_tasks`` and starve the others.
+    per_destination_tasks: int = 20
     lease_seconds: float = 300.0
     poll_interval: float = 5.0
     uncertain_mode: UncertainMode = "uncertain"
@@ -156,6 +215,10 @@ class Deliverer:
         self._sending = asyncio.Semaphore(options.workers)
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: set[int] = set()
+        #: Groups being sent (or waiting to be) per destination domain.
+        self._per_domain: Counter[str] = Counter()
+        #: When each destination domain that is full now was first found full.
+        self._full_since: dict[str, float] = {}
         #: Set when a claim failed midway: it may have committed without our knowing.
         self._orphans_possible = False
 
@@ -208,18 +271,43 @@ class Deliverer:
         groups: dict[tuple[uuid.UUID, str], list[ClaimedDelivery]] = defaultdict(list)
         for delivery in claimed:
             groups[(delivery.message_id, delivery.next_hop)].append(delivery)
+        postponed: dict[int, float] = {}
+        now = time.monotonic()
         for (message_id, domain), deliveries in groups.items():
+            if self._per_domain[domain] >= self.options.per_destination_tasks:
+                full_for = now - self._full_since.setdefault(domain, now)
+                delay = min(max(full_for, POSTPONE_MIN_S), POSTPONE_MAX_S)
+                postponed |= {d.id: delay for d in deliveries}
+                continue
             ids = {d.id for d in deliveries}
             self._in_flight |= ids
+            self._per_domain[domain] += 1
             task = asyncio.create_task(self._deliver_logged(message_id, domain, deliveries,
                                                             _Progress()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(partial(self._finished, ids))
+            task.add_done_callback(partial(self._finished, ids, domain))
+        if postponed:
+            await self._postpone(postponed)
+            # Claim them again when due, without waiting for the next poll.
+            asyncio.get_running_loop().call_later(min(postponed.values()), self.wake.set)
         return len(claimed)
 
-    def _finished(self, ids: set[int], _: asyncio.Task[None]) -> None:
+    async def _postpone(self, delays: dict[int, float]) -> None:
+        """Give back leases of destinations with enough in hand; the loop moves on."""
+        try:
+            await self.store.postpone(self.owner, delays)
+        except StoreUnavailable:
+            self._orphans_possible = True  # the orphan sweep gives them back later
+            raise
+        self.metrics.delivery_postponed.inc(len(delays))
+
+    def _finished(self, ids: set[int], domain: str, _: asyncio.Task[None]) -> None:
         self._in_flight.difference_update(ids)
+        self._per_domain[domain] -= 1
+        self._full_since.pop(domain, None)  # it has room again
+        if not self._per_domain[domain]:
+            del self._per_domain[domain]
 
     async def _deliver_logged(self, message_id: uuid.UUID, domain: str,
                               deliveries: list[ClaimedDelivery], progress: _Progress) -> None:
@@ -266,9 +354,20 @@ class Deliverer:
                                        False) for d in deliveries]
             await self._settle(message, deliveries, results, progress, host=domain)
             return
+        suspended = self.shaper.suspended(hop.key)
+        if suspended is not None:
+            # Dead after repeated failures: defer at once, as Postfix does ("delivery
+            # temporarily suspended"), rather than hold a task until the cool-off ends.
+            results = [RecipientResult(d.recipient, 0,
+                                       f"delivery temporarily suspended: {suspended}",
+                                       "connect", False) for d in deliveries]
+            await self._settle(message, deliveries, results, progress, host=hop.key)
+            return
         progress.attempt_id = uuid.uuid4().hex
+        body = _Body(self.store, message_id, self._sending)
 
         async def before_data() -> None:
+            await body.load()
             await self.journal.append_durable(AttemptStarted(
                 progress.attempt_id, tuple(d.id for d in deliveries), str(message_id),
                 hop.hosts[0].name if hop.hosts else hop.key, time.time()))
@@ -276,21 +375,18 @@ class Deliverer:
             fault_point("delivery.after_attempt_started")
 
         sending_since = time.perf_counter()
-        async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key), \
-                self._sending:
-            # The body is read only now, inside the sending slot (I4), and before the
-            # attempt starts: a store outage here means certainly not sent.
+        async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key):
             try:
-                content = await self.store.message_content(message_id)
-            except StoreUnavailable as exc:
-                raise _NotSent(f"store unavailable before the attempt ({exc})") from exc
-            if content is None:
-                return
-            async with self.connections.session(hop) as conn:
-                results = await conn.send(
-                    Transaction(message.mail_from, [d.recipient for d in deliveries],
-                                _chunks(*content)),
-                    before_data=before_data)
+                async with self.connections.session(hop) as conn:
+                    results = await conn.send(
+                        Transaction(message.mail_from, [d.recipient for d in deliveries],
+                                    body.chunks()),
+                        before_data=before_data)
+            finally:
+                body.release()
+        if body.unavailable is not None:
+            # The body could not be read right before DATA: certainly not sent.
+            raise _NotSent(f"store unavailable before the attempt ({body.unavailable})")
         self.metrics.delivery_attempt_seconds.labels(hop.key).observe(
             time.perf_counter() - sending_since)
         if any(r.code == 0 for r in results):
@@ -298,7 +394,7 @@ class Deliverer:
         if any(r.code and 200 <= r.code < 500 for r in results):
             self.shaper.record_success(hop.key)
         else:
-            self.shaper.record_failure(hop.key)
+            self.shaper.record_failure(hop.key, results[0].text if results else "")
         await self._settle(message, deliveries, results, progress, host=hop.key,
                            uncertain_mode=hop.uncertain_mode or self.options.uncertain_mode)
 
@@ -577,7 +673,10 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
         policy=policy, owner=owner, metrics=metrics,
         options=DeliveryOptions(batch_size=config.batch_size,
                                 workers=settings.node.workers,
-                                max_tasks=max(config.batch_size, 4 * settings.node.workers),
+                                max_tasks=8 * config.batch_size,
+                                per_destination_tasks=max(
+                                    4 * config.max_connections_per_destination,
+                                    config.batch_size),
                                 lease_seconds=config.lease_seconds,
                                 poll_interval=config.poll_interval,
                                 uncertain_mode=config.uncertain_mode, reporting_mta=ehlo))

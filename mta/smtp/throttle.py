@@ -86,6 +86,7 @@ class _Destination:
         "dead_until",
         "failures",
         "in_use",
+        "last_failure",
         "stamp",
         "successes",
         "tokens",
@@ -99,6 +100,7 @@ class _Destination:
         self.waiting = 0
         self.dead_until: float | None = None
         self.failures = 0
+        self.last_failure = ""
         self.successes = 0
         self.tokens = tokens
         self.stamp = now
@@ -154,18 +156,27 @@ class Shaper:
             entry.window += 1
             self._notify()
 
-    def record_failure(self, key: str) -> None:
+    def record_failure(self, key: str, evidence: str = "") -> None:
         """Connect failure, 4xx or timeout at ``key``: shrink its window; at zero it is dead."""
         entry = self._entry(key)
         now = self._clock()
         self._refresh(entry, now)
         entry.failures += 1
+        entry.last_failure = evidence
         if entry.dead_until is not None:
             return
         entry.window -= 1
         if entry.window <= 0:
             entry.window = 0
             entry.dead_until = now + self.config.dead_cooloff
+
+    def suspended(self, key: str) -> str | None:
+        """While ``key`` is dead, the failure that killed it; None when it may be tried."""
+        entry = self._destinations.get(key)
+        if entry is None:
+            return None
+        self._refresh(entry, self._clock())
+        return entry.last_failure if entry.dead_until is not None else None
 
     def state(self, key: str) -> DestinationState:
         """The state of ``key`` (a fresh one if it is not tracked)."""

@@ -74,6 +74,42 @@ async def _is(node: NodeHandle, message_id: uuid.UUID, wanted: str) -> bool:
     return await state(node, message_id) == wanted
 
 
+async def test_a_backlog_for_a_hung_destination_does_not_fill_the_workers(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """60 messages for a hung destination are queued before 10 healthy ones, in claims
+    of 5: the node keeps only a few groups of the hung one in hand and gives the rest
+    back unattempted, so the healthy mail behind them goes out at once."""
+    async with running_sink(faults=Faults(hang=True), hang_limit=30) as hung, \
+            running_sink() as healthy:
+        node = await start_node(make_settings(delivery={
+            "enabled": True, "poll_interval": 60.0, "data_end_timeout": 20.0,
+            "batch_size": 5, "max_connections_per_destination": 1,
+            "routes": [
+                {"domain": "hung.example", "host": "127.0.0.1", "port": hung.port,
+                 "tls": "none"},
+                {"domain": "*", "host": "127.0.0.1", "port": healthy.port, "tls": "none"},
+            ],
+        }))
+        try:
+            stuck = [await submit(node, f"u{n}@hung.example", f"b{n}") for n in range(60)]
+            await hung.wait_for_count(1, timeout=5)
+            fine = [await submit(node, f"u{n}@fine.example", f"g{n}") for n in range(10)]
+            await healthy.wait_for_count(10, timeout=10)
+            for message_id in fine:
+                await wait_for(lambda m=message_id: _is(node, m, "delivered"), timeout=5)
+            states = [await state(node, m) for m in stuck]
+            assert states.count("leased") <= 5, states
+            assert states.count("queued") >= 55, "given back unattempted, not deferred"
+            deliverer = node.node.deliverer
+            assert deliverer is not None
+            assert deliverer.metrics.delivery_postponed._value.get() >= 55
+            assert len(hung.transactions) == 1, "one connection: one attempt hangs"
+            hung.release()
+        finally:
+            await node.stop()
+
+
 async def test_a_flaky_destination_ends_delivered_or_uncertain_never_twice(
     make_settings: Callable[..., Settings],
 ) -> None:
@@ -141,3 +177,30 @@ async def test_a_flaky_destination_on_a_retry_route_ends_delivered_with_duplicat
     assert all(count >= 1 for count in arrivals.values()), arrivals
     assert all(marked[tag] for tag in twice), {tag: marked[tag] for tag in twice}
     assert counted >= len(twice)
+
+
+async def test_a_dead_destination_defers_the_rest_at_once_as_suspended(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """After its window closes, mail for a dead destination is deferred with the failure
+    as evidence, without another connection, as Postfix's "delivery temporarily
+    suspended"."""
+    async with running_sink() as sink:
+        closed_port = sink.port
+    node = await start_node(make_settings(delivery={
+        "enabled": True, "poll_interval": 60.0, "minimal_backoff": 60.0,
+        "max_connections_per_destination": 1,
+        "routes": [{"domain": "*", "host": "127.0.0.1", "port": closed_port, "tls": "none"}],
+    }))
+    try:
+        first = await submit(node, "a@dead.example", "d0")
+        await wait_for(lambda: _is(node, first, "deferred"), timeout=10)
+        (evidence,) = await store_of(node).deliveries(first)
+        assert "no host accepted a connection" in (evidence.last_reply or "")
+        later = await submit(node, "b@dead.example", "d1")
+        await wait_for(lambda: _is(node, later, "deferred"), timeout=10)
+        (evidence,) = await store_of(node).deliveries(later)
+        assert (evidence.last_reply or "").startswith(
+            "delivery temporarily suspended: no host accepted a connection"), evidence
+    finally:
+        await node.stop()

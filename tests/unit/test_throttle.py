@@ -286,3 +286,16 @@ async def test_dead_destinations_are_evicted_last(fake: FakeTime) -> None:
     shaper.record_success("fresh")
     assert len(shaper) == 3
     assert set(shaper.states()) == {"y", "z", "fresh"}
+
+
+def test_a_dead_destination_is_suspended_with_the_failure_that_killed_it(
+    fake: FakeTime,
+) -> None:
+    shaper = make(fake, initial_window=2, dead_cooloff=60.0)
+    assert shaper.suspended("a") is None, "unknown destinations may be tried"
+    shaper.record_failure("a", "connection refused")
+    assert shaper.suspended("a") is None, "still has a window of one"
+    shaper.record_failure("a", "timeout waiting for the greeting")
+    assert shaper.suspended("a") == "timeout waiting for the greeting"
+    fake.now += 60.0
+    assert shaper.suspended("a") is None, "revived after the cool-off"
