@@ -43,6 +43,10 @@ FROM messages WHERE id = $1;
 -- One message's added trace headers and body, read only right before it is sent.
 SELECT trace_headers, body FROM messages WHERE id = $1;
 
+-- name: message_head
+-- One message's added trace headers and the first $2 bytes of its body (for a DSN).
+SELECT trace_headers, substring(body FROM 1 FOR $2) AS head FROM messages WHERE id = $1;
+
 -- name: message_count
 -- How many messages the store holds.
 SELECT count(*) FROM messages;

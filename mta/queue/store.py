@@ -354,6 +354,12 @@ class Store:
         row = await self._run("message_content", "fetchrow", message_id)
         return (bytes(row["trace_headers"]), bytes(row["body"])) if row is not None else None
 
+    async def message_head(self, message_id: uuid.UUID,
+                           limit: int) -> tuple[bytes, bytes] | None:
+        """Trace headers and the first ``limit`` bytes of the body, or None."""
+        row = await self._run("message_head", "fetchrow", message_id, limit)
+        return (bytes(row["trace_headers"]), bytes(row["head"])) if row is not None else None
+
     async def deliveries(self, message_id: uuid.UUID) -> list[DeliveryRecord]:
         """Every delivery of one message."""
         rows = await self._run("delivery_list_for_message", "fetch", message_id)

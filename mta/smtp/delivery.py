@@ -83,6 +83,8 @@ def owner_prefix(node_name: str) -> str:
 
 #: Bytes of a body handed to the SMTP client at a time.
 BODY_CHUNK_BYTES = 64 * 1024
+#: Bytes of a body read for the headers a DSN returns (never the whole body).
+DSN_HEADERS_MAX_BYTES = 64 * 1024
 
 
 class _Body:
@@ -516,11 +518,14 @@ async def bounce_for(store: Store, message: MessageRecord, failed: Sequence[Reci
     """
     if not message.mail_from:
         return None
-    content = await store.message_content(message.id)
-    if content is None:
+    head = await store.message_head(message.id, DSN_HEADERS_MAX_BYTES)
+    if head is None:
         return None
-    trace, body = content
-    headers = (trace + body).split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    trace, body_head = head
+    text = trace + body_head
+    end = text.find(b"\r\n\r\n")
+    # Past the limit, the headers end at the last whole line read.
+    headers = text[:end + 2] if end >= 0 else text[:text.rfind(b"\r\n") + 2]
     now = datetime.now(UTC)
     dsn = build_dsn(
         reporting_mta=reporting_mta, original_sender=message.mail_from,

@@ -258,3 +258,29 @@ async def test_queue_metrics_show_what_waits_and_for_how_long(
 
 async def _positive(node: NodeHandle, name: str) -> bool:
     return await metric(node.admin_port, name) > 0
+
+
+async def test_a_dsn_returns_at_most_64_kib_of_headers_cut_at_a_whole_line(
+    make_settings: Callable[..., Settings], sink: Sink
+) -> None:
+    sink.faults = Faults(reject={"gone@example.com": "550 5.1.1 no such user"})
+    node = await start_node(delivery_settings(make_settings, sink))
+    try:
+        filler = "".join(f"X-Filler-{n:03d}: {'x' * 900}\r\n" for n in range(100))
+        client = await RawSMTP.connect(node.port)
+        await client.cmd("EHLO client.test")
+        reply = await client.submit("app@example.org", ["gone@example.com"], (
+            f"Message-ID: <big@test>\r\nSubject: many headers\r\n{filler}\r\nbody\r\n"
+        ).encode())
+        await client.close()
+        assert reply.startswith("250 "), reply
+        await wait_for(lambda: _dsn_delivered(sink), timeout=10)
+        (dsn,) = [t for t in sink.transactions if t.mail_from == ""]
+        returned = dsn.data.split(b"Content-Type: text/rfc822-headers", 1)[1]
+        assert b"Subject: many headers" in returned
+        assert b"X-Filler-000: " in returned and b"X-Filler-099: " not in returned
+        assert len(returned) < 70_000
+        fillers = [line for line in returned.split(b"\r\n") if line.startswith(b"X-Filler-")]
+        assert fillers and all(len(line) == len("X-Filler-000: ") + 900 for line in fillers)
+    finally:
+        await node.stop()
