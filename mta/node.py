@@ -18,6 +18,7 @@ from mta.errors import StoreUnavailable
 from mta.metrics import Metrics
 from mta.queue import Store
 from mta.queue.retention import Retention
+from mta.queue.store import PENDING_STATES
 from mta.smtp.admission import Admission
 from mta.smtp.delivery import Deliverer, start_delivery
 from mta.smtp.intake import Intake
@@ -115,6 +116,8 @@ class Node:
     async def _queue_stats_loop(self) -> None:
         """Refresh the queue gauges; while the store is down they keep their last values."""
         assert self.store is not None
+        for state in PENDING_STATES:  # every state is exported from the start, as 0
+            self.metrics.queue_deliveries.labels(state)
         while not self._stop_background.is_set():
             with contextlib.suppress(StoreUnavailable):
                 stats = await self.store.queue_stats()

@@ -248,6 +248,9 @@ async def test_queue_metrics_show_what_waits_and_for_how_long(
         async def queued() -> bool:
             return await metric(node.admin_port, 'mta_queue_deliveries{state="queued"}') == 2
 
+        assert await metric(node.admin_port, 'mta_queue_deliveries{state="held"}') == 0, \
+            "every state is exported from the start"
+
         await wait_for(queued, timeout=10)
         assert await metric(node.admin_port, 'mta_queue_deliveries{state="uncertain"}') == 0
         await wait_for(lambda: _positive(node, "mta_queue_oldest_message_age_seconds"),
