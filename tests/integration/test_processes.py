@@ -75,6 +75,15 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting for its reaper has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 async def test_node_processes_exit_when_their_supervisor_is_killed(
     tmp_path: Path, db_dsn: str
 ) -> None:
@@ -87,8 +96,7 @@ async def test_node_processes_exit_when_their_supervisor_is_killed(
         assert len(children) == PROCESSES
         node.signal(signal.SIGKILL)
         await node.wait_exit(10)
-        await wait_for(lambda: not any(Path(f"/proc/{c}").exists() for c in children),
-                       timeout=30)
+        await wait_for(lambda: not any(running(c) for c in children), timeout=60)
     finally:
         await node.close()
 
