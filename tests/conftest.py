@@ -92,6 +92,8 @@ def make_settings(tmp_path: Path, db_dsn: str) -> Callable[..., Settings]:
             "smtp": {"listen": "127.0.0.1:2525", "hostname": "mx.test.invalid"},
             "admission": {"min_free_disk": 0},
             "admin": {"listen": "127.0.0.1:9325"},
+            # Tests deliver only where they say (loopback routes), never by default.
+            "delivery": {"enabled": False},
         }
         for section, overrides in sections.items():
             if isinstance(overrides, dict):

@@ -112,6 +112,8 @@ class NodeProcess:
             "admission": {"min_free_disk": 0},
             "admin": {"listen": f"127.0.0.1:{admin_port}"},
             "log": {"format": "json"},
+            # Tests deliver only where they say (loopback routes), never by default.
+            "delivery": {"enabled": False},
         }
         for section, values in overrides.items():
             sections.setdefault(section, {}).update(values)

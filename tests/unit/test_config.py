@@ -126,6 +126,6 @@ def test_memory_bound_follows_data_concurrency_and_size(tmp_path: Path) -> None:
 
 def test_memory_bound_counts_delivery_bodies_when_delivery_runs(tmp_path: Path) -> None:
     base = "[node]\nworkers = 3\n[smtp]\nmax_message_size = '1MiB'\n"
-    off = load_settings(write(tmp_path, base))
+    off = load_settings(write(tmp_path, base + "[delivery]\nenabled = false\n"))
     on = load_settings(write(tmp_path, base + "[delivery]\nenabled = true\n"))
     assert memory_bound_bytes(on) - memory_bound_bytes(off) == 3 * 2 * 1024 * 1024
