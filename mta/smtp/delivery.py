@@ -215,7 +215,8 @@ class Deliverer:
         self._held_back_lock = asyncio.Lock()
         #: At most ``workers`` messages are being sent at once: their bodies bound memory (I4).
         self._sending = asyncio.Semaphore(options.workers)
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Each running group's task, with its progress and delivery ids.
+        self._groups: dict[asyncio.Task[None], tuple[_Progress, set[int]]] = {}
         self._in_flight: set[int] = set()
         #: Groups being sent (or waiting to be) per destination domain.
         self._per_domain: Counter[str] = Counter()
@@ -226,9 +227,10 @@ class Deliverer:
 
     async def close(self) -> None:
         """Cancel sends still running (they keep journal records and leases), then close."""
-        for task in self._tasks:
+        tasks = list(self._groups)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.connections.close()
         await self.journal.close()
 
@@ -239,8 +241,8 @@ class Deliverer:
         on claiming for the others while at most ``max_tasks`` groups are outstanding.
         """
         while not stop.is_set():
-            if len(self._tasks) >= self.options.max_tasks:
-                await _first_of(list(self._tasks), stop, timeout=None)
+            if len(self._groups) >= self.options.max_tasks:
+                await _first_of(list(self._groups), stop, timeout=None)
                 continue
             # Cleared before the round, not after: a wake-up during it is not lost.
             self.wake.clear()
@@ -257,13 +259,29 @@ class Deliverer:
             if handled:
                 continue
             await _first_of([], stop, self.wake, timeout=self.options.poll_interval)
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        await self._give_back_unstarted()
+        if self._groups:
+            await asyncio.wait(list(self._groups))
+
+    async def _give_back_unstarted(self) -> None:
+        """At stop: cancel the groups whose attempt has not started and return their
+        leases unattempted, so a restart neither waits for them nor counts them as
+        in flight at a crash (the crash-loop breaker)."""
+        unstarted = {task: ids for task, (progress, ids) in self._groups.items()
+                     if not progress.started}
+        for task in unstarted:
+            task.cancel()
+        await asyncio.gather(*unstarted, return_exceptions=True)
+        ids = [i for group in unstarted.values() for i in group]
+        if ids:
+            with contextlib.suppress(StoreUnavailable):  # then the next start releases them
+                await self.store.postpone(self.owner, dict.fromkeys(ids, 0.0))
+            log.info("delivery.unstarted_given_back", count=len(ids))
 
     async def run_once(self) -> int:
         """Apply held-back outcomes, claim a batch and dispatch its groups. Returns its size."""
         await self._apply_held_back()
-        room = self.options.max_tasks - len(self._tasks)
+        room = self.options.max_tasks - len(self._groups)
         try:
             claimed = await self.store.claim_due(self.owner, min(self.options.batch_size, room),
                                                  self.options.lease_seconds)
@@ -284,10 +302,10 @@ class Deliverer:
             ids = {d.id for d in deliveries}
             self._in_flight |= ids
             self._per_domain[domain] += 1
+            progress = _Progress()
             task = asyncio.create_task(self._deliver_logged(message_id, domain, deliveries,
-                                                            _Progress()))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+                                                            progress))
+            self._groups[task] = (progress, ids)
             task.add_done_callback(partial(self._finished, ids, domain))
         if postponed:
             await self._postpone(postponed)
@@ -304,7 +322,8 @@ class Deliverer:
             raise
         self.metrics.delivery_postponed.inc(len(delays))
 
-    def _finished(self, ids: set[int], domain: str, _: asyncio.Task[None]) -> None:
+    def _finished(self, ids: set[int], domain: str, task: asyncio.Task[None]) -> None:
+        self._groups.pop(task, None)
         self._in_flight.difference_update(ids)
         self._per_domain[domain] -= 1
         self._full_since.pop(domain, None)  # it has room again

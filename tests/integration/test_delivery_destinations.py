@@ -204,3 +204,34 @@ async def test_a_dead_destination_defers_the_rest_at_once_as_suspended(
             "delivery temporarily suspended: no host accepted a connection"), evidence
     finally:
         await node.stop()
+
+
+async def test_a_graceful_stop_gives_back_what_has_not_started_unattempted(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Groups still waiting for a connection when the node stops return to the queue
+    at once, unattempted and not counted as in flight at a crash; the one mid-attempt
+    keeps its lease and journal record for the next start to settle."""
+    async with running_sink(faults=Faults(hang=True), hang_limit=30) as hung:
+        node = await start_node(make_settings(smtp={"shutdown_grace": 0.5}, delivery={
+            "enabled": True, "poll_interval": 60.0, "max_connections_per_destination": 1,
+            "routes": [{"domain": "*", "host": "127.0.0.1", "port": hung.port,
+                        "tls": "none"}],
+        }))
+        stopped = False
+        try:
+            sent = [await submit(node, f"s{n}@slow.example", f"s{n}") for n in range(3)]
+            await hung.wait_for_count(1, timeout=5)
+            store = await Store.open(node.settings.database.dsn, node.settings)
+            await node.stop()
+            stopped = True
+            try:
+                found = [(await store.deliveries(m))[0] for m in sent]
+            finally:
+                await store.close()
+        finally:
+            if not stopped:
+                await node.stop()
+            hung.release()
+    assert sorted(d.state for d in found) == ["leased", "queued", "queued"]
+    assert all(d.attempts == 0 for d in found)
