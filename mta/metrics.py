@@ -72,11 +72,6 @@ class Metrics:
             "Resends after a lost reply to the dot (uncertain_mode retry), by destination.",
             ["destination"], registry=reg,
         )
-        self.delivery_postponed = Counter(
-            "mta_delivery_postponed",
-            "Claimed deliveries given back unattempted: their destination had enough in hand.",
-            registry=reg,
-        )
         self.delivery_timeouts = Counter(
             "mta_delivery_timeouts", "Attempts that ended without a reply, by destination.",
             ["destination"], registry=reg,

@@ -84,19 +84,27 @@ SELECT id, recipient, next_hop, state, attempts, next_attempt_at, lease_owner,
 FROM deliveries WHERE message_id = $1 ORDER BY id;
 
 -- name: delivery_claim_due
--- Lease up to $2 due deliveries to owner $1 for $3 seconds, skipping locked rows.
-WITH due AS (
-    SELECT id FROM deliveries
+-- Lease to owner $1 for $3 seconds the first $2 due deliveries whose next hop is not in
+-- $4 (destinations the owner has enough of), oldest due first, skipping locked rows;
+-- with them, every other due delivery of the same message and next hop, so one SMTP
+-- transaction carries all of a message's recipients at a destination.
+WITH first AS (
+    SELECT id, message_id, next_hop FROM deliveries
     WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()
+      AND next_hop <> ALL($4::text[])
     ORDER BY next_attempt_at
     LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), siblings AS (
+    SELECT id FROM deliveries
+    WHERE (message_id, next_hop) IN (SELECT message_id, next_hop FROM first)
+      AND state IN ('queued', 'deferred') AND next_attempt_at <= now()
     FOR UPDATE SKIP LOCKED
 )
 UPDATE deliveries AS d
 SET state = 'leased', lease_owner = $1,
     lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
-FROM due
-WHERE d.id = due.id
+WHERE d.id = ANY(ARRAY(SELECT id FROM first UNION SELECT id FROM siblings))
 RETURNING d.id, d.message_id, d.recipient, d.next_hop, d.attempts;
 
 -- name: server_limits
@@ -150,19 +158,16 @@ INSERT INTO delivery_events (delivery_id, state, reply_code, detail, actor)
 SELECT id, state, last_reply_code, coalesce(last_reply, ''), $1 FROM changed
 RETURNING delivery_id;
 
--- name: delivery_postpone
--- Give back owner $1's leases on deliveries $2, unattempted, each due again in its $3
--- seconds: this process has enough of their destination in hand. Not an attempt, so no
--- evidence event and no attempt counted.
-UPDATE deliveries AS d
-SET state = CASE WHEN d.attempts > 0 THEN 'deferred' ELSE 'queued' END,
+-- name: delivery_give_back
+-- Return owner $1's leases on deliveries $2, unattempted (a graceful stop), due as they
+-- were. Not an attempt: no evidence event, no attempt counted, no crash counted.
+UPDATE deliveries
+SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,
     lease_owner = NULL,
     lease_expires_at = NULL,
-    next_attempt_at = now() + make_interval(secs => p.delay_s),
     updated_at = now()
-FROM unnest($2::bigint[], $3::float8[]) AS p (id, delay_s)
-WHERE d.id = p.id AND d.state = 'leased' AND d.lease_owner = $1
-RETURNING d.id;
+WHERE id = ANY($2::bigint[]) AND state = 'leased' AND lease_owner = $1
+RETURNING id;
 
 -- name: delivery_release_unsent
 -- Requeue deliveries leased to dead owner $1 ($2) that were certainly not sent ($3: why).

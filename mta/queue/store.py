@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -338,10 +338,14 @@ class Store:
         return int(await self._run("message_queued_bytes", "fetchval"))
 
     async def claim_due(
-        self, owner: str, limit: int, lease_seconds: float
+        self, owner: str, limit: int, lease_seconds: float,
+        skip_next_hops: Sequence[str] = (),
     ) -> list[ClaimedDelivery]:
-        """Lease up to ``limit`` due deliveries to ``owner``; locked rows are skipped."""
-        rows = await self._run("delivery_claim_due", "fetch", owner, limit, lease_seconds)
+        """Lease due deliveries to ``owner``: the first ``limit`` whose next hop is not in
+        ``skip_next_hops``, and the due siblings of their messages at the same next hop
+        (so a claim may return more than ``limit``). Locked rows are skipped."""
+        rows = await self._run("delivery_claim_due", "fetch", owner, limit, lease_seconds,
+                               list(skip_next_hops))
         return [ClaimedDelivery(**dict(row)) for row in rows]
 
     async def message(self, message_id: uuid.UUID) -> MessageRecord | None:
@@ -418,10 +422,9 @@ class Store:
         if delivery_ids:
             await self._run("message_mark_done", "execute", list(delivery_ids))
 
-    async def postpone(self, owner: str, delays: Mapping[int, float]) -> set[int]:
-        """Give back ``owner``'s leases unattempted, each due again after its delay."""
-        rows = await self._run("delivery_postpone", "fetch", owner, list(delays),
-                               list(delays.values()))
+    async def give_back(self, owner: str, delivery_ids: Sequence[int]) -> set[int]:
+        """Return ``owner``'s leases unattempted, due as before; the ids given back."""
+        rows = await self._run("delivery_give_back", "fetch", owner, list(delivery_ids))
         return {row["id"] for row in rows}
 
     async def release_unsent(self, owner: str, delivery_ids: Sequence[int], reason: str, *,

@@ -147,10 +147,6 @@ class _NotSent(Exception):
 
 #: Seconds the claim loop waits after an unexpected error before it claims again.
 ROUND_RETRY_S = 1.0
-#: Seconds until a postponed delivery is due again (its destination had enough in hand):
-#: as long as the destination has been full, within these bounds.
-POSTPONE_MIN_S = 5.0
-POSTPONE_MAX_S = 300.0
 
 
 @dataclass
@@ -183,8 +179,9 @@ class DeliveryOptions:
     batch_size: int = 50
     workers: int = 8
     max_tasks: int = 200
-    #: Groups per destination domain in hand at once; more are postponed (not attempted),
-    #: so a slow or hung destination cannot fill ``max_tasks`` and starve the others.
+    #: Groups per destination domain in hand at once; claims skip a domain that has
+    #: this many, so a slow or hung destination cannot fill ``max_tasks`` and starve
+    #: the others.
     per_destination_tasks: int = 20
     lease_seconds: float = 300.0
     poll_interval: float = 5.0
@@ -220,8 +217,6 @@ class Deliverer:
         self._in_flight: set[int] = set()
         #: Groups being sent (or waiting to be) per destination domain.
         self._per_domain: Counter[str] = Counter()
-        #: When each destination domain that is full now was first found full.
-        self._full_since: dict[str, float] = {}
         #: Set when a claim failed midway: it may have committed without our knowing.
         self._orphans_possible = False
 
@@ -241,7 +236,8 @@ class Deliverer:
         on claiming for the others while at most ``max_tasks`` groups are outstanding.
         """
         while not stop.is_set():
-            if len(self._groups) >= self.options.max_tasks:
+            if len(self._groups) > self.options.max_tasks - self.options.batch_size:
+                # Wait for room for a whole batch rather than claim a sliver of one.
                 await _first_of(list(self._groups), stop, timeout=None)
                 continue
             # Cleared before the round, not after: a wake-up during it is not lost.
@@ -275,30 +271,24 @@ class Deliverer:
         ids = [i for group in unstarted.values() for i in group]
         if ids:
             with contextlib.suppress(StoreUnavailable):  # then the next start releases them
-                await self.store.postpone(self.owner, dict.fromkeys(ids, 0.0))
+                await self.store.give_back(self.owner, ids)
             log.info("delivery.unstarted_given_back", count=len(ids))
 
     async def run_once(self) -> int:
         """Apply held-back outcomes, claim a batch and dispatch its groups. Returns its size."""
         await self._apply_held_back()
-        room = self.options.max_tasks - len(self._groups)
+        cap = self.options.per_destination_tasks
+        full = [domain for domain, count in self._per_domain.items() if count >= cap]
         try:
-            claimed = await self.store.claim_due(self.owner, min(self.options.batch_size, room),
-                                                 self.options.lease_seconds)
+            claimed = await self.store.claim_due(self.owner, self.options.batch_size,
+                                                 self.options.lease_seconds, full)
         except StoreUnavailable:
             self._orphans_possible = True
             raise
         groups: dict[tuple[uuid.UUID, str], list[ClaimedDelivery]] = defaultdict(list)
         for delivery in claimed:
             groups[(delivery.message_id, delivery.next_hop)].append(delivery)
-        postponed: dict[int, float] = {}
-        now = time.monotonic()
         for (message_id, domain), deliveries in groups.items():
-            if self._per_domain[domain] >= self.options.per_destination_tasks:
-                full_for = now - self._full_since.setdefault(domain, now)
-                delay = min(max(full_for, POSTPONE_MIN_S), POSTPONE_MAX_S)
-                postponed |= {d.id: delay for d in deliveries}
-                continue
             ids = {d.id for d in deliveries}
             self._in_flight |= ids
             self._per_domain[domain] += 1
@@ -307,26 +297,14 @@ class Deliverer:
                                                             progress))
             self._groups[task] = (progress, ids)
             task.add_done_callback(partial(self._finished, ids, domain))
-        if postponed:
-            await self._postpone(postponed)
-            # Claim them again when due, without waiting for the next poll.
-            asyncio.get_running_loop().call_later(min(postponed.values()), self.wake.set)
         return len(claimed)
-
-    async def _postpone(self, delays: dict[int, float]) -> None:
-        """Give back leases of destinations with enough in hand; the loop moves on."""
-        try:
-            await self.store.postpone(self.owner, delays)
-        except StoreUnavailable:
-            self._orphans_possible = True  # the orphan sweep gives them back later
-            raise
-        self.metrics.delivery_postponed.inc(len(delays))
 
     def _finished(self, ids: set[int], domain: str, task: asyncio.Task[None]) -> None:
         self._groups.pop(task, None)
         self._in_flight.difference_update(ids)
+        if self._per_domain[domain] >= self.options.per_destination_tasks:
+            self.wake.set()  # it has room again: its due mail can be claimed now
         self._per_domain[domain] -= 1
-        self._full_since.pop(domain, None)  # it has room again
         if not self._per_domain[domain]:
             del self._per_domain[domain]
 

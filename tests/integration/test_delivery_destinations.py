@@ -78,8 +78,8 @@ async def test_a_backlog_for_a_hung_destination_does_not_fill_the_workers(
     make_settings: Callable[..., Settings],
 ) -> None:
     """60 messages for a hung destination are queued before 10 healthy ones, in claims
-    of 5: the node keeps only a few groups of the hung one in hand and gives the rest
-    back unattempted, so the healthy mail behind them goes out at once."""
+    of 5: the node keeps only a few groups of the hung one in hand and its claims skip
+    the rest, so the healthy mail behind them goes out at once."""
     async with running_sink(faults=Faults(hang=True), hang_limit=30) as hung, \
             running_sink() as healthy:
         node = await start_node(make_settings(delivery={
@@ -100,10 +100,7 @@ async def test_a_backlog_for_a_hung_destination_does_not_fill_the_workers(
                 await wait_for(lambda m=message_id: _is(node, m, "delivered"), timeout=5)
             states = [await state(node, m) for m in stuck]
             assert states.count("leased") <= 5, states
-            assert states.count("queued") >= 55, "given back unattempted, not deferred"
-            deliverer = node.node.deliverer
-            assert deliverer is not None
-            assert deliverer.metrics.delivery_postponed._value.get() >= 55
+            assert states.count("queued") >= 55, "left in the queue, not attempted"
             assert len(hung.transactions) == 1, "one connection: one attempt hangs"
             hung.release()
         finally:

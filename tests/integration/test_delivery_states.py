@@ -109,8 +109,9 @@ async def test_operators_resolve_uncertain_deliveries_with_an_audit_trail(store:
 async def test_held_deliveries_are_never_claimed_until_released(store: Store) -> None:
     await enqueue(store, 3)
     claimed = await store.claim_due("worker-a", 1, 60.0)
+    assert len(claimed) == 3, "a message's recipients at one destination come together"
     await store.record_outcomes("worker-a", [
-        AttemptOutcome(claimed[0].id, "deferred", 421, "421 busy", retry_in_s=0)
+        AttemptOutcome(d.id, "deferred", 421, "421 busy", retry_in_s=0) for d in claimed
     ])
     message_id = claimed[0].message_id
     ids = [d.id for d in await store.deliveries(message_id)]
@@ -223,3 +224,21 @@ async def test_an_expired_lease_of_a_live_owner_is_counted_not_taken_over(
     outcome = AttemptOutcome(delivery.id, "delivered", 250, "250 ok")
     assert await store.record_outcomes("slow-worker", [outcome]) == {delivery.id}
     assert (await store.queue_stats()).expired_leases == 0
+
+
+async def test_a_claim_brings_each_messages_due_recipients_at_a_destination_together(
+    store: Store,
+) -> None:
+    await store.enqueue(NewMessage(
+        id=new_message_id(), mail_from="a@example.org",
+        recipients=[f"r{i}@big.example" for i in range(120)] + ["x@other.example"],
+        trace_headers=b"", body=b"x\r\n", client_address="127.0.0.1", helo_name="h",
+        auth_user=None, message_id_header=None))
+    await enqueue(store, 2)
+    first = await store.claim_due("worker-a", 1, 60.0)
+    assert {d.next_hop for d in first} == {"big.example"} and len(first) == 120, \
+        "the first due row brings its 119 siblings at big.example, not other.example"
+    skipping = await store.claim_due("worker-a", 10, 60.0, ["other.example"])
+    assert {d.next_hop for d in skipping} == {"example.com"} and len(skipping) == 2
+    assert [d.next_hop for d in await store.claim_due("worker-a", 10, 60.0)] == [
+        "other.example"]
