@@ -74,7 +74,6 @@ QUIT_TIMEOUT = 5.0
 MAX_SESSIONS_PER_ATTEMPT = 2
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
-_LINE_START_DOT = re.compile(rb"\r\n\.")
 
 
 @dataclass(frozen=True)
@@ -159,8 +158,10 @@ class _DotStuffer:
             data, self._held = data[:-1], b"\r"
         if not data:
             return b""
-        data = _LINE_ENDINGS.sub(b"\r\n", data)
-        data = _LINE_START_DOT.sub(b"\r\n..", data)
+        crlf = data.count(b"\r\n")
+        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:  # a bare CR or LF
+            data = _LINE_ENDINGS.sub(b"\r\n", data)
+        data = data.replace(b"\r\n.", b"\r\n..")
         if self._line_start and data.startswith(b"."):
             data = b"." + data
         self._line_start = data.endswith(b"\n")
