@@ -165,7 +165,7 @@ class RouteSection(_Section):
 class DeliverySection(_Section):
     """Outbound delivery: workers, routing, retries and shaping."""
 
-    enabled: bool = False
+    enabled: bool = True
     ehlo_name: str = ""
     batch_size: PositiveInt = 50
     lease_seconds: PositiveFloat = 300.0
