@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from mta.config import Settings
 from mta.queue import Store
 from mta.queue.ids import parse_queue_id
 from tests.support.admin import metric
 from tests.support.nodes import NodeHandle, start_node, wait_for
-from tests.support.sink import Faults, running_sink
+from tests.support.sink import Faults, Sink, running_sink
 from tests.support.smtp import RawSMTP, queue_id_of
 
 
@@ -34,20 +35,27 @@ async def state(node: NodeHandle, message_id: uuid.UUID) -> str:
     return delivery.state
 
 
+def next_to_hung(make_settings: Callable[..., Settings], hung: Sink, healthy: Sink,
+                 **delivery: Any) -> Settings:
+    """Mail for hung.example goes to ``hung``, the rest to ``healthy``; one connection
+    per destination, a 60 s poll (only wake-ups deliver in time)."""
+    return make_settings(delivery={
+        "enabled": True, "poll_interval": 60.0, "max_connections_per_destination": 1,
+        "routes": [
+            {"domain": "hung.example", "host": "127.0.0.1", "port": hung.port, "tls": "none"},
+            {"domain": "*", "host": "127.0.0.1", "port": healthy.port, "tls": "none"},
+        ],
+        **delivery,
+    })
+
+
 async def test_a_hung_destination_does_not_hold_up_a_healthy_one(
     make_settings: Callable[..., Settings],
 ) -> None:
     async with running_sink(faults=Faults(hang=True), hang_limit=30) as hung, \
             running_sink() as healthy:
-        node = await start_node(make_settings(delivery={
-            "enabled": True, "poll_interval": 60.0, "data_end_timeout": 3.0,
-            "max_connections_per_destination": 1,
-            "routes": [
-                {"domain": "hung.example", "host": "127.0.0.1", "port": hung.port,
-                 "tls": "none"},
-                {"domain": "*", "host": "127.0.0.1", "port": healthy.port, "tls": "none"},
-            ],
-        }))
+        node = await start_node(next_to_hung(make_settings, hung, healthy,
+                                             data_end_timeout=3.0))
         try:
             stuck = [await submit(node, f"u{n}@hung.example", f"h{n}") for n in range(3)]
             await hung.wait_for_count(1, timeout=5)
@@ -82,15 +90,8 @@ async def test_a_backlog_for_a_hung_destination_does_not_fill_the_workers(
     the rest, so the healthy mail behind them goes out at once."""
     async with running_sink(faults=Faults(hang=True), hang_limit=30) as hung, \
             running_sink() as healthy:
-        node = await start_node(make_settings(delivery={
-            "enabled": True, "poll_interval": 60.0, "data_end_timeout": 20.0,
-            "batch_size": 5, "max_connections_per_destination": 1,
-            "routes": [
-                {"domain": "hung.example", "host": "127.0.0.1", "port": hung.port,
-                 "tls": "none"},
-                {"domain": "*", "host": "127.0.0.1", "port": healthy.port, "tls": "none"},
-            ],
-        }))
+        node = await start_node(next_to_hung(make_settings, hung, healthy,
+                                             data_end_timeout=20.0, batch_size=5))
         try:
             stuck = [await submit(node, f"u{n}@hung.example", f"b{n}") for n in range(60)]
             await hung.wait_for_count(1, timeout=5)
