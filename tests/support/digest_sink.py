@@ -16,7 +16,6 @@ size or line-length limit: a sink takes what it is given.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING
 
-from tests.support.sink import Sink, Transaction, _Silent, _SinkSMTP
+from tests.support.sink import Sink, Transaction, _SinkSMTP
 
 READ_CHUNK = 256 * 1024
 _END_OF_DATA = b"\r\n.\r\n"
@@ -109,25 +108,14 @@ class _BulkDataSMTP(_SinkSMTP):
 class DigestSink(Sink):
     """A ``Sink`` whose transactions are :class:`DigestTransaction` values."""
 
+    protocol_class = _BulkDataSMTP
+
     async def _record(self, record: Transaction) -> None:
         await super()._record(digested(record))
 
     def digests(self) -> list[DigestTransaction]:
         """Every recorded transaction, typed."""
         return [t for t in self.transactions if isinstance(t, DigestTransaction)]
-
-    def _protocol(self) -> asyncio.BaseProtocol:
-        # Sink._protocol with the bulk DATA reader.
-        self.connections += 1
-        if not self.faults.greet:
-            return _Silent(self)
-        auth = self.credentials is not None
-        return _BulkDataSMTP(
-            self, hostname=self.hostname, tls_context=self.tls_context,
-            timeout=self.idle_timeout, auth_required=auth,
-            auth_require_tls=self.tls_context is not None,
-            authenticator=self._authenticate if auth else None,
-            loop=asyncio.get_running_loop())
 
 
 @contextlib.asynccontextmanager

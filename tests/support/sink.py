@@ -215,6 +215,9 @@ class _Handler:
 class Sink:
     """The recording SMTP server; start it with ``running_sink()`` or ``start()``/``stop()``."""
 
+    #: The SMTP session class (a subclass may read DATA differently).
+    protocol_class: type[_SinkSMTP] = _SinkSMTP
+
     def __init__(self, *, seed: int = 0, faults: Faults | None = None,
                  tls_context: ssl.SSLContext | None = None,
                  credentials: Mapping[str, str] | None = None, hostname: str = "sink.test",
@@ -318,7 +321,7 @@ class Sink:
         if not self.faults.greet:
             return _Silent(self)
         auth = self.credentials is not None
-        return _SinkSMTP(
+        return self.protocol_class(
             self, hostname=self.hostname, tls_context=self.tls_context,
             timeout=self.idle_timeout, auth_required=auth,
             auth_require_tls=self.tls_context is not None,
