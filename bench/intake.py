@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +44,8 @@ from mta.queue import EmbeddedPostgres
 NODE_PORT = 2600
 ADMIN_PORT = 9400
 START_TIMEOUT_S = 60.0
+#: Intake only: delivery is on by default in a node, and would also resolve bench.example.
+INTAKE_ONLY = "[delivery]\nenabled = false\n"
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class NodeRun:
     max_db_connections: int
 
 
-def _node_config(data_dir: Path, processes: int) -> str:
+def _node_config(data_dir: Path, processes: int, extra: str = "") -> str:
     return f"""
 [node]
 name = "bench"
@@ -77,7 +79,7 @@ min_free_disk = 0
 listen = "127.0.0.1:{ADMIN_PORT}"
 [log]
 level = "warning"
-"""
+{extra}"""
 
 
 def _healthy() -> bool:
@@ -88,7 +90,7 @@ def _healthy() -> bool:
         return False
 
 
-def _process_tree(root: int) -> list[int]:
+def process_tree(root: int) -> list[int]:
     pids = [root]
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -100,7 +102,7 @@ def _process_tree(root: int) -> list[int]:
     return pids
 
 
-def _vm_hwm_kb(pid: int) -> int:
+def vm_hwm_kb(pid: int) -> int:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -139,11 +141,21 @@ class ConnectionSampler:
 
 
 @contextlib.contextmanager
-def running_node(processes: int) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A fresh node with its own embedded PostgreSQL; stopped and removed afterwards."""
-    work = Path(tempfile.mkdtemp(prefix="mta-bench-"))
+def running_node(
+    processes: int, *, extra_config: str = INTAKE_ONLY, base_dir: Path | None = None,
+    prepare: Callable[[Path], None] | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A fresh node with its own embedded PostgreSQL; stopped and removed afterwards.
+
+    ``extra_config`` is appended to the node's TOML (default: delivery off), the temp dir
+    is made in ``base_dir``, and ``prepare(data_dir)`` runs before the node starts (e.g.
+    to preload its store).
+    """
+    work = Path(tempfile.mkdtemp(prefix="mta-bench-", dir=base_dir))
     config = work / "node.toml"
-    config.write_text(_node_config(work / "data", processes))
+    config.write_text(_node_config(work / "data", processes, extra_config))
+    if prepare is not None:
+        prepare(work / "data")
     log = (work / "node.log").open("wb")
     node = subprocess.Popen([sys.executable, "-m", "mta", "serve", "--config", str(config)],
                             stdout=log, stderr=subprocess.STDOUT)
@@ -181,7 +193,7 @@ def run_node(workload: Workload, processes: int, generator: str) -> NodeRun:
                 result = run_loadgen("127.0.0.1", NODE_PORT, messages=w.messages,
                                      sessions=w.sessions, size=w.size, recipients=w.recipients)
                 rate, p50, p99 = result.rate, result.p50_ms, result.p99_ms
-            peak_kb = max(_vm_hwm_kb(pid) for pid in _process_tree(node.pid))
+            peak_kb = max(vm_hwm_kb(pid) for pid in process_tree(node.pid))
         return NodeRun(w.name, processes, generator, rate, p50, p99, peak_kb / 1024,
                        sampler.maximum)
 

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -194,7 +194,7 @@ def _pids_under(root: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def _workdir(base_dir: Path | None) -> Iterator[Path]:
+def workdir(base_dir: Path | None) -> Iterator[Path]:
     """A temp dir that the postfix user can traverse; removed afterwards, no matter what."""
     root = Path(tempfile.mkdtemp(prefix="postfix-bench-", dir=base_dir)).resolve()
     try:
@@ -231,12 +231,18 @@ class SmtpSink:
 
 
 @contextlib.contextmanager
-def start_smtp_sink(port: int, workdir: Path, backlog: int = 256) -> Iterator[SmtpSink]:
-    """Run ``smtp-sink -c`` on 127.0.0.1:port (as nobody) for the duration of the block."""
+def start_smtp_sink(
+    port: int, workdir: Path, backlog: int = 256, extra_args: Sequence[str] = ()
+) -> Iterator[SmtpSink]:
+    """Run ``smtp-sink -c`` on 127.0.0.1:port (as nobody) for the duration of the block.
+
+    ``extra_args`` go before the address (e.g. ``["-D", path]`` to dump every transaction).
+    """
     if not _port_is_free(port):
         raise RuntimeError(f"127.0.0.1:{port} is already in use")
     counter_file = workdir / "sink.counters"
-    cmd = [_tool("smtp-sink"), "-c", "-u", SINK_USER, f"{LOOPBACK}:{port}", str(backlog)]
+    cmd = [_tool("smtp-sink"), "-c", "-u", SINK_USER, *extra_args, f"{LOOPBACK}:{port}",
+           str(backlog)]
     with counter_file.open("wb") as out, (workdir / "sink.err").open("wb") as err:
         process = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=workdir)
     try:
@@ -330,7 +336,7 @@ def start_postfix(
         raise PermissionError("a private Postfix instance must be started as root")
     if not _port_is_free(port):
         raise RuntimeError(f"127.0.0.1:{port} is already in use")
-    with _workdir(base_dir) as root, start_smtp_sink(sink_port, root) as sink:
+    with workdir(base_dir) as root, start_smtp_sink(sink_port, root) as sink:
         conf = root / "conf"
         conf.mkdir()
         (root / "queue").mkdir()
@@ -474,7 +480,7 @@ def measure(
     with contextlib.ExitStack() as stack:
         instance: PostfixInstance | None = None
         if target == "sink":
-            root = stack.enter_context(_workdir(base_dir))
+            root = stack.enter_context(workdir(base_dir))
             sink = stack.enter_context(start_smtp_sink(sink_port, root))
             dest = sink_port
         else:
