@@ -87,7 +87,8 @@ FROM deliveries WHERE message_id = $1 ORDER BY id;
 -- Lease to owner $1 for $3 seconds the first $2 due deliveries whose next hop is not in
 -- $4 (destinations the owner has enough of), oldest due first, skipping locked rows;
 -- with them, every other due delivery of the same message and next hop, so one SMTP
--- transaction carries all of a message's recipients at a destination.
+-- transaction carries all of a message's recipients at a destination. Each row comes
+-- with its message's envelope.
 WITH first AS (
     SELECT id, message_id, next_hop FROM deliveries
     WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()
@@ -104,8 +105,11 @@ WITH first AS (
 UPDATE deliveries AS d
 SET state = 'leased', lease_owner = $1,
     lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
+FROM messages AS m
 WHERE d.id = ANY(ARRAY(SELECT id FROM first UNION SELECT id FROM siblings))
-RETURNING d.id, d.message_id, d.recipient, d.next_hop, d.attempts;
+  AND m.id = d.message_id
+RETURNING d.id, d.message_id, d.recipient, d.next_hop, d.attempts,
+          m.mail_from, m.received_at, m.message_id_header;
 
 -- name: server_limits
 -- The server's connection limits, connections in use, and durability settings.

@@ -67,6 +67,11 @@ class MessageRecord:
     received_at: datetime
     done_at: datetime | None
 
+    @property
+    def envelope(self) -> Envelope:
+        """What delivery needs of it."""
+        return Envelope(self.id, self.mail_from, self.received_at, self.message_id_header)
+
 
 @dataclass(frozen=True)
 class DeliveryRecord:
@@ -87,14 +92,33 @@ class DeliveryRecord:
 
 
 @dataclass(frozen=True)
+class Envelope:
+    """What delivery needs of a message besides its body."""
+
+    id: uuid.UUID
+    mail_from: str
+    received_at: datetime
+    message_id_header: str | None
+
+
+@dataclass(frozen=True)
 class ClaimedDelivery:
-    """A delivery leased to one worker."""
+    """A delivery leased to one worker, with its message's envelope (read in the claim)."""
 
     id: int
     message_id: uuid.UUID
     recipient: str
     next_hop: str
     attempts: int
+    mail_from: str
+    received_at: datetime
+    message_id_header: str | None
+
+    @property
+    def envelope(self) -> Envelope:
+        """The message's envelope."""
+        return Envelope(self.message_id, self.mail_from, self.received_at,
+                        self.message_id_header)
 
 
 FinalOrRetry = Literal["delivered", "deferred", "failed", "uncertain"]

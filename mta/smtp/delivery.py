@@ -53,7 +53,7 @@ from mta.queue.journal import (
     adopt,
     owner_alive,
 )
-from mta.queue.store import AttemptOutcome, FinalOrRetry, MessageRecord
+from mta.queue.store import AttemptOutcome, Envelope, FinalOrRetry
 from mta.smtp.client import (
     SETUP_PHASES,
     ClientTimeouts,
@@ -156,7 +156,7 @@ class _Settlement:
     #: The journaled attempt they settle ("" when none started).
     attempt_id: str
     outcomes: list[AttemptOutcome]
-    message: MessageRecord | None = None
+    message: Envelope | None = None
     failed: list[RecipientResult] = field(default_factory=list)
     host: str = ""
 
@@ -336,12 +336,7 @@ class Deliverer:
 
     async def _deliver(self, message_id: uuid.UUID, domain: str,
                        deliveries: list[ClaimedDelivery], progress: _Progress) -> None:
-        try:
-            message = await self.store.message(message_id)
-        except StoreUnavailable as exc:
-            raise _NotSent(f"store unavailable before the attempt ({exc})") from exc
-        if message is None:
-            return
+        message = deliveries[0].envelope
         fault_point("delivery.start")
         fault_point(f"delivery.start:{message.message_id_header}")
         try:
@@ -416,7 +411,7 @@ class Deliverer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _settle(self, message: MessageRecord, deliveries: Sequence[ClaimedDelivery],
+    async def _settle(self, message: Envelope, deliveries: Sequence[ClaimedDelivery],
                       results: Sequence[RecipientResult], progress: _Progress, *,
                       host: str, uncertain_mode: UncertainMode = "uncertain") -> None:
         """Journal the replies, decide each outcome, write it, and bounce what failed."""
@@ -505,7 +500,7 @@ class Deliverer:
                 self._orphans_possible = False
 
 
-async def bounce_for(store: Store, message: MessageRecord, failed: Sequence[RecipientResult],
+async def bounce_for(store: Store, message: Envelope, failed: Sequence[RecipientResult],
                      *, remote_mta: str, reporting_mta: str) -> NewMessage | None:
     """The DSN (RFC 3464) owed to ``message``'s sender for its ``failed`` recipients.
 
@@ -627,8 +622,8 @@ async def _replayed_bounce(store: Store, attempt: PendingAttempt,
     results = [RecipientResult(recipients[r.delivery_id], r.code, r.text, "data_end",
                                r.data_sent)
                for r in attempt.replies if r.delivery_id in failed and r.delivery_id in recipients]
-    return await bounce_for(store, message, results, remote_mta=attempt.started.host,
-                            reporting_mta=reporting_mta)
+    return await bounce_for(store, message.envelope, results,
+                            remote_mta=attempt.started.host, reporting_mta=reporting_mta)
 
 
 def _replayed(reply: ReplyReceived, policy: RetryPolicy) -> AttemptOutcome:

@@ -101,7 +101,10 @@ async def test_claim_plan_uses_the_due_index_at_a_million_rows(db_dsn: str) -> N
         await conn.close()
     nodes = list(plan_nodes(json.loads(raw)[0]["Plan"]))
     kinds = [node["Node Type"] for node in nodes]
-    assert "Seq Scan" not in kinds, kinds
+    scanned = [(node["Node Type"], node.get("Relation Name")) for node in nodes]
+    # The 1,000-row messages table may be read whole for the envelopes; the million
+    # deliveries never are.
+    assert ("Seq Scan", "deliveries") not in scanned, scanned
     assert "Sort" not in kinds and "Incremental Sort" not in kinds, kinds
     index_scans = [node for node in nodes if node["Node Type"] in ("Index Scan", "Index Only Scan")]
     assert any(node.get("Index Name") == "deliveries_due" for node in index_scans), nodes
