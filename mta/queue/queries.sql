@@ -156,11 +156,26 @@ WITH outcome AS (
         updated_at = now()
     FROM outcome AS o
     WHERE d.id = o.id AND d.state = 'leased' AND d.lease_owner = $1
-    RETURNING d.id, d.state, d.last_reply_code, d.last_reply
+    RETURNING d.id, d.message_id, d.state, d.last_reply_code, d.last_reply
+), events AS (
+    INSERT INTO delivery_events (delivery_id, state, reply_code, detail, actor)
+    SELECT id, state, last_reply_code, coalesce(last_reply, ''), $1 FROM changed
+), done AS (
+    -- A message whose every delivery is now final, as this statement sees it. A sibling
+    -- finished by a concurrent statement looks unfinished here: the caller then runs
+    -- message_mark_done after committing, which sees it.
+    UPDATE messages AS m
+    SET done_at = now()
+    WHERE m.id IN (SELECT message_id FROM changed) AND m.done_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM changed AS c
+                      WHERE c.message_id = m.id AND c.state NOT IN ('delivered', 'failed'))
+      AND NOT EXISTS (SELECT 1 FROM deliveries AS d
+                      WHERE d.message_id = m.id AND d.state NOT IN ('delivered', 'failed')
+                        AND d.id NOT IN (SELECT id FROM changed))
+    RETURNING m.id
 )
-INSERT INTO delivery_events (delivery_id, state, reply_code, detail, actor)
-SELECT id, state, last_reply_code, coalesce(last_reply, ''), $1 FROM changed
-RETURNING delivery_id;
+SELECT c.id AS delivery_id, c.message_id IN (SELECT id FROM done) AS message_done
+FROM changed AS c;
 
 -- name: delivery_give_back
 -- Return owner $1's leases on deliveries $2, unattempted (a graceful stop), due as they

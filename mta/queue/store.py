@@ -436,9 +436,13 @@ class Store:
                     if failed <= applied:
                         await conn.execute(query("message_insert"), *_insert_args(bounce),
                                            timeout=timeout)
-        # Every given id, not only those applied now: a repeat of outcomes whose first
-        # write committed just before the store failed still marks their messages done.
-        await self._mark_done({o.delivery_id for o in outcomes if o.state in FINAL_STATES})
+        finished = {row["delivery_id"] for row in rows if row["message_done"]}
+        # The statement marks most messages done itself. The rest: those with a sibling
+        # that a concurrent statement finished, and repeats of outcomes whose first write
+        # committed just before the store failed (nothing applied now, but their messages
+        # must still be finished).
+        await self._mark_done({o.delivery_id for o in outcomes
+                               if o.state in FINAL_STATES and o.delivery_id not in finished})
         return applied
 
     async def _mark_done(self, delivery_ids: set[int]) -> None:

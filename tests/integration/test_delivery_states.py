@@ -242,3 +242,38 @@ async def test_a_claim_brings_each_messages_due_recipients_at_a_destination_toge
     assert {d.next_hop for d in skipping} == {"example.com"} and len(skipping) == 2
     assert [d.next_hop for d in await store.claim_due("worker-a", 10, 60.0)] == [
         "other.example"]
+
+
+async def test_a_message_finished_by_two_concurrent_outcome_writes_is_still_marked_done(
+    store: Store, db_dsn: str,
+) -> None:
+    """Each write's statement sees the other's delivery as still leased; the write that
+    commits second runs the separate mark-done after its commit, which sees both."""
+    import asyncpg
+
+    from mta.queue.sql import query
+
+    await store.enqueue(NewMessage(
+        id=new_message_id(), mail_from="a@example.org",
+        recipients=["x@one.example", "y@two.example"], trace_headers=b"", body=b"x\r\n",
+        client_address="127.0.0.1", helo_name="h", auth_user=None, message_id_header=None))
+    (first,) = await store.claim_due("owner-a", 1, 60.0, ["two.example"])
+    (second,) = await store.claim_due("owner-b", 1, 60.0)
+    other = await asyncpg.connect(db_dsn)
+    try:
+        async with other.transaction():
+            rows = await other.fetch(query("delivery_record_outcomes"), "owner-b",
+                                     [second.id], ["delivered"], [250], ["250 ok"], [0.0],
+                                     [False])
+            assert [row["message_done"] for row in rows] == [False], "first is still leased"
+            await store.record_outcomes("owner-a", [
+                AttemptOutcome(first.id, "delivered", 250, "250 ok")])
+            message = await store.message(first.message_id)
+            assert message is not None and message.done_at is None, "second not committed"
+        # owner-b's store call would now run its mark-done; a repeat does the same.
+        await store.record_outcomes("owner-b", [
+            AttemptOutcome(second.id, "delivered", 250, "250 ok")])
+    finally:
+        await other.close()
+    message = await store.message(first.message_id)
+    assert message is not None and message.done_at is not None
