@@ -109,7 +109,7 @@ FROM messages AS m
 WHERE d.id = ANY(ARRAY(SELECT id FROM first UNION SELECT id FROM siblings))
   AND m.id = d.message_id
 RETURNING d.id, d.message_id, d.recipient, d.next_hop, d.attempts,
-          m.mail_from, m.received_at, m.message_id_header;
+          m.mail_from, m.received_at, m.message_id_header, m.size_bytes;
 
 -- name: server_limits
 -- The server's connection limits, connections in use, and durability settings.

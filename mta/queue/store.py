@@ -70,7 +70,8 @@ class MessageRecord:
     @property
     def envelope(self) -> Envelope:
         """What delivery needs of it."""
-        return Envelope(self.id, self.mail_from, self.received_at, self.message_id_header)
+        return Envelope(self.id, self.mail_from, self.received_at, self.message_id_header,
+                        self.size_bytes)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class Envelope:
     mail_from: str
     received_at: datetime
     message_id_header: str | None
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -113,12 +115,13 @@ class ClaimedDelivery:
     mail_from: str
     received_at: datetime
     message_id_header: str | None
+    size_bytes: int
 
     @property
     def envelope(self) -> Envelope:
         """The message's envelope."""
         return Envelope(self.message_id, self.mail_from, self.received_at,
-                        self.message_id_header)
+                        self.message_id_header, self.size_bytes)
 
 
 FinalOrRetry = Literal["delivered", "deferred", "failed", "uncertain"]

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import structlog
 
+from mta.concurrency import ByteBudget
 from mta.config import Settings
 from mta.errors import RoutePermFailure, RouteTempFailure, StoreUnavailable
 from mta.faults import fault_point
@@ -90,27 +91,27 @@ DSN_HEADERS_MAX_BYTES = 64 * 1024
 class _Body:
     """A message's content, read only right before DATA and held only while it is written.
 
-    ``load`` takes one of the process's ``workers`` sending slots, then reads the body:
-    at most that many bodies are in memory for delivery at once (I4), whatever the
-    number of sessions waiting for a slow server. The slot is given back as soon as the
-    content has been handed to the connection (before the reply to the dot, which a hung
-    server may never send), or when the attempt ends.
+    ``load`` takes the message's size from the process's sending budget (``workers`` times
+    the largest message size), then reads the body: the bodies in memory for delivery
+    never pass that budget (I4), whatever the number of sessions waiting for a slow
+    server, while many small messages go out at once. The bytes are given back as soon
+    as the content has been handed to the connection (before the reply to the dot,
+    which a hung server may never send), or when the attempt ends.
     """
 
-    def __init__(self, store: Store, message_id: uuid.UUID,
-                 sending: asyncio.Semaphore) -> None:
+    def __init__(self, store: Store, envelope: Envelope, sending: ByteBudget) -> None:
         self._store = store
-        self._message_id = message_id
+        self._message_id = envelope.id
+        self._size = envelope.size_bytes
         self._sending = sending
-        self._holding = False
+        self._holding = 0
         self._content: tuple[bytes, bytes] | None = None
         #: Why the body could not be read (the attempt stopped before DATA).
         self.unavailable: StoreUnavailable | None = None
 
     async def load(self) -> None:
         """Take a sending slot and read the body; raises if the store cannot give it."""
-        await self._sending.acquire()
-        self._holding = True
+        self._holding = await self._sending.acquire(self._size)
         try:
             content = await self._store.message_content(self._message_id)
         except StoreUnavailable as exc:
@@ -137,8 +138,8 @@ class _Body:
         """Drop the content and give the sending slot back (once)."""
         self._content = None
         if self._holding:
-            self._holding = False
-            self._sending.release()
+            self._sending.release(self._holding)
+            self._holding = 0
 
 
 class _NotSent(Exception):
@@ -178,6 +179,7 @@ class DeliveryOptions:
 
     batch_size: int = 50
     workers: int = 8
+    max_message_size: int = 20 * 1024 * 1024
     max_tasks: int = 200
     #: Groups per destination domain in hand at once; claims skip a domain that has
     #: this many, so a slow or hung destination cannot fill ``max_tasks`` and starve
@@ -210,8 +212,8 @@ class Deliverer:
         #: Settlements that wait for the store (their replies are in the journal).
         self._unapplied: list[_Settlement] = []
         self._held_back_lock = asyncio.Lock()
-        #: At most ``workers`` messages are being sent at once: their bodies bound memory (I4).
-        self._sending = asyncio.Semaphore(options.workers)
+        #: Bytes of bodies being sent at once: ``workers`` of the largest size (I4).
+        self._sending = ByteBudget(options.workers * options.max_message_size)
         #: Each running group's task, with its progress and delivery ids.
         self._groups: dict[asyncio.Task[None], tuple[_Progress, set[int]]] = {}
         self._in_flight: set[int] = set()
@@ -358,7 +360,7 @@ class Deliverer:
             await self._settle(message, deliveries, results, progress, host=hop.key)
             return
         progress.attempt_id = uuid.uuid4().hex
-        body = _Body(self.store, message_id, self._sending)
+        body = _Body(self.store, message, self._sending)
 
         async def before_data() -> None:
             await body.load()
@@ -670,6 +672,7 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
         policy=policy, owner=owner, metrics=metrics,
         options=DeliveryOptions(batch_size=config.batch_size,
                                 workers=settings.node.workers,
+                                max_message_size=int(settings.smtp.max_message_size),
                                 max_tasks=8 * config.batch_size,
                                 per_destination_tasks=max(
                                     4 * config.max_connections_per_destination,
