@@ -342,8 +342,8 @@ class Journal:
         self.recovered = ReplayResult()
 
     @classmethod
-    def open(cls, directory: Path, owner: str, *, segment_bytes: int = 64 * MiB,
-             max_segments: int = 16,
+    def open(cls, directory: Path, owner: str, *, segment_bytes: int = 8 * MiB,
+             max_segments: int = 128,
              fsync: Callable[[int], None] = os.fsync) -> Journal:
         """Lock ``owner``, load its previous segments and start a new segment."""
         if not _OWNER.fullmatch(owner):
