@@ -112,16 +112,7 @@ class ClaimedDelivery:
     recipient: str
     next_hop: str
     attempts: int
-    mail_from: str
-    received_at: datetime
-    message_id_header: str | None
-    size_bytes: int
-
-    @property
-    def envelope(self) -> Envelope:
-        """The message's envelope."""
-        return Envelope(self.message_id, self.mail_from, self.received_at,
-                        self.message_id_header, self.size_bytes)
+    envelope: Envelope
 
 
 FinalOrRetry = Literal["delivered", "deferred", "failed", "uncertain"]
@@ -373,7 +364,10 @@ class Store:
         (so a claim may return more than ``limit``). Locked rows are skipped."""
         rows = await self._run("delivery_claim_due", "fetch", owner, limit, lease_seconds,
                                list(skip_next_hops))
-        return [ClaimedDelivery(**dict(row)) for row in rows]
+        return [ClaimedDelivery(
+            row["id"], row["message_id"], row["recipient"], row["next_hop"], row["attempts"],
+            Envelope(row["message_id"], row["mail_from"], row["received_at"],
+                     row["message_id_header"], row["size_bytes"])) for row in rows]
 
     async def message(self, message_id: uuid.UUID) -> MessageRecord | None:
         """One message's envelope and metadata, or None."""

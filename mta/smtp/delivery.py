@@ -110,7 +110,8 @@ class _Body:
         self.unavailable: StoreUnavailable | None = None
 
     async def load(self) -> None:
-        """Take a sending slot and read the body; raises if the store cannot give it."""
+        """Take the body's size from the sending budget, then read it; raises if the store
+        cannot give it."""
         self._holding = await self._sending.acquire(self._size)
         try:
             content = await self._store.message_content(self._message_id)
@@ -122,7 +123,7 @@ class _Body:
         self._content = content
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The trace headers, then the body in bounded slices; the slot is freed after."""
+        """The trace headers, then the body in bounded slices; its bytes are freed after."""
         try:
             if self._content is None:
                 raise LookupError("the body was not loaded before DATA")
@@ -135,7 +136,7 @@ class _Body:
             self.release()
 
     def release(self) -> None:
-        """Drop the content and give the sending slot back (once)."""
+        """Drop the content and give its bytes back to the budget (once)."""
         self._content = None
         if self._holding:
             self._sending.release(self._holding)
@@ -216,7 +217,6 @@ class Deliverer:
         self._sending = ByteBudget(options.workers * options.max_message_size)
         #: Each running group's task, with its progress and delivery ids.
         self._groups: dict[asyncio.Task[None], tuple[_Progress, set[int]]] = {}
-        self._in_flight: set[int] = set()
         #: Groups being sent (or waiting to be) per destination domain.
         self._per_domain: Counter[str] = Counter()
         #: Set when a claim failed midway: it may have committed without our knowing.
@@ -292,18 +292,16 @@ class Deliverer:
             groups[(delivery.message_id, delivery.next_hop)].append(delivery)
         for (message_id, domain), deliveries in groups.items():
             ids = {d.id for d in deliveries}
-            self._in_flight |= ids
             self._per_domain[domain] += 1
             progress = _Progress()
             task = asyncio.create_task(self._deliver_logged(message_id, domain, deliveries,
                                                             progress))
             self._groups[task] = (progress, ids)
-            task.add_done_callback(partial(self._finished, ids, domain))
+            task.add_done_callback(partial(self._finished, domain))
         return len(claimed)
 
-    def _finished(self, ids: set[int], domain: str, task: asyncio.Task[None]) -> None:
+    def _finished(self, domain: str, task: asyncio.Task[None]) -> None:
         self._groups.pop(task, None)
-        self._in_flight.difference_update(ids)
         if self._per_domain[domain] >= self.options.per_destination_tasks:
             self.wake.set()  # it has room again: its due mail can be claimed now
         self._per_domain[domain] -= 1
@@ -493,7 +491,8 @@ class Deliverer:
                 # it, leaving its outcome held back rather than in flight.
                 held_back = {o.delivery_id for settlement in self._unapplied
                              for o in settlement.outcomes}
-                orphans = sorted(set(owned.get(self.owner, [])) - self._in_flight - held_back)
+                in_flight = {i for _, ids in self._groups.values() for i in ids}
+                orphans = sorted(set(owned.get(self.owner, [])) - in_flight - held_back)
                 if orphans:
                     await self.store.record_outcomes(self.owner, [AttemptOutcome(
                         i, "deferred", None, "claimed while the store failed; not sent", 0.0)
