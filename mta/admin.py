@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mta.config import Settings, parse_host_port
 from mta.metrics import Metrics
 
 StatusFn = Callable[[], dict[str, Any]]
@@ -36,11 +36,9 @@ def build_admin_app(metrics: Metrics, status: StatusFn) -> web.Application:
     return app
 
 
-async def start_admin(settings: Settings, metrics: Metrics, status: StatusFn) -> web.AppRunner:
-    """Serve the admin app on ``admin.listen``; returns the runner to clean up."""
+async def start_admin(sock: socket.socket, metrics: Metrics, status: StatusFn) -> web.AppRunner:
+    """Serve the admin app on an already-bound socket; returns the runner to clean up."""
     runner = web.AppRunner(build_admin_app(metrics, status), access_log=None)
     await runner.setup()
-    host, port = parse_host_port(settings.admin.listen)
-    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=True)
-    await site.start()
+    await web.SockSite(runner, sock).start()
     return runner

@@ -33,12 +33,11 @@ HEALTH_INTERVAL_S = 1.0
 class Node:
     """Composes one node process. ``start`` it, ``stop`` it, or ``run`` until a signal."""
 
-    def __init__(self, settings: Settings, dsn: str, sockets: Mapping[str, socket.socket],
-                 *, admin_settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings, dsn: str,
+                 sockets: Mapping[str, socket.socket]) -> None:
         self.settings = settings
         self.dsn = dsn
         self.sockets = sockets
-        self.admin_settings = admin_settings or settings
         self.metrics = Metrics(settings.node.name)
         self.store: Store | None = None
         self.intake: Intake | None = None
@@ -91,7 +90,7 @@ class Node:
             self._tasks.append(asyncio.create_task(
                 listen_for_work(self.store, self.deliverer.wake, self._stop_background),
                 name="listener"))
-        self._admin = await start_admin(self.admin_settings, self.metrics, self.status)
+        self._admin = await start_admin(self.sockets["admin"], self.metrics, self.status)
         self._servers = await start_listeners(self.intake, self.settings, self.sockets)
         log.info("node.started", node=self.settings.node.name,
                  listen=self.settings.smtp.listen, pool=self.store.pool_size)

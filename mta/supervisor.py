@@ -20,7 +20,7 @@ from mta.config import Settings, connection_budget
 from mta.node import Node
 from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
 from mta.queue.preflight import PreflightReport, preflight
-from mta.smtp.listener import bind_listeners
+from mta.smtp.listener import bind_listeners, process_sockets
 
 log = structlog.get_logger(__name__)
 
@@ -93,15 +93,6 @@ def dump_tasks(out: TextIO) -> None:
     out.flush()
 
 
-def _admin_for_process(settings: Settings, index: int) -> Settings:
-    """Process ``index`` serves admin HTTP on the configured port plus ``index``."""
-    if index == 0:
-        return settings
-    host, _, port = settings.admin.listen.rpartition(":")
-    admin = settings.admin.model_copy(update={"listen": f"{host}:{int(port) + index}"})
-    return settings.model_copy(update={"admin": admin})
-
-
 def run_process(settings: Settings, dsn: str, sockets: Mapping[str, socket.socket],
                 index: int) -> None:
     """Run one node process's event loop until SIGTERM (uvloop when available)."""
@@ -109,7 +100,7 @@ def run_process(settings: Settings, dsn: str, sockets: Mapping[str, socket.socke
     async def main() -> None:
         stop = asyncio.Event()
         _install_signal_handlers(asyncio.get_running_loop(), stop)
-        node = Node(settings, dsn, sockets, admin_settings=_admin_for_process(settings, index))
+        node = Node(settings, dsn, process_sockets(sockets, index))
         await node.run(stop)
 
     try:

@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +23,7 @@ from mta.config.settings import (
     RetentionSection,
     SmtpSection,
     User,
+    parse_host_port,
 )
 from mta.errors import ConfigError
 
@@ -46,6 +47,16 @@ class Settings(BaseSettings):
     admin: AdminSection = Field(default_factory=AdminSection)
     log: LogSection = Field(default_factory=LogSection)
     users: tuple[User, ...] = ()
+
+    @model_validator(mode="after")
+    def _admin_ports_fit(self) -> Settings:
+        _, port = parse_host_port(self.admin.listen)
+        last = port + self.node.processes - 1
+        if port and last > 65_535:
+            raise ValueError(f"admin.listen: node process {self.node.processes - 1} would "
+                             f"serve admin HTTP on port {last}, past 65535 (each process "
+                             "uses the configured port plus its index)")
+        return self
 
     @classmethod
     def settings_customise_sources(

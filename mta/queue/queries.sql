@@ -97,10 +97,15 @@ WITH first AS (
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), siblings AS (
-    SELECT id FROM deliveries
-    WHERE (message_id, next_hop) IN (SELECT message_id, next_hop FROM first)
-      AND state IN ('queued', 'deferred') AND next_attempt_at <= now()
-    FOR UPDATE SKIP LOCKED
+    -- A lateral lookup per claimed row, so the plan is an index probe by message
+    -- whatever the statistics say, never a hash join over every due delivery.
+    SELECT sibling.id FROM first
+    CROSS JOIN LATERAL (
+        SELECT d.id FROM deliveries AS d
+        WHERE d.message_id = first.message_id AND d.next_hop = first.next_hop
+          AND d.state IN ('queued', 'deferred') AND d.next_attempt_at <= now()
+        FOR UPDATE SKIP LOCKED
+    ) AS sibling
 )
 UPDATE deliveries AS d
 SET state = 'leased', lease_owner = $1,

@@ -24,25 +24,52 @@ def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def bind_socket(address: str) -> socket.socket:
-    """A listening TCP socket on ``host:port`` that child processes can share."""
+    """A listening TCP socket on ``host:port`` that child processes can share; a port in
+    use is an OSError that names the address."""
     host, port = parse_host_port(address)
+    return _bind(host, port)
+
+
+def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
     # without it Nagle holds each pipelined reply until the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        raise OSError(exc.errno, f"{exc.strerror or exc} ({shown})") from None
     sock.setblocking(False)
     return sock
 
 
 def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
-    """Bind every configured listener: ``plain`` always, ``tls`` when configured."""
+    """Bind every listener before any process starts, so a port in use stops the node at
+    once with its address: ``plain`` always, ``tls`` when configured, and ``admin-I`` for
+    each node process I (admin HTTP on the configured port plus I)."""
     sockets = {"plain": bind_socket(settings.smtp.listen)}
     if settings.smtp.tls_listen:
         sockets["tls"] = bind_socket(settings.smtp.tls_listen)
+    host, port = parse_host_port(settings.admin.listen)
+    for index in range(settings.node.processes):
+        sockets[f"admin-{index}"] = _bind(host, port + index if port else 0)
     return sockets
+
+
+def process_sockets(sockets: Mapping[str, socket.socket], index: int) -> dict[str, socket.socket]:
+    """What node process ``index`` serves: the shared SMTP listeners and, as ``admin``, its
+    own admin HTTP socket. The other processes' admin sockets are closed in it."""
+    mine = {key: sock for key, sock in sockets.items() if not key.startswith("admin-")}
+    for key, sock in sockets.items():
+        if key == f"admin-{index}":
+            mine["admin"] = sock
+        elif key.startswith("admin-"):
+            sock.close()
+    return mine
 
 
 async def start_listeners(intake: Intake, settings: Settings,

@@ -93,6 +93,8 @@ def test_invalid_config_is_one_line_with_exit_2(tmp_path: Path) -> None:
         ("[database]\ndsn = 'postgresql://h:port/db'\n", "database.dsn: malformed port"),
         ("[smtp]\ntls_cert_file = '/missing.pem'\ntls_key_file = '/missing.key'\n",
          "smtp.tls_cert_file: file not found"),
+        ("[node]\nprocesses = 4\n[admin]\nlisten = '127.0.0.1:65534'\n",
+         "admin.listen: node process 3 would serve admin HTTP on port 65537"),
     ]:
         assert_one_line_error(mta("config", "check", "--config", str(config_file(tmp_path, text))),
                               needle)

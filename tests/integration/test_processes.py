@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 
 import asyncpg
@@ -31,8 +32,7 @@ async def test_two_processes_serve_one_port_and_exit_zero_on_sigterm(
     node = NodeProcess.configure(tmp_path / "node", db_dsn, node={"processes": PROCESSES})
     node.spawn()
     try:
-        await wait_for(lambda: sum(1 for e in node.events() if e.get("event") == "node.started")
-                       == PROCESSES, timeout=60)
+        await node.wait_started(PROCESSES, timeout=60)
         for index in range(PROCESSES):
             body = await healthz(node.admin_port + index)
             assert body["status"] == "ok" and body["accepting"], (index, body)
@@ -90,8 +90,7 @@ async def test_node_processes_exit_when_their_supervisor_is_killed(
     node = NodeProcess.configure(tmp_path / "node", db_dsn, node={"processes": PROCESSES})
     node.spawn()
     try:
-        await wait_for(lambda: sum(1 for e in node.events() if e.get("event") == "node.started")
-                       == PROCESSES, timeout=60)
+        await node.wait_started(PROCESSES, timeout=60)
         children = children_of(node.pid)
         assert len(children) == PROCESSES
         node.signal(signal.SIGKILL)
@@ -109,8 +108,7 @@ async def test_sigusr1_writes_every_task_stack_and_the_node_keeps_serving(
     node = NodeProcess.configure(tmp_path / "node", db_dsn, node={"processes": PROCESSES})
     node.spawn()
     try:
-        await wait_for(lambda: sum(1 for e in node.events() if e.get("event") == "node.started")
-                       == PROCESSES, timeout=60)
+        await node.wait_started(PROCESSES, timeout=60)
         node.signal(signal.SIGUSR1)
         await wait_for(lambda: node.stderr_text().count("name='retention'") == 2 * PROCESSES,
                        timeout=10)
@@ -123,3 +121,25 @@ async def test_sigusr1_writes_every_task_stack_and_the_node_keeps_serving(
         node.signal(signal.SIGTERM)
         assert await node.wait_exit(30) == 0
         await node.close()
+
+
+async def test_a_busy_admin_port_stops_the_node_before_any_process_starts(
+    tmp_path: Path, db_dsn: str
+) -> None:
+    """Every listener is bound before forking: a port in use is one line naming it, not a
+    process that crashes after its siblings started serving."""
+    node = NodeProcess.configure(tmp_path / "node", db_dsn, node={"processes": PROCESSES})
+    busy = f"127.0.0.1:{node.admin_port + 1}"
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", node.admin_port + 1))
+        blocker.listen()
+        node.spawn()
+        try:
+            code = await node.wait_exit(30)
+        finally:
+            await node.close()
+    assert code == 1
+    assert not node.logged("node.started")
+    err = node.stderr_text()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"cannot start: Address already in use ({busy})" in err, err

@@ -18,6 +18,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_run(count: int, avoid: frozenset[int] = frozenset()) -> int:
+    """The first of ``count`` consecutive free ports on 127.0.0.1, none in ``avoid``: a node
+    of several processes serves admin HTTP on its configured port plus the process index."""
+    for _ in range(100):
+        first = free_port()
+        ports = range(first, first + count)
+        if first + count > 65_536 or avoid.intersection(ports):
+            continue
+        sockets = [socket.socket() for _ in ports]
+        try:
+            for sock, port in zip(sockets, ports, strict=True):
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return first
+    raise AssertionError(f"no run of {count} free ports found in 100 tries")
+
+
 @dataclass
 class NodeHandle:
     """A running in-process node and where to reach it."""
@@ -39,12 +60,10 @@ class NodeHandle:
 
 async def start_node(settings: Settings) -> NodeHandle:
     """Bind on free ports, start the node, and return a handle."""
-    sockets = {"plain": bind_socket("127.0.0.1:0")}
+    sockets = {"plain": bind_socket("127.0.0.1:0"), "admin": bind_socket("127.0.0.1:0")}
     if settings.smtp.tls_listen:
         sockets["tls"] = bind_socket("127.0.0.1:0")
-    admin_port = free_port()
-    admin = settings.admin.model_copy(update={"listen": f"127.0.0.1:{admin_port}"})
-    settings = settings.model_copy(update={"admin": admin})
+    admin_port = sockets["admin"].getsockname()[1]
     node = Node(settings, settings.database.dsn, sockets)
     await node.start()
     tls = sockets.get("tls")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.nodes import free_port, wait_for
+from tests.support.nodes import free_port, free_port_run, wait_for
 
 #: Seconds a node subprocess may take to import, check, migrate and listen.
 START_TIMEOUT_S = 30.0
@@ -103,7 +103,9 @@ class NodeProcess:
     def configure(cls, workdir: Path, dsn: str, **overrides: dict[str, Any]) -> NodeProcess:
         """A node on ``dsn`` with free SMTP and admin ports; sections override by keyword."""
         workdir.mkdir(parents=True, exist_ok=True)
-        smtp_port, admin_port = free_port(), free_port()
+        smtp_port = free_port()
+        processes = int(overrides.get("node", {}).get("processes", 1))
+        admin_port = free_port_run(processes, avoid=frozenset({smtp_port}))
         sections: dict[str, dict[str, Any]] = {
             "node": {"name": "proc-node", "data_dir": str(workdir / "data"),
                      "workers": 2, "intake_db_slots": 4},
@@ -168,21 +170,40 @@ class NodeProcess:
         """Standard error of the current run."""
         return (self.workdir / f"node-{self.runs}.err").read_text(errors="replace")
 
+    def exit_report(self) -> str:
+        """The current run's standard error and last log lines, for a failure message."""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
+        return "\n".join([self.stderr_text(), *tail])
+
     async def wait_logged(self, event: str, timeout: float = 10.0) -> None:
         """Wait until the current run logs ``event``; fail early if the process exits."""
         def seen() -> bool:
             if self.logged(event):
                 return True
             code = self.process.poll() if self.process is not None else None
-            assert code is None, f"node exited ({code}) before {event}: {self.stderr_text()}"
+            assert code is None, f"node exited ({code}) before {event}: {self.exit_report()}"
             return False
 
         await wait_for(seen, timeout)
 
+    async def wait_started(self, processes: int = 1, timeout: float = START_TIMEOUT_S) -> None:
+        """Wait until ``processes`` node processes of the current run log ``node.started``;
+        fail early, with the run's standard error, if the node exits first."""
+        def started() -> bool:
+            count = sum(1 for record in self.events() if record.get("event") == "node.started")
+            if count >= processes:
+                return True
+            code = self.process.poll() if self.process is not None else None
+            assert code is None, \
+                f"node exited ({code}) after {count} started: {self.exit_report()}"
+            return False
+
+        await wait_for(started, timeout)
+
     async def start(self) -> None:
-        """Spawn a run and wait until it serves SMTP."""
+        """Spawn a run and wait until every one of its processes serves SMTP."""
         self.spawn()
-        await self.wait_logged("node.started", START_TIMEOUT_S)
+        await self.wait_started(int(self.sections["node"].get("processes", 1)))
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to the current run."""
