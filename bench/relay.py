@@ -25,6 +25,7 @@ Run from the repository root, as root (Postfix needs it):
 
     python -m bench.relay                                 # all workloads, once each
     python -m bench.relay --workload 1k-x1 --repeat 3 --messages 2000
+    python -m bench.relay --processes 1                   # default: one per core
     python -m bench.relay backlog --sizes 1000 10000 100000
 """
 
@@ -399,13 +400,13 @@ def _py_spy(pid: int, output: Path | None, seconds: float) -> Iterator[None]:
                 profiler.wait()
 
 
-def run_mta(workload: Workload, *, profile: Path | None = None, profile_seconds: float = 20.0,
-            verify_recipients: bool = False) -> RelayRun:
+def run_mta(workload: Workload, *, processes: int = 1, profile: Path | None = None,
+            profile_seconds: float = 20.0, verify_recipients: bool = False) -> RelayRun:
     """Relay one workload through a fresh node to a fresh smtp-sink, and check it."""
     w = workload
     timeout = max(120.0, w.messages / 20)
     with workdir(None) as root, _sink(root, verify_recipients) as (sink, dump), \
-            running_node(1, extra_config=delivery_config(SINK_PORT), base_dir=root) \
+            running_node(processes, extra_config=delivery_config(SINK_PORT), base_dir=root) \
             as (node, data_dir):
         dsn = EmbeddedPostgres(data_dir / "postgres").dsn
         node_cpu = CpuClock(lambda: process_tree(node.pid))
@@ -427,7 +428,7 @@ def run_mta(workload: Workload, *, profile: Path | None = None, profile_seconds:
                      sink_cpu.used() / elapsed)
             other_cpu = meter.others_share()
             peak_kb = max(vm_hwm_kb(pid) for pid in process_tree(node.pid))
-            metrics = _delivery_metrics()
+            metrics = _delivery_metrics(processes)
             kept = None if check.ok else _keep_evidence(node, data_dir, w.name)
         events = _log_events(data_dir)
         settings = _node_settings(data_dir)
@@ -443,16 +444,18 @@ def run_mta(workload: Workload, *, profile: Path | None = None, profile_seconds:
     )
 
 
-def _delivery_metrics() -> dict[str, float]:
-    """The node's ``mta_delivery_*`` counters, summed over labels (from /metrics)."""
+def _delivery_metrics(processes: int = 1) -> dict[str, float]:
+    """The node's ``mta_delivery_*`` counters, summed over labels and over its processes
+    (each serves /metrics on the admin port plus its index)."""
     totals: dict[str, float] = {}
-    with contextlib.suppress(OSError):
-        url = f"http://127.0.0.1:{ADMIN_PORT}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            for line in reply.read().decode().splitlines():
-                name = line.split("{", 1)[0].split(" ", 1)[0]
-                if name.startswith("mta_delivery_") and name.endswith("_total"):
-                    totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    for index in range(processes):
+        with contextlib.suppress(OSError):
+            url = f"http://127.0.0.1:{ADMIN_PORT + index}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                for line in reply.read().decode().splitlines():
+                    name = line.split("{", 1)[0].split(" ", 1)[0]
+                    if name.startswith("mta_delivery_") and name.endswith("_total"):
+                        totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return totals
 
 
@@ -599,7 +602,8 @@ def _relay(args: argparse.Namespace) -> int:
         postfix_runs: list[tuple[Any, bool]] = []
         for _ in range(args.repeat):
             profile = args.py_spy if workload.name == args.py_spy_workload else None
-            mta_runs += _attempts(partial(run_mta, workload, profile=profile,
+            mta_runs += _attempts(partial(run_mta, workload, processes=args.processes,
+                                          profile=profile,
                                           profile_seconds=args.py_spy_seconds,
                                           verify_recipients=args.verify_recipients), args)
             if not args.no_postfix:
@@ -608,7 +612,7 @@ def _relay(args: argparse.Namespace) -> int:
         rows.append((workload, _best(mta_runs), _best(postfix_runs),
                      sum(not run.ok for run, _ in mta_runs), len(mta_runs)))
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {platform.platform()}; "
-          f"generator: smtp-source; node processes: 1; repeat: {args.repeat} "
+          f"generator: smtp-source; node processes: {args.processes}; repeat: {args.repeat} "
           f"(medians of the clean runs that passed their checks, else of those that passed); "
           f"code: {code_version()}\n")
     print("| workload | messages | mta e2e msg/s | mta accept msg/s | Postfix e2e msg/s | ratio "
@@ -703,6 +707,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, help="override each workload's message count")
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; medians reported")
     parser.add_argument("--no-postfix", action="store_true", help="skip the Postfix side")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="node processes (default: one per core, as an operator sizes "
+                             "node.processes)")
     parser.add_argument("--verify-recipients", action="store_true",
                         help="smtp-sink -D dump: check every recipient arrived exactly once")
     parser.add_argument("--py-spy", type=Path, metavar="FILE",

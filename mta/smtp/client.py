@@ -3,9 +3,16 @@
 ``OutboundConnection.send(transaction, before_data=...)`` runs one transaction (MAIL,
 RCPT per recipient, DATA) and answers one ``RecipientResult`` per recipient. It
 connects on first use (TCP to the hop's addresses in MX order, greeting, EHLO, STARTTLS
-per the hop's policy, AUTH when the hop has credentials), moving on to the next address
-when a connection or a session before MAIL fails. No aiosmtplib, ssl or socket
-exception escapes ``send()``: each becomes a result.
+per the hop's policy, AUTH when the hop has credentials, all through aiosmtplib), moving
+on to the next address when a connection or a session before MAIL fails. No aiosmtplib,
+ssl or socket exception escapes ``send()``: each becomes a result.
+
+Transactions then run on a ``Wire`` (``mta.smtp.wire``). When the server offers
+PIPELINING (RFC 2920), MAIL, every RCPT and DATA go out as one group and their replies
+are read in order: two round trips per message, the group and the content. A reused
+session starts each transaction with RSET (at the head of the group when pipelining),
+which also proves the session alive; one found closed before any reply of the
+transaction is replaced by a fresh session, once, instead of deferring the mail.
 
 Codes: a recorded reply keeps its code and text (evidence, DESIGN.md I2). Code 0 means
 no usable reply: a network error, a timeout, or a local refusal (TLS policy, AUTH
@@ -18,7 +25,8 @@ the dot gives ``code=0, data_sent=True``: the ``uncertain`` case (``result.uncer
 A recorded reply at the end of data also has ``data_sent=True`` with its code (a ``451``
 there is a plain deferral). Everything before that, including a failing ``before_data``
 and no reply to DATA itself, has ``data_sent=False``: the message was certainly not
-accepted.
+accepted. ``before_data`` (the journal's "attempt started") runs before the pipelined
+group is written, or once a recipient is accepted without pipelining; never twice.
 
 TLS policies: ``none`` never starts TLS; ``opportunistic`` starts it when offered,
 without verifying the certificate (RFC 7435); ``required`` fails (code 0, phase
@@ -45,12 +53,14 @@ import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
 
 from mta.faults import fault_point
 from mta.smtp.routing import NextHop, addresses_to_try, open_socket
+from mta.smtp.wire import ClosedByPeer, Reply, Wire
 
 __all__ = [
     "SETUP_PHASES",
@@ -115,11 +125,14 @@ class Transaction:
 
 
 class _Failure(Exception):
-    """A session-wide failure: every recipient not yet answered gets it."""
+    """A session-wide failure: every recipient not yet answered gets it. ``stale``: a
+    reused session found closed before this transaction got anywhere."""
 
-    def __init__(self, code: int, text: str, phase: Phase, *, data_sent: bool = False) -> None:
+    def __init__(self, code: int, text: str, phase: Phase, *, data_sent: bool = False,
+                 stale: bool = False) -> None:
         super().__init__(text)
         self.code, self.text, self.phase, self.data_sent = code, text, phase, data_sent
+        self.stale = stale
 
 
 def _no_reply(exc: BaseException, waiting_for: str, timeout: float) -> tuple[int, str]:
@@ -198,32 +211,50 @@ class OutboundConnection:
         self._verify_context = tls_context
         self._ca_bundle = ca_bundle
         self._clock = clock
-        self._smtp: aiosmtplib.SMTP | None = None
+        self._setup: aiosmtplib.SMTP | None = None
+        self._wire: Wire | None = None
         self._broken = False
         self.messages_sent = 0
         self.idle_since = clock()
         self.tls = False
+        self.pipelining = False
         self.peer = ""
 
     @property
     def reusable(self) -> bool:
         """Connected, and nothing went wrong that could leave the session out of step."""
-        return not self._broken and self._smtp is not None and self._smtp.is_connected
+        return not self._broken and self._wire is not None and self._wire.is_open
 
     async def send(self, transaction: Transaction, *,
                    before_data: Callable[[], Awaitable[None]]) -> list[RecipientResult]:
-        """Run one transaction; ``before_data`` is awaited right before DATA is sent."""
+        """Run one transaction; ``before_data`` is awaited before the content can be sent.
+
+        A reused session that turns out closed before anything of this transaction was
+        answered (the server timed it out while idle) is replaced by a fresh one, once.
+        """
         results: dict[str, RecipientResult] = {}
+        prepared = False
+
+        async def prepare_once() -> None:  # a retry on a fresh session does not redo it
+            nonlocal prepared
+            if not prepared:
+                await before_data()
+                prepared = True
+
         try:
             if self._broken:
                 raise _Failure(0, "connection already failed", "connect")
-            smtp = self._smtp if self._smtp is not None else await self._open()
-            if not smtp.is_connected:
-                raise _Failure(0, "connection closed by the server while idle", "mail")
-            self.messages_sent += 1
-            await self._transaction(smtp, transaction, before_data, results)
+            try:
+                await self._attempt(transaction, prepare_once, results)
+            except _Failure as failure:
+                if not failure.stale:
+                    raise
+                self.abort()
+                self._wire, self._broken, self.tls, self.messages_sent = None, False, False, 0
+                results.clear()
+                await self._attempt(transaction, prepare_once, results)
         except _Failure as failure:
-            if failure.phase in _SESSION_PHASES or failure.data_sent:
+            if failure.phase in _SESSION_PHASES or failure.data_sent or failure.stale:
                 self.abort()
             for rcpt in transaction.recipients:
                 results.setdefault(rcpt, RecipientResult(
@@ -233,24 +264,34 @@ class OutboundConnection:
             raise
         finally:
             self.idle_since = self._clock()
-        if self.reusable:
-            await self._reset()
         return [results[rcpt] for rcpt in transaction.recipients]
+
+    async def _attempt(self, transaction: Transaction,
+                       before_data: Callable[[], Awaitable[None]],
+                       results: dict[str, RecipientResult]) -> None:
+        reused = self._wire is not None
+        wire = self._wire if self._wire is not None else await self._open()
+        self.messages_sent += 1
+        await self._transaction(wire, transaction, before_data, results, reset=reused)
 
     async def close(self) -> None:
         """QUIT politely when the session is healthy, then close the socket."""
-        if self.reusable and self._smtp is not None:
+        if self.reusable and self._wire is not None:
             with contextlib.suppress(*_ERRORS):
-                await self._smtp.quit(timeout=min(QUIT_TIMEOUT, self.timeouts.mail))
+                self._wire.write(b"QUIT\r\n")
+                await self._wire.reply(min(QUIT_TIMEOUT, self.timeouts.mail))
         self.abort()
 
     def abort(self) -> None:
         """Close at once, without QUIT; the connection is never used again."""
         self._broken = True
-        if self._smtp is not None:
-            self._smtp.close()
+        if self._wire is not None:
+            self._wire.close()
+        if self._setup is not None:
+            self._setup.close()
+            self._setup = None
 
-    async def _open(self) -> aiosmtplib.SMTP:
+    async def _open(self) -> Wire:
         """A ready session with the first host address that gives one, in MX order.
 
         A refused connection, or a session that fails before MAIL (a 4xx or 5xx or no
@@ -275,7 +316,7 @@ class OutboundConnection:
                 return await self._handshake(host.name, sock)
             except _Failure as failure:
                 self.abort()
-                self._smtp, self._broken, self.tls = None, False, False
+                self._broken, self.tls = False, False
                 last = failure
                 failures.append(f"{peer}: {failure.code} {failure.text}" if failure.code
                                 else f"{peer}: {failure.text}")
@@ -289,12 +330,13 @@ class OutboundConnection:
         text = last.text if len(failures) == 1 else "; ".join(failures)
         raise _Failure(last.code, text, last.phase)
 
-    async def _handshake(self, host_name: str, sock: socket.socket) -> aiosmtplib.SMTP:
-        """Greeting, EHLO, STARTTLS and AUTH as the hop says, on a connected socket."""
+    async def _handshake(self, host_name: str, sock: socket.socket) -> Wire:
+        """Greeting, EHLO, STARTTLS and AUTH as the hop says, on a connected socket; then
+        the connection's transport passes to a ``Wire`` for the transactions."""
         hop, t = self.next_hop, self.timeouts
         smtp = aiosmtplib.SMTP(sock=sock, hostname=host_name, local_hostname=self.ehlo_name,
                                timeout=t.greeting, start_tls=False)
-        self._smtp = smtp
+        self._setup = smtp
         try:
             await smtp.connect()
         except _ERRORS as exc:
@@ -312,7 +354,14 @@ class OutboundConnection:
                 await smtp.login(hop.username, hop.password, timeout=t.mail)
             except _ERRORS as exc:
                 raise _Failure(*_no_reply(exc, "the reply to AUTH", t.mail), "auth") from exc
-        return smtp
+        transport = smtp.transport
+        if transport is None or transport.is_closing():
+            raise _Failure(0, f"connection to {self.peer} closed after the setup", "ehlo")
+        self.pipelining = smtp.supports_extension("pipelining")
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._wire = Wire.take_over(cast(asyncio.Transport, transport))
+        self._setup = None
+        return self._wire
 
     async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
         """EHLO, or HELO when the server refuses EHLO."""
@@ -349,90 +398,149 @@ class OutboundConnection:
         context.verify_mode = ssl.CERT_NONE
         return context
 
-    async def _transaction(self, smtp: aiosmtplib.SMTP, transaction: Transaction,
+    async def _transaction(self, wire: Wire, transaction: Transaction,
                            before_data: Callable[[], Awaitable[None]],
-                           results: dict[str, RecipientResult]) -> None:
-        """MAIL, RCPT each, then DATA if one was accepted; fills ``results``."""
+                           results: dict[str, RecipientResult], *, reset: bool) -> None:
+        """[RSET,] MAIL, RCPT each, DATA, the content: fills ``results``.
+
+        With PIPELINING (RFC 2920) the commands go out as one group after ``before_data``
+        and their replies are read in order; without it each waits for its reply, and
+        ``before_data`` runs once a recipient is accepted. Every reply is read even after
+        a refusal, so the session stays in step for the next transaction.
+        """
         t = self.timeouts
         try:
-            await smtp.mail(transaction.mail_from, timeout=t.mail)
-        except _ERRORS as exc:
-            raise _Failure(*_no_reply(exc, "the reply to MAIL", t.mail), "mail") from exc
-        accepted: list[str] = []
+            mail = _command("MAIL FROM:", transaction.mail_from)
+        except ValueError as exc:
+            raise _Failure(0, f"sender not sendable: {exc}", "mail") from exc
+        rcpts: list[tuple[str, bytes]] = []
         for rcpt in transaction.recipients:
             try:
-                await smtp.rcpt(rcpt, timeout=t.rcpt)
-            except (UnicodeEncodeError, ValueError) as exc:  # refused before any write
+                rcpts.append((rcpt, _command("RCPT TO:", rcpt)))
+            except ValueError as exc:
                 results[rcpt] = RecipientResult(rcpt, 0, f"address not sendable: {exc}",
                                                 "rcpt", False)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                results[rcpt] = RecipientResult(rcpt, exc.code, exc.message, "rcpt", False)
-            except _ERRORS as exc:
-                raise _Failure(*_no_reply(exc, "the reply to RCPT", t.rcpt), "rcpt") from exc
-            else:
+        if not rcpts:
+            return
+        if self.pipelining:
+            await _before(before_data)
+            group = [b"RSET\r\n"] if reset else []
+            group += [mail, *(command for _, command in rcpts), b"DATA\r\n"]
+            _write(wire, b"".join(group), "mail", stale=reset)
+        if reset:
+            if not self.pipelining:
+                _write(wire, b"RSET\r\n", "mail", stale=True)
+            await _expect(wire, t.mail, "RSET", "mail", stale=True)
+        if not self.pipelining:
+            _write(wire, mail, "mail")
+        mail_reply = await _read(wire, t.mail, "MAIL", "mail", stale=reset)
+        accepted: list[str] = []
+        for rcpt, command in rcpts:
+            if not self.pipelining:
+                if mail_reply.code >= 400:
+                    break
+                _write(wire, command, "rcpt")
+            reply = await _read(wire, t.rcpt, "RCPT", "rcpt")
+            if 200 <= reply.code < 300:
                 accepted.append(rcpt)
+            elif mail_reply.code < 400:
+                results[rcpt] = RecipientResult(rcpt, reply.code, reply.text, "rcpt", False)
+        if not self.pipelining and accepted:
+            await _before(before_data)
+            _write(wire, b"DATA\r\n", "data")
+        data_reply = None
+        if self.pipelining or accepted:
+            data_reply = await _read(wire, t.data_init, "DATA", "data")
+        proceed = mail_reply.code < 400 and accepted
+        if data_reply is not None and data_reply.code == 354 and not proceed:
+            # DATA accepted although MAIL or every RCPT was not (RFC 2920 3.1): closing
+            # without the dot makes the server drop the transaction; a lone dot might
+            # deliver an empty message.
+            wire.close()
+        if mail_reply.code >= 400:
+            raise _Failure(mail_reply.code, mail_reply.text, "mail")
         if not accepted:
             return
-        try:
-            await before_data()
-        except Exception as exc:
-            raise _Failure(0, f"not sent: before_data failed: {exc!r}", "data") from exc
-        code, text = await self._data(smtp, transaction.content)
+        assert data_reply is not None
+        if data_reply.code != 354:
+            raise _Failure(data_reply.code, data_reply.text, "data")
+        code, text = await self._data(wire, transaction.content)
         for rcpt in accepted:
             results[rcpt] = RecipientResult(rcpt, code, text, "data_end", True)
 
-    async def _data(self, smtp: aiosmtplib.SMTP,
+    async def _data(self, wire: Wire,
                     content: bytes | AsyncIterable[bytes]) -> tuple[int, str]:
-        """DATA, the content in bounded chunks, the dot: the final reply's code and text."""
+        """After the 354: the content in bounded chunks and the dot; the final reply."""
         t = self.timeouts
-        try:
-            reply = await smtp.execute_command(b"DATA", timeout=t.data_init)
-        except _ERRORS as exc:
-            raise _Failure(*_no_reply(exc, "the reply to DATA", t.data_init), "data") from exc
-        if reply.code != aiosmtplib.SMTPStatus.start_input:
-            raise _Failure(reply.code, reply.message, "data")
-        protocol = smtp.protocol
-        if protocol is None:
-            raise _Failure(0, "connection lost after the reply to DATA", "data")
         # From here on the content is going out: every failure is data_sent (I3).
         stuffer = _DotStuffer()
         waiting_for, timeout = "the server to take a data block", t.data_block
         try:
             async for chunk in _chunks(content):
-                wire = stuffer.feed(chunk)
-                if wire:
-                    protocol.write(wire)
-                    async with asyncio.timeout(t.data_block):
-                        # The stdlib's StreamWriter.drain() hook: waits while paused.
-                        await protocol._drain_helper()
+                wire_bytes = stuffer.feed(chunk)
+                if wire_bytes:
+                    wire.write(wire_bytes)
+                    await wire.drain(t.data_block)
             waiting_for, timeout = "reply to end of data", t.data_end
-            protocol.write(stuffer.end())
-            await protocol._drain_helper()
+            wire.write(stuffer.end())
+            await wire.drain(t.data_block)
             fault_point("delivery.after_dot")
-            final = await protocol.read_response(timeout=t.data_end)
+            final = await wire.reply(t.data_end)
         except _ERRORS as exc:
             raise _Failure(*_no_reply(exc, waiting_for, timeout), "data_end",
                            data_sent=True) from exc
         except Exception as exc:  # the content source failed; the dot was not written
             raise _Failure(0, f"content source failed mid-data: {exc!r}", "data_end",
                            data_sent=True) from exc
-        if final.code < 0:
-            raise _Failure(0, final.message, "data_end", data_sent=True)
-        if final.code == aiosmtplib.SMTPStatus.domain_unavailable:
-            smtp.close()
-        return final.code, final.message
+        if final.code == 421:
+            wire.close()
+        return final.code, final.text
 
-    async def _reset(self) -> None:
-        """RSET so the next transaction starts clean; a failure retires the connection."""
-        if self._smtp is None:
-            return
-        try:
-            reply = await self._smtp.rset(timeout=self.timeouts.mail)
-        except _ERRORS:
-            self.abort()
-            return
-        if reply.code != aiosmtplib.SMTPStatus.completed:
-            self.abort()
+
+def _command(verb: str, address: str) -> bytes:
+    """``MAIL FROM:<a>`` or ``RCPT TO:<a>`` as wire bytes; ValueError when the address
+    cannot go on a command line (a control character, or not ASCII)."""
+    quoted = quote_address(address)
+    try:
+        return f"{verb}{quoted}\r\n".encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{address!r} is not ASCII") from exc
+
+
+async def _before(before_data: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await before_data()
+    except Exception as exc:
+        raise _Failure(0, f"not sent: before_data failed: {exc!r}", "data") from exc
+
+
+def _write(wire: Wire, data: bytes, phase: Phase, *, stale: bool = False) -> None:
+    try:
+        wire.write(data)
+    except OSError as exc:
+        raise _Failure(0, f"connection failed before {phase.upper()}: {exc}", phase,
+                       stale=stale) from exc
+
+
+async def _read(wire: Wire, timeout: float, command: str, phase: Phase, *,
+                stale: bool = False) -> Reply:
+    """The next reply; a closed connection before it is ``stale`` when asked (a reused
+    session the server timed out while idle), a timeout never is."""
+    try:
+        return await wire.reply(timeout)
+    except ClosedByPeer as exc:
+        raise _Failure(*_no_reply(exc, f"the reply to {command}", timeout), phase,
+                       stale=stale) from exc
+    except _ERRORS as exc:
+        raise _Failure(*_no_reply(exc, f"the reply to {command}", timeout), phase) from exc
+
+
+async def _expect(wire: Wire, timeout: float, command: str, phase: Phase, *,
+                  stale: bool = False) -> None:
+    """A 2xx reply to ``command``, or a failure that retires the session."""
+    reply = await _read(wire, timeout, command, phase, stale=stale)
+    if not 200 <= reply.code < 300:
+        raise _Failure(reply.code, reply.text, phase, stale=stale)
 
 
 class ConnectionCache:

@@ -20,6 +20,7 @@ from mta.smtp.client import (
 )
 from mta.smtp.routing import MailHost, NextHop, TlsPolicy
 from tests.support.bad_peer import BadPeer, running_bad_peer
+from tests.support.nodes import free_port
 from tests.support.sink import Faults, Sink, running_sink
 
 SENDER = "sender@origin.test"
@@ -101,22 +102,31 @@ async def test_rcpt_rejection_fails_one_recipient_and_delivers_the_others() -> N
         assert record.recipients == ("good@dest.test", "other@dest.test")
 
 
-async def test_every_rcpt_rejected_sends_no_data_and_never_calls_before_data() -> None:
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_every_rcpt_rejected_sends_no_data_and_keeps_the_session(
+    pipelining: bool,
+) -> None:
+    """Pipelined, the group (and so ``before_data``, the journal's "attempt started")
+    goes out before the RCPT replies are known; lock-step, ``before_data`` waits for an
+    accepted recipient. Either way no content is sent and the next transaction works."""
     faults = Faults(reject={"bad@dest.test": "450 4.2.0 mailbox busy"})
     called: list[bool] = []
 
     async def before_data() -> None:
         called.append(True)
 
-    async with running_sink(faults=faults) as sink:
+    async with running_sink(faults=faults, pipelining=pipelining) as sink:
         conn = connection(sink)
         (result,) = await conn.send(transaction("none@origin.test", "bad@dest.test"),
                                     before_data=before_data)
         assert (result.code, result.phase, result.data_sent) == (450, "rcpt", False)
-        assert called == []
-        assert conn.reusable
+        assert called == ([True] if pipelining else [])
+        assert conn.reusable and sink.transactions == []
+        (after,) = await conn.send(transaction("next@origin.test", "good@dest.test"),
+                                   before_data=nothing)
+        assert (after.code, after.phase) == (250, "data_end")
         await conn.close()
-        assert sink.transactions == []
+        assert sink.connections == 1 and len(sink.transactions) == 1
 
 
 async def test_4xx_at_data_end_is_a_recorded_reply_not_uncertain() -> None:
@@ -490,3 +500,112 @@ async def test_auth_refused_with_535_is_a_setup_failure(server_tls: ssl.SSLConte
         assert (result.code, result.phase, result.data_sent) == (535, "auth", False)
         assert result.phase in SETUP_PHASES
         assert sink.transactions == []
+
+
+def _reads_with(sink: Sink, *needles: bytes) -> list[bytes]:
+    assert sink.reads is not None
+    return [chunk for chunk in sink.reads if all(needle in chunk for needle in needles)]
+
+
+async def test_a_pipelined_transaction_is_one_group_and_reuse_starts_it_with_rset() -> None:
+    """RFC 2920: MAIL, every RCPT and DATA go out together; on a reused session RSET
+    heads the group, so checking the session costs no round trip."""
+    async with running_sink(record_reads=True) as sink:
+        conn = connection(sink)
+        first = await conn.send(transaction("p1@origin.test", "a@dest.test", "b@dest.test",
+                                            "c@dest.test"), before_data=nothing)
+        second = await conn.send(transaction("p2@origin.test", "d@dest.test"),
+                                 before_data=nothing)
+        await conn.close()
+    assert [r.code for r in first + second] == [250, 250, 250, 250]
+    assert conn.pipelining and sink.connections == 1
+    group = b"MAIL FROM:<sender@origin.test>\r\nRCPT TO:<a@dest.test>\r\n" \
+        b"RCPT TO:<b@dest.test>\r\nRCPT TO:<c@dest.test>\r\nDATA\r\n"
+    assert any(chunk == group for chunk in sink.reads or []), sink.reads
+    again = b"RSET\r\nMAIL FROM:<sender@origin.test>\r\nRCPT TO:<d@dest.test>\r\nDATA\r\n"
+    assert any(chunk == again for chunk in sink.reads or []), sink.reads
+    assert [t.recipients for t in sink.transactions] == [
+        ("a@dest.test", "b@dest.test", "c@dest.test"), ("d@dest.test",)]
+
+
+async def test_without_pipelining_each_command_waits_for_its_reply() -> None:
+    async with running_sink(record_reads=True, pipelining=False) as sink:
+        conn = connection(sink)
+        results = await conn.send(transaction("lock@origin.test", "a@dest.test",
+                                              "b@dest.test"), before_data=nothing)
+        results += await conn.send(transaction("lock2@origin.test"), before_data=nothing)
+        await conn.close()
+    assert [r.code for r in results] == [250, 250, 250]
+    assert not conn.pipelining
+    assert _reads_with(sink, b"MAIL FROM") and not _reads_with(sink, b"MAIL FROM", b"RCPT")
+    assert _reads_with(sink, b"RSET") and not _reads_with(sink, b"RSET", b"MAIL")
+    assert len(sink.transactions) == 2
+
+
+def peer_hop(port: int) -> NextHop:
+    """A static route to a scripted peer on 127.0.0.2."""
+    return NextHop(key=f"route:127.0.0.2:{port}/none",
+                   hosts=(MailHost("127.0.0.2", ("127.0.0.2",), 0),), port=port, tls="none",
+                   source="route", expires_at=math.inf)
+
+
+PIPELINING_EHLO = "250-bad.peer.test\r\n250 PIPELINING"
+
+
+@pytest.mark.parametrize(("data_reply", "reusable"), [
+    ("503 5.5.1 no valid recipients", True),
+    ("354 go ahead", False),
+], ids=["data-refused", "data-accepted-anyway"])
+async def test_a_refused_sender_in_a_pipelined_group_fails_every_recipient_without_content(
+    data_reply: str, reusable: bool,
+) -> None:
+    """Every reply of the group is read. A server that answers 354 to DATA after refusing
+    MAIL gets the connection closed, never a dot that might deliver an empty message."""
+    port = free_port()
+    peer = BadPeer(replies={"EHLO": PIPELINING_EHLO, "MAIL": "550 5.7.1 sender refused",
+                            "RCPT": "503 5.5.1 need MAIL first", "DATA": data_reply})
+    async with running_bad_peer(peer, "127.0.0.2", port):
+        conn = OutboundConnection(peer_hop(port), ehlo_name="relay.origin.test",
+                                  timeouts=QUICK)
+        results = await conn.send(transaction("refused@origin.test", "a@dest.test",
+                                              "b@dest.test"), before_data=nothing)
+        assert conn.reusable is reusable
+        await conn.close()
+    assert [(r.code, r.text, r.phase, r.data_sent) for r in results] == \
+        [(550, "5.7.1 sender refused", "mail", False)] * 2
+    assert b"." not in peer.lines
+
+
+async def test_a_malformed_reply_retires_the_session_with_evidence() -> None:
+    port = free_port()
+    peer = BadPeer(replies={"EHLO": PIPELINING_EHLO, "MAIL": "hello there"})
+    async with running_bad_peer(peer, "127.0.0.2", port):
+        conn = OutboundConnection(peer_hop(port), ehlo_name="relay.origin.test",
+                                  timeouts=QUICK)
+        (result,) = await conn.send(transaction("garbled@origin.test"), before_data=nothing)
+        await conn.close()
+    assert (result.code, result.phase, result.data_sent) == (0, "mail", False)
+    assert "malformed reply line: 'hello there'" in result.text
+    assert not conn.reusable
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_reused_session_closed_by_the_server_is_replaced_without_a_deferral(
+    pipelining: bool,
+) -> None:
+    """A server may drop an idle session at any time; the transaction that finds it
+    closed, before anything of it was answered, runs on a fresh session instead."""
+    prepared: list[str] = []
+
+    async def before_data() -> None:
+        prepared.append("journaled")
+
+    async with running_sink(pipelining=pipelining) as sink:
+        conn = connection(sink)
+        (first,) = await conn.send(transaction("s1@origin.test"), before_data=nothing)
+        sink.drop_connections()
+        (second,) = await conn.send(transaction("s2@origin.test"), before_data=before_data)
+        await conn.close()
+    assert (first.code, second.code) == (250, 250), second
+    assert sink.connections == 2 and prepared == ["journaled"]
+    assert [t.message_id for t in sink.transactions] == ["s1@origin.test", "s2@origin.test"]

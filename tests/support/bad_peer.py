@@ -20,6 +20,8 @@ class BadPeer:
     greeting: str | None = "220 bad.peer.test ESMTP"
     replies: Mapping[str, str] = field(default_factory=dict)
     sessions: int = 0
+    #: Every line the peer read, in order.
+    lines: list[bytes] = field(default_factory=list)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one connection: the greeting, then one reply per command line."""
@@ -33,6 +35,7 @@ class BadPeer:
             if not self.greeting.startswith("2"):
                 return
             while line := await reader.readline():
+                self.lines.append(line.rstrip(b"\r\n"))
                 verb = line.split(b" ", 1)[0].strip().upper().decode(errors="replace")
                 writer.write(self.replies.get(verb, "250 ok").encode() + b"\r\n")
                 await writer.drain()

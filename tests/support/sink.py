@@ -5,6 +5,10 @@ an OS-picked port. Each transaction that reaches the final dot is recorded (enve
 raw bytes, Message-ID, monotonic time, the reply sent), so a test can count deliveries
 per (Message-ID, recipient) and find duplicates and losses.
 
+The sink offers PIPELINING (RFC 2920) unless made with ``pipelining=False``; with
+``record_reads=True`` it keeps the start of every chunk it reads, so a test can see which
+commands arrived together.
+
 Faults (``Faults``, replaceable at any time through ``sink.faults``):
 
 - ``reject``: a reply (e.g. ``550 5.1.1 no such user``) to RCPT for given recipients;
@@ -39,6 +43,8 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 ACCEPTED = "250 2.0.0 Ok: received"
+#: How much of each chunk read from a client ``record_reads`` keeps.
+READ_RECORD_BYTES = 512
 HANG_TIMEOUT = "421 4.4.2 Sink hang limit reached, closing connection"
 
 
@@ -98,9 +104,11 @@ def normalize_id(message_id: str) -> str:
 
 
 def _abort(transport: asyncio.BaseTransport | None) -> None:
-    """Drop a connection at once, without flushing or replying."""
-    if isinstance(transport, asyncio.Transport):
-        transport.abort()
+    """Drop a connection at once, without flushing or replying (uvloop's transports are
+    not ``asyncio.Transport`` subclasses, so this asks for the method)."""
+    abort = getattr(transport, "abort", None)
+    if abort is not None:
+        abort()
 
 
 class _SinkSMTP(SMTP):
@@ -134,6 +142,8 @@ class _SinkSMTP(SMTP):
 
     def data_received(self, data: bytes) -> None:
         """Feed the reader, unless a mid-DATA drop is due: then abort without feeding."""
+        if self.sink.reads is not None:
+            self.sink.reads.append(data[:READ_RECORD_BYTES])
         if self._drop_budget is not None:
             self._drop_budget -= len(data)
             if self._drop_budget <= 0:
@@ -163,6 +173,13 @@ class _Handler:
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
+
+    async def handle_EHLO(self, server: _SinkSMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if not self.sink.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_RCPT(self, server: _SinkSMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -221,8 +238,12 @@ class Sink:
     def __init__(self, *, seed: int = 0, faults: Faults | None = None,
                  tls_context: ssl.SSLContext | None = None,
                  credentials: Mapping[str, str] | None = None, hostname: str = "sink.test",
-                 idle_timeout: float = 30.0, hang_limit: float = 30.0) -> None:
+                 idle_timeout: float = 30.0, hang_limit: float = 30.0,
+                 pipelining: bool = True, record_reads: bool = False) -> None:
         self.faults = faults or Faults()
+        self.pipelining = pipelining
+        #: The start of every chunk read from every client, in order (``record_reads``).
+        self.reads: list[bytes] | None = [] if record_reads else None
         self.rng = random.Random(seed)
         self.tls_context = tls_context
         self.credentials = dict(credentials) if credentials is not None else None
@@ -254,6 +275,12 @@ class Sink:
         if self._server is not None:
             await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
+
+    def drop_connections(self) -> None:
+        """Abort every open client connection and keep listening (a server that drops
+        idle sessions, or restarted)."""
+        for transport in list(self._transports):
+            _abort(transport)
 
     def release(self) -> None:
         """End the hang: hung transactions get ``250`` now, later ones are not hung."""
