@@ -122,9 +122,10 @@ class CpuMeter:
     Sums user+system time, including reaped children's, over every user-space process
     that is not ours, at start and at the end: reaping moves a child's time into its
     parent, so the difference of the two sums is what others used in between, whatever
-    started or exited meanwhile. Ours: this process, its children (smtp-source, smtp-sink)
-    and every process whose cwd is under ``root`` (the Postfix daemons). Kernel threads
-    (e.g. the journal thread doing everyone's fsyncs) are left out.
+    started or exited meanwhile. Ours: this process and its descendants (smtp-source,
+    smtp-sink, the node and its processes) and every process whose cwd is under ``root``
+    (the Postfix daemons). Kernel threads (e.g. the journal thread doing everyone's
+    fsyncs) are left out.
     """
 
     def __init__(self, root: Path) -> None:
@@ -134,16 +135,24 @@ class CpuMeter:
 
     def _others(self) -> float:
         me = os.getpid()
-        ticks = 0
+        stats: dict[int, list[str]] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == me:
                 continue
             with contextlib.suppress(OSError):
                 stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                ppid = int(stat[1])
-                if ppid in (2, me) or Path(os.readlink(entry / "cwd")).is_relative_to(self.root):
-                    continue  # kernel thread or ours
-                ticks += sum(int(x) for x in stat[11:15])  # utime stime cutime cstime
+                if int(stat[1]) == 2 or \
+                        Path(os.readlink(entry / "cwd")).is_relative_to(self.root):
+                    continue  # kernel thread, or one of ours (the Postfix daemons)
+                stats[int(entry.name)] = stat
+        ours = {me}
+        for _ in range(len(stats)):  # descendants of ours: a node's forked processes
+            grown = {pid for pid, stat in stats.items() if int(stat[1]) in ours} - ours
+            if not grown:
+                break
+            ours |= grown
+        ticks = sum(sum(int(x) for x in stat[11:15])  # utime stime cutime cstime
+                    for pid, stat in stats.items() if pid not in ours)
         return ticks / os.sysconf("SC_CLK_TCK")
 
     def others_share(self) -> float:
