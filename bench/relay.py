@@ -378,13 +378,15 @@ def _sink(root: Path, verify_recipients: bool) -> Iterator[tuple[SmtpSink, Path 
 
 @contextlib.contextmanager
 def _py_spy(pid: int, output: Path | None, seconds: float) -> Iterator[None]:
-    """Profile ``pid`` with py-spy (raw collapsed stacks) for ``seconds`` during the block."""
+    """Profile ``pid`` and its processes with py-spy (raw collapsed stacks) for ``seconds``
+    during the block."""
     if output is None:
         yield
         return
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
-           "--rate", "100", "--format", "raw", "--output", str(output), "--nonblocking"]
+           "--rate", "100", "--format", "raw", "--output", str(output), "--nonblocking",
+           "--subprocesses"]
     profiler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
