@@ -98,12 +98,15 @@ WITH first AS (
     FOR UPDATE SKIP LOCKED
 ), siblings AS (
     -- A lateral lookup per claimed row, so the plan is an index probe by message
-    -- whatever the statistics say, never a hash join over every due delivery.
+    -- whatever the statistics say, never a hash join over every due delivery. The due
+    -- test is inside a CASE so that it matches no index: written plainly, it lets the
+    -- planner walk every due entry of deliveries_due per claimed row instead.
     SELECT sibling.id FROM first
     CROSS JOIN LATERAL (
         SELECT d.id FROM deliveries AS d
         WHERE d.message_id = first.message_id AND d.next_hop = first.next_hop
-          AND d.state IN ('queued', 'deferred') AND d.next_attempt_at <= now()
+          AND CASE WHEN d.state IN ('queued', 'deferred')
+                   THEN d.next_attempt_at <= now() ELSE false END
         FOR UPDATE SKIP LOCKED
     ) AS sibling
 )
@@ -129,11 +132,18 @@ SELECT current_setting('max_connections')::int AS max_connections,
 -- A round trip that proves the server answers.
 SELECT 1;
 
+-- Statements on the leases one owner holds match `lease_owner = $1` alone: the table's
+-- CHECK makes a non-null owner mean `state = 'leased'`, and leaving the state out keeps
+-- the planner on the primary key. With it, the partial index deliveries_lease_expiry
+-- matches; PostgreSQL then bitmap-scans it, and it holds a dead entry for every lease
+-- since the last vacuum (leasing is never a HOT update), so each call grew with the
+-- deliveries handled.
+
 -- name: delivery_renew_leases
 -- Extend the leases owner $1 holds on deliveries $2 by $3 seconds (a long send).
 UPDATE deliveries
 SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
-WHERE id = ANY($2::bigint[]) AND state = 'leased' AND lease_owner = $1
+WHERE id = ANY($2::bigint[]) AND lease_owner = $1
 RETURNING id;
 
 -- name: delivery_record_outcomes
@@ -160,7 +170,7 @@ WITH outcome AS (
         lease_expires_at = NULL,
         updated_at = now()
     FROM outcome AS o
-    WHERE d.id = o.id AND d.state = 'leased' AND d.lease_owner = $1
+    WHERE d.id = o.id AND d.lease_owner = $1
     RETURNING d.id, d.message_id, d.state, d.last_reply_code, d.last_reply
 ), events AS (
     INSERT INTO delivery_events (delivery_id, state, reply_code, detail, actor)
@@ -190,7 +200,7 @@ SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,
     lease_owner = NULL,
     lease_expires_at = NULL,
     updated_at = now()
-WHERE id = ANY($2::bigint[]) AND state = 'leased' AND lease_owner = $1
+WHERE id = ANY($2::bigint[]) AND lease_owner = $1
 RETURNING id;
 
 -- name: delivery_release_unsent
@@ -201,7 +211,7 @@ WITH counted AS (
            CASE WHEN last_crash_at > now() - make_interval(secs => $5)
                 THEN crash_count + 1 ELSE 1 END AS crashes
     FROM deliveries
-    WHERE id = ANY($2::bigint[]) AND state = 'leased' AND lease_owner = $1
+    WHERE id = ANY($2::bigint[]) AND lease_owner = $1
     FOR UPDATE
 ), changed AS (
     UPDATE deliveries AS d

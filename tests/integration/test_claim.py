@@ -118,10 +118,64 @@ async def test_claim_plan_uses_the_due_index_at_a_million_rows(db_dsn: str) -> N
         # deliveries never are.
         assert ("Seq Scan", "deliveries") not in scanned, (setting, scanned)
         assert "Sort" not in kinds and "Incremental Sort" not in kinds, (setting, kinds)
-        index_names = {node.get("Index Name") for node in nodes
-                       if node["Node Type"] in ("Index Scan", "Index Only Scan")}
-        assert {"deliveries_due", "deliveries_message"} <= index_names, (setting, index_names)
+        index_uses = [node.get("Index Name") for node in nodes
+                      if node["Node Type"] in ("Index Scan", "Index Only Scan",
+                                               "Bitmap Index Scan")]
+        assert {"deliveries_due", "deliveries_message"} <= set(index_uses), (setting, nodes)
+        # The due index serves the walk for the first rows only, never the siblings.
+        assert index_uses.count("deliveries_due") == 1, (setting, index_uses)
         assert "LockRows" in kinds, "the claim must lock what it takes (FOR UPDATE SKIP LOCKED)"
+
+
+async def test_claim_siblings_probe_by_message_with_stale_statistics(db_dsn: str) -> None:
+    """Statistics from when nothing was due (a quiet spell), then a burst: the siblings
+    are still found by message, not by walking the due index once per claimed row."""
+    await load_deliveries(db_dsn, messages=20, queued_percent=0)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute("UPDATE deliveries SET state = 'queued'")
+        nodes = await _claim_plan(conn, "")
+    finally:
+        await conn.close()
+    index_uses = [node.get("Index Name") for node in nodes
+                  if node["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Index Scan")]
+    assert index_uses.count("deliveries_due") == 1, index_uses
+    assert "deliveries_message" in index_uses, index_uses
+
+
+@pytest.mark.parametrize("statement", ["delivery_record_outcomes", "delivery_renew_leases",
+                                       "delivery_give_back"])
+async def test_lease_holder_statements_probe_the_primary_key(
+    db_dsn: str, statement: str,
+) -> None:
+    """Outcomes, renewals and give-backs name their deliveries by id: the plan probes the
+    primary key, not the partial index of leases (whose dead entries pile up between
+    vacuums, since no lease change is a HOT update)."""
+    await load_deliveries(db_dsn, messages=20)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        # Statistics from before the leases, as after a quiet spell: few leased rows.
+        await conn.execute("ANALYZE deliveries")
+        await conn.execute("UPDATE deliveries SET state = 'leased', lease_owner = 'owner', "
+                           "lease_expires_at = now() + interval '1 minute' WHERE id % 7 = 0")
+        ids = [7, 14, 21, 28, 35]
+        args: tuple[Any, ...] = {
+            "delivery_record_outcomes": ("owner", ids, ["delivered"] * 5, [250] * 5,
+                                         ["2.0.0 ok"] * 5, [0.0] * 5, [False] * 5),
+            "delivery_renew_leases": ("owner", ids, 30.0),
+            "delivery_give_back": ("owner", ids),
+        }[statement]
+        raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + query(statement), *args)
+    finally:
+        await conn.close()
+    nodes = list(plan_nodes(json.loads(raw)[0]["Plan"]))
+    on_deliveries = [node.get("Index Name") for node in nodes
+                     if (node.get("Relation Name") == "deliveries" and "Index Name" in node)
+                     or node["Node Type"] == "Bitmap Index Scan"]
+    assert "deliveries_lease_expiry" not in on_deliveries, on_deliveries
+    assert "deliveries_pkey" in on_deliveries, on_deliveries
+    assert ("Seq Scan", "deliveries") not in [(n["Node Type"], n.get("Relation Name"))
+                                              for n in nodes]
 
 
 async def test_concurrent_claims_never_share_a_delivery(
