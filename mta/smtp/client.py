@@ -434,16 +434,17 @@ class OutboundConnection:
         if not self.pipelining:
             _write(wire, mail, "mail")
         mail_reply = await _read(wire, t.mail, "MAIL", "mail", stale=reset)
+        mail_ok = 200 <= mail_reply.code < 300
         accepted: list[str] = []
         for rcpt, command in rcpts:
             if not self.pipelining:
-                if mail_reply.code >= 400:
+                if not mail_ok:
                     break
                 _write(wire, command, "rcpt")
             reply = await _read(wire, t.rcpt, "RCPT", "rcpt")
             if 200 <= reply.code < 300:
                 accepted.append(rcpt)
-            elif mail_reply.code < 400:
+            elif mail_ok:
                 results[rcpt] = RecipientResult(rcpt, reply.code, reply.text, "rcpt", False)
         if not self.pipelining and accepted:
             await _before(before_data)
@@ -451,13 +452,12 @@ class OutboundConnection:
         data_reply = None
         if self.pipelining or accepted:
             data_reply = await _read(wire, t.data_init, "DATA", "data")
-        proceed = mail_reply.code < 400 and accepted
-        if data_reply is not None and data_reply.code == 354 and not proceed:
+        if data_reply is not None and data_reply.code == 354 and not (mail_ok and accepted):
             # DATA accepted although MAIL or every RCPT was not (RFC 2920 3.1): closing
             # without the dot makes the server drop the transaction; a lone dot might
             # deliver an empty message.
             wire.close()
-        if mail_reply.code >= 400:
+        if not mail_ok:
             raise _Failure(mail_reply.code, mail_reply.text, "mail")
         if not accepted:
             return
