@@ -132,6 +132,8 @@ class _SinkSMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         """Send a reply; pick this transaction's fault at ``354``, close after ``421``."""
         text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if self.transport is None or self.transport.is_closing():
+            return  # aborted by a fault: nobody is listening for the reply
         if text.startswith("354"):
             self.fault = self.sink._draw_fault()
             if self.fault == "drop_mid_data":
