@@ -54,6 +54,7 @@ from mta.queue.journal import (
     adopt,
     owner_alive,
 )
+from mta.queue.outcome_batch import OutcomeBatcher
 from mta.queue.store import AttemptOutcome, Envelope, FinalOrRetry
 from mta.smtp.client import (
     SETUP_PHASES,
@@ -206,6 +207,7 @@ class Deliverer:
         self.journal = journal
         self.policy = policy
         self.owner = owner
+        self._outcomes = OutcomeBatcher(store, owner)
         self.options = options
         self.metrics = metrics
         self.rng = rng or random.Random()
@@ -466,7 +468,10 @@ class Deliverer:
             bounce = await bounce_for(self.store, settlement.message, settlement.failed,
                                       remote_mta=settlement.host,
                                       reporting_mta=self.options.reporting_mta)
-        await self.store.record_outcomes(self.owner, settlement.outcomes, bounce=bounce)
+        if bounce is None:
+            await self._outcomes.write(settlement.outcomes)
+        else:
+            await self.store.record_outcomes(self.owner, settlement.outcomes, bounce=bounce)
         if bounce is not None:
             self.wake.set()
         if settlement.attempt_id:
