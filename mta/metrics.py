@@ -98,3 +98,10 @@ class Metrics:
             "mta_heartbeat_timestamp_seconds", "Unix time of the event loop's last beat.",
             registry=reg,
         )
+
+    def drop_queue_gauges(self) -> None:
+        """Stop exporting the store-wide ``mta_queue_*`` gauges (another process of the
+        node reports them, so that summing over processes counts the queue once)."""
+        for gauge in (self.queue_deliveries, self.queue_expired_leases,
+                      self.queue_due_lag_seconds, self.queue_oldest_message_seconds):
+            self.registry.unregister(gauge)

@@ -33,11 +33,14 @@ HEALTH_INTERVAL_S = 1.0
 class Node:
     """Composes one node process. ``start`` it, ``stop`` it, or ``run`` until a signal."""
 
-    def __init__(self, settings: Settings, dsn: str,
-                 sockets: Mapping[str, socket.socket]) -> None:
+    def __init__(self, settings: Settings, dsn: str, sockets: Mapping[str, socket.socket],
+                 *, reports_queue: bool = True) -> None:
+        """``reports_queue``: this process exports the store-wide queue gauges (one
+        process per node does, so that summing over processes counts the queue once)."""
         self.settings = settings
         self.dsn = dsn
         self.sockets = sockets
+        self.reports_queue = reports_queue
         self.metrics = Metrics(settings.node.name)
         self.store: Store | None = None
         self.intake: Intake | None = None
@@ -71,7 +74,6 @@ class Node:
         self._tasks = [
             asyncio.create_task(admission.run(self._stop_background), name="admission"),
             asyncio.create_task(self._health_loop(), name="health"),
-            asyncio.create_task(self._queue_stats_loop(), name="queue-stats"),
             asyncio.create_task(Retention(
                 self.store, body_after_s=self.settings.retention.body_after,
                 metadata_after_s=self.settings.retention.metadata_after,
@@ -79,6 +81,11 @@ class Node:
                 interval_s=self.settings.retention.interval,
             ).run(self._stop_background), name="retention"),
         ]
+        if self.reports_queue:
+            self._tasks.append(asyncio.create_task(self._queue_stats_loop(),
+                                                   name="queue-stats"))
+        else:
+            self.metrics.drop_queue_gauges()
         notifier = Notifier(self.store, self.settings.node.name)
         self.intake.on_accepted.append(notifier.poke)
         if self.settings.delivery.enabled:

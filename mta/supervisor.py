@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import os
 import signal
 import socket
@@ -84,12 +85,15 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
 
 
 def dump_tasks(out: TextIO) -> None:
-    """Write every running task's stack to ``out``: what a process that seems stuck waits on."""
+    """Write every running task's stack to ``out``: what a process that seems stuck waits on.
+    The dump goes out in one write, so the dumps of a node's processes do not interleave."""
     tasks = asyncio.all_tasks()
-    print(f"--- {len(tasks)} tasks in process {os.getpid()} ---", file=out)
+    dump = io.StringIO()
+    print(f"--- {len(tasks)} tasks in process {os.getpid()} ---", file=dump)
     for task in tasks:
-        print(f"{task!r}", file=out)
-        task.print_stack(limit=12, file=out)
+        print(f"{task!r}", file=dump)
+        task.print_stack(limit=12, file=dump)
+    out.write(dump.getvalue())
     out.flush()
 
 
@@ -100,7 +104,7 @@ def run_process(settings: Settings, dsn: str, sockets: Mapping[str, socket.socke
     async def main() -> None:
         stop = asyncio.Event()
         _install_signal_handlers(asyncio.get_running_loop(), stop)
-        node = Node(settings, dsn, process_sockets(sockets, index))
+        node = Node(settings, dsn, process_sockets(sockets, index), reports_queue=index == 0)
         await node.run(stop)
 
     try:

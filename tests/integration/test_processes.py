@@ -8,7 +8,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.support.admin import healthz, metric
+from tests.support.admin import admin_get, healthz, metric
 from tests.support.nodes import wait_for
 from tests.support.process import NodeProcess
 from tests.support.smtp import RawSMTP
@@ -51,6 +51,12 @@ async def test_two_processes_serve_one_port_and_exit_zero_on_sigterm(
         per_process = [await metric(node.admin_port + index, "mta_intake_accepted_messages_total")
                        for index in range(PROCESSES)]
         assert sum(per_process) == 20, per_process
+        # The store-wide queue gauges come from the first process only: summing over
+        # processes counts the queue once.
+        exports = [(await admin_get(node.admin_port + index, "/metrics"))[1]
+                   for index in range(PROCESSES)]
+        assert 'mta_queue_deliveries{state="queued"}' in exports[0]
+        assert all("mta_queue_" not in text for text in exports[1:]), exports[1]
         # Each process holds its own pool, sized by the budget: never more than the sum.
         budget = PROCESSES * (2 + 4 + 2)
         assert 0 < await node_connections(db_dsn) <= budget
