@@ -12,18 +12,18 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from mta.admin import start_admin
+from mta.admin.http import start_admin
+from mta.admin.metrics import Metrics
 from mta.config import Settings
+from mta.delivery.deliverer import Deliverer, start_delivery
 from mta.errors import StoreUnavailable
-from mta.metrics import Metrics
+from mta.intake.admission import Admission
+from mta.intake.listener import start_listeners
+from mta.intake.policy import Intake
 from mta.queue import Store
 from mta.queue.retention import Retention
 from mta.queue.store import PENDING_STATES
-from mta.smtp.admission import Admission
-from mta.smtp.delivery import Deliverer, start_delivery
-from mta.smtp.intake import Intake
-from mta.smtp.listener import start_listeners
-from mta.smtp.wakeup import Notifier, listen_for_work
+from mta.queue.wakeup import Notifier, listen_for_work
 
 log = structlog.get_logger(__name__)
 

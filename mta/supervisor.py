@@ -18,10 +18,10 @@ from typing import TextIO
 import structlog
 
 from mta.config import Settings, connection_budget
+from mta.intake.listener import bind_listeners, process_sockets
 from mta.node import Node
 from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
 from mta.queue.preflight import PreflightReport, preflight
-from mta.smtp.listener import bind_listeners, process_sockets
 
 log = structlog.get_logger(__name__)
 

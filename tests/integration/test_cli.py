@@ -8,7 +8,7 @@ from pathlib import Path
 
 import asyncpg
 
-from mta.smtp.auth import verify_password
+from mta.intake.auth import verify_password
 
 
 def mta(*args: str, stdin: str | None = None, env: dict[str, str] | None = None

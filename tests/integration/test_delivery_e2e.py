@@ -169,7 +169,7 @@ async def test_an_internal_error_after_the_attempt_started_leaves_the_delivery_u
 ) -> None:
     """A bug between DATA and the store update: the data may have arrived, so the
     delivery is uncertain (never resent by itself), exactly as a journal replay decides."""
-    from mta.queue.journal import ReplyReceived
+    from mta.journal.writer import ReplyReceived
 
     node = await start_node(delivery_settings(make_settings, sink))
     try:

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mta.config import Settings
+from mta.intake import replies
 from mta.queue.ids import parse_queue_id
-from mta.smtp import replies
 from tests.support.intake import running_node, store_of, stored_content
 from tests.support.nodes import NodeHandle
 from tests.support.smtp import RawSMTP, dot_stuff, queue_id_of

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mta.config import Settings
+from mta.intake import replies
 from mta.queue.ids import parse_queue_id
-from mta.smtp import replies
 from tests.support.intake import (
     assert_closed_by_server,
     greeted,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.queue.journal import Journal, pending
+from mta.journal.writer import Journal, pending
 
 CHILD = Path(__file__).parents[1] / "support" / "journal_child.py"
 DEADLINE = 30.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import trustme
 
-from mta.smtp.auth import hash_password
+from mta.intake.auth import hash_password
 from tests.support.process import NodeProcess, run_mta, write_config
 from tests.support.smtp import RawSMTP
 

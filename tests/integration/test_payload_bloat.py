@@ -162,7 +162,7 @@ async def delivery_states(dsn: str) -> dict[str, int]:
 
 
 def received_line(queue_id: str) -> re.Pattern[bytes]:
-    """The one trace header intake prepends (mta/smtp/headers.py); only the date varies."""
+    """The one trace header intake prepends (mta/intake/trace.py); only the date varies."""
     return re.compile(
         rb"Received: from " + re.escape(HELO.encode()) + rb" \(\[127\.0\.0\.1\]\)\r\n"
         rb"\tby mx\.test\.invalid \(mta-fleet\) with ESMTP id " + re.escape(queue_id.encode())

@@ -10,9 +10,9 @@ import dns.asyncquery
 import dns.message
 import pytest
 
+from mta.delivery.outbound.session import ClientTimeouts, OutboundConnection, Transaction
+from mta.delivery.routing import ResolverConfig, RouteConfig, Router
 from mta.errors import RoutePermFailure, RouteTempFailure
-from mta.smtp.client import ClientTimeouts, OutboundConnection, Transaction
-from mta.smtp.routing import ResolverConfig, RouteConfig, Router
 from tests.support.dns import LoopbackDns, loopback_dns
 from tests.support.sink import running_sink
 

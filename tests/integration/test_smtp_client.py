@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trustme
 
-from mta.smtp.client import (
+from mta.delivery.outbound.session import (
     SETUP_PHASES,
     ClientTimeouts,
     ConnectionCache,
@@ -18,7 +18,7 @@ from mta.smtp.client import (
     RecipientResult,
     Transaction,
 )
-from mta.smtp.routing import MailHost, NextHop, TlsPolicy
+from mta.delivery.routing import MailHost, NextHop, TlsPolicy
 from tests.support.bad_peer import BadPeer, running_bad_peer
 from tests.support.nodes import free_port
 from tests.support.sink import Faults, Sink, running_sink

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mta.smtp import replies
+from mta.intake import replies
 from tests.support.intake import greeted, store_of, stored_content
 from tests.support.nodes import NodeHandle
 from tests.support.smtp import RawSMTP

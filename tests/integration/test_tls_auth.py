@@ -11,9 +11,9 @@ import pytest
 import trustme
 
 from mta.config import Settings
+from mta.intake import replies
+from mta.intake.auth import hash_password
 from mta.queue.ids import parse_queue_id
-from mta.smtp import replies
-from mta.smtp.auth import hash_password
 from tests.support.intake import assert_closed_by_server, running_node, store_of, stored_content
 from tests.support.nodes import NodeHandle
 from tests.support.smtp import RawSMTP, queue_id_of

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from mta.queue.journal import AttemptStarted, Journal
+from mta.journal.writer import AttemptStarted, Journal
 
 
 async def main(directory: Path, owner: str, workers: int, segment_bytes: int) -> None:

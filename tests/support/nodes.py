@@ -7,8 +7,8 @@ import socket
 from dataclasses import dataclass
 
 from mta.config import Settings
+from mta.intake.listener import bind_socket
 from mta.node import Node
-from mta.smtp.listener import bind_socket
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.smtp.address import AddressError, NonAsciiAddress, ParameterError, parse_path
+from mta.mail.address import AddressError, NonAsciiAddress, ParameterError, parse_path
 
 
 @pytest.mark.parametrize("text, address", [

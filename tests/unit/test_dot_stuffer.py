@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.smtp.client import _DotStuffer
+from mta.delivery.outbound.session import _DotStuffer
 
 
 def reference(content: bytes) -> bytes:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mta.smtp.dsn import MAX_DIAGNOSTIC, FailedRecipient, build_dsn, dsn_suppressed
+from mta.delivery.dsn import MAX_DIAGNOSTIC, FailedRecipient, build_dsn, dsn_suppressed
 
 ARRIVED = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 TRIED = ARRIVED + timedelta(hours=2)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mta.queue.journal import (
+from mta.journal.writer import (
     Applied,
     AttemptStarted,
     Journal,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.smtp.retry import Decision, RetryPolicy, classify, next_attempt_delay, status_for
+from mta.delivery.retry import Decision, RetryPolicy, classify, next_attempt_delay, status_for
 
 NO_JITTER = RetryPolicy(jitter=0.0)
 DEFAULT = RetryPolicy()

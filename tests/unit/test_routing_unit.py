@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from mta.errors import ConfigError, PermFailure, RoutePermFailure, RouteTempFailure, TempFailure
-from mta.smtp.routing import (
+from mta.delivery.routing import (
     ResolverConfig,
     RouteConfig,
     match_route,
@@ -16,6 +15,7 @@ from mta.smtp.routing import (
     route_key,
     route_table,
 )
+from mta.errors import ConfigError, PermFailure, RoutePermFailure, RouteTempFailure, TempFailure
 
 
 def test_exact_domain_route_wins_over_wildcard() -> None:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from mta.queue.ids import new_message_id, parse_queue_id, queue_id
-from mta.queue.sql import parse_queries, queries
-from mta.smtp.auth import AuthThrottle, hash_password, verify_password
-from mta.smtp.headers import (
+from mta.intake.auth import AuthThrottle, hash_password, verify_password
+from mta.intake.trace import (
     TraceContext,
     inspect_headers,
     message_id_header,
     received_header,
 )
+from mta.queue.ids import new_message_id, parse_queue_id, queue_id
+from mta.queue.sql import parse_queries, queries
 
 
 def test_queue_ids_round_trip_and_sort_by_time() -> None:
@@ -91,7 +91,7 @@ def test_query_file_parses_and_rejects_duplicates() -> None:
 
 
 def test_has_long_line_finds_exactly_the_lines_over_the_limit() -> None:
-    from mta.smtp.server import has_long_line
+    from mta.intake.protocol import has_long_line
 
     def body(*lengths: int) -> bytearray:
         return bytearray(b"\r\n" + b"".join(b"x" * n + b"\r\n" for n in lengths))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mta.smtp.throttle import DestinationState, Shaper, ShapingConfig
+from mta.delivery.shaping import DestinationState, Shaper, ShapingConfig
 
 
 class FakeTime:

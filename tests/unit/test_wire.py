@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from mta.smtp.wire import MAX_REPLY_BYTES, ClosedByPeer, MalformedReply, Wire
+from mta.delivery.outbound.wire import MAX_REPLY_BYTES, ClosedByPeer, MalformedReply, Wire
 
 
 class _Transport(asyncio.Transport):

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mta.metrics import Metrics
+from mta.admin.metrics import Metrics
 
 StatusFn = Callable[[], dict[str, Any]]
 

@@ -8,8 +8,8 @@ import ssl
 from collections.abc import Mapping
 
 from mta.config import Settings, parse_host_port
-from mta.smtp.intake import Intake
-from mta.smtp.server import IntakeSMTP
+from mta.intake.policy import Intake
+from mta.intake.protocol import IntakeSMTP
 
 
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import structlog
 
+from mta.admin.metrics import Metrics
 from mta.config import Settings
 from mta.errors import StoreFull, StoreUnavailable
-from mta.metrics import Metrics
 from mta.queue import Store
 
 log = structlog.get_logger(__name__)

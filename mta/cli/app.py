@@ -12,7 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mta.cli_queue import queue_app
+from mta.admin.logs import configure_logging
+from mta.cli.queue import queue_app
 from mta.config import (
     Settings,
     connection_budget,
@@ -20,9 +21,8 @@ from mta.config import (
     memory_bound_bytes,
 )
 from mta.errors import BudgetExceeded, ConfigError, StoreUnavailable, UnsafeDatabase
-from mta.logs import configure_logging
+from mta.intake.auth import hash_password
 from mta.queue.preflight import preflight
-from mta.smtp.auth import hash_password
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="mta-fleet: a mail transfer agent node with a Postgres-backed queue.")

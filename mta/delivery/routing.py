@@ -32,8 +32,8 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 
+from mta.delivery.retry import UncertainMode
 from mta.errors import ConfigError, RoutePermFailure, RouteTempFailure
-from mta.smtp.retry import UncertainMode
 
 __all__ = [
     "HopSource",

@@ -37,14 +37,23 @@ from pathlib import Path
 
 import structlog
 
+from mta.admin.metrics import Metrics
 from mta.concurrency import ByteBudget
 from mta.config import Settings
+from mta.delivery.dsn import FailedRecipient, build_dsn
+from mta.delivery.outbound.session import (
+    SETUP_PHASES,
+    ClientTimeouts,
+    ConnectionCache,
+    RecipientResult,
+    Transaction,
+)
+from mta.delivery.retry import RetryPolicy, UncertainMode, classify, next_attempt_delay, status_for
+from mta.delivery.routing import ResolverConfig, RouteConfig, Router
+from mta.delivery.shaping import Shaper, ShapingConfig
 from mta.errors import RoutePermFailure, RouteTempFailure, StoreUnavailable
 from mta.faults import fault_point
-from mta.metrics import Metrics
-from mta.queue import ClaimedDelivery, NewMessage, Store
-from mta.queue.ids import new_message_id, queue_id
-from mta.queue.journal import (
+from mta.journal.writer import (
     Applied,
     AttemptStarted,
     Journal,
@@ -54,19 +63,10 @@ from mta.queue.journal import (
     adopt,
     owner_alive,
 )
+from mta.queue import ClaimedDelivery, NewMessage, Store
+from mta.queue.ids import new_message_id, queue_id
 from mta.queue.outcome_batch import OutcomeBatcher
 from mta.queue.store import AttemptOutcome, Envelope, FinalOrRetry
-from mta.smtp.client import (
-    SETUP_PHASES,
-    ClientTimeouts,
-    ConnectionCache,
-    RecipientResult,
-    Transaction,
-)
-from mta.smtp.dsn import FailedRecipient, build_dsn
-from mta.smtp.retry import RetryPolicy, UncertainMode, classify, next_attempt_delay, status_for
-from mta.smtp.routing import ResolverConfig, RouteConfig, Router
-from mta.smtp.throttle import Shaper, ShapingConfig
 
 log = structlog.get_logger(__name__)
 

@@ -12,25 +12,25 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from mta.admin.metrics import Metrics
 from mta.concurrency import acquire_within
 from mta.config import Settings
 from mta.errors import StoreFull, StoreUnavailable
-from mta.metrics import Metrics
-from mta.queue import NewMessage, Store
-from mta.queue.ids import new_message_id, queue_id
-from mta.smtp import replies
-from mta.smtp.admission import Admission
-from mta.smtp.auth import AuthThrottle, Credentials
-from mta.smtp.headers import (
+from mta.intake import replies
+from mta.intake.admission import Admission
+from mta.intake.auth import AuthThrottle, Credentials
+from mta.intake.trace import (
     TraceContext,
     inspect_headers,
     message_id_header,
     printable,
     received_header,
 )
+from mta.queue import NewMessage, Store
+from mta.queue.ids import new_message_id, queue_id
 
 if TYPE_CHECKING:
-    from mta.smtp.server import IntakeSMTP
+    from mta.intake.protocol import IntakeSMTP
 
 log = structlog.get_logger(__name__)
 

@@ -8,7 +8,7 @@ import contextlib
 import structlog
 
 from mta.errors import StoreUnavailable
-from mta.queue import Store
+from mta.queue.store import Store
 
 log = structlog.get_logger(__name__)
 

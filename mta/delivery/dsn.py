@@ -38,7 +38,7 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime, make_msgid
 from typing import Literal
 
-from mta.smtp.headers import header_block
+from mta.mail.headers import header_block
 
 __all__ = ["MAX_DIAGNOSTIC", "FailedRecipient", "build_dsn", "dsn_suppressed"]
 

@@ -23,9 +23,9 @@ import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, _AuthMechAttr
 
 from mta import __version__
-from mta.smtp import replies
-from mta.smtp.address import AddressError, NonAsciiAddress, ParameterError, parse_path
-from mta.smtp.intake import Intake
+from mta.intake import replies
+from mta.intake.policy import Intake
+from mta.mail.address import AddressError, NonAsciiAddress, ParameterError, parse_path
 
 log = structlog.get_logger(__name__)
 

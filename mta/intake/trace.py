@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from mta.mail.headers import header_block
+
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _MESSAGE_ID = re.compile(
     rb"^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.IGNORECASE | re.MULTILINE
 )
-#: Headers longer than this are not scanned further (a header block is rarely > 64 KB).
-MAX_HEADER_SCAN = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -21,14 +21,6 @@ class HeaderFacts:
 
     received_count: int
     message_id: str | None
-
-
-def header_block(body: bytes | bytearray) -> bytes:
-    """The header section: everything before the first empty line (bounded)."""
-    end = body.find(b"\r\n\r\n", 0, MAX_HEADER_SCAN)
-    if body.startswith(b"\r\n"):
-        return b""
-    return bytes(body[: end + 2 if end >= 0 else MAX_HEADER_SCAN])
 
 
 def inspect_headers(body: bytes | bytearray) -> HeaderFacts:

@@ -7,7 +7,7 @@ per the hop's policy, AUTH when the hop has credentials, all through aiosmtplib)
 on to the next address when a connection or a session before MAIL fails. No aiosmtplib,
 ssl or socket exception escapes ``send()``: each becomes a result.
 
-Transactions then run on a ``Wire`` (``mta.smtp.wire``). When the server offers
+Transactions then run on a ``Wire`` (``mta.delivery.outbound.wire``). When the server offers
 PIPELINING (RFC 2920), MAIL, every RCPT and DATA go out as one group and their replies
 are read in order: two round trips per message, the group and the content. A reused
 session starts each transaction with RSET (at the head of the group when pipelining),
@@ -58,9 +58,9 @@ from typing import Literal, cast
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
+from mta.delivery.outbound.wire import ClosedByPeer, Reply, Wire
+from mta.delivery.routing import NextHop, addresses_to_try, open_socket
 from mta.faults import fault_point
-from mta.smtp.routing import NextHop, addresses_to_try, open_socket
-from mta.smtp.wire import ClosedByPeer, Reply, Wire
 
 __all__ = [
     "SETUP_PHASES",

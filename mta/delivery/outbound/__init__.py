@@ -1,0 +1,1 @@
+"""The outbound SMTP client: aiosmtplib for session setup, then a pipelining wire."""

@@ -1,0 +1,1 @@
+"""Intake: the SMTP server side (protocol, policy, auth, admission, trace headers, listeners)."""

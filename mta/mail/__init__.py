@@ -1,0 +1,1 @@
+"""Mail syntax shared by intake and delivery: addresses and header sections."""

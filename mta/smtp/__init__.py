@@ -1,1 +1,0 @@
-"""SMTP: intake (aiosmtpd server, policy, commit); delivery comes with issue 4."""
