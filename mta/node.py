@@ -15,14 +15,15 @@ from aiohttp import web
 from mta.admin.http import start_admin
 from mta.admin.metrics import Metrics
 from mta.config import Settings
-from mta.delivery.deliverer import Deliverer, start_delivery
+from mta.delivery.deliverer import Deliverer
+from mta.delivery.start import start_delivery
 from mta.errors import StoreUnavailable
 from mta.intake.admission import Admission
 from mta.intake.listener import start_listeners
 from mta.intake.policy import Intake
 from mta.queue import Store
+from mta.queue.records import PENDING_STATES
 from mta.queue.retention import Retention
-from mta.queue.store import PENDING_STATES
 from mta.queue.wakeup import Notifier, listen_for_work
 
 log = structlog.get_logger(__name__)

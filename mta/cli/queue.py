@@ -18,7 +18,7 @@ from mta.config import Settings, load_settings
 from mta.errors import ConfigError, StoreUnavailable
 from mta.queue import Store, migrate_dsn
 from mta.queue.ids import parse_queue_id, queue_id
-from mta.queue.store import (
+from mta.queue.records import (
     DeliveryEvent,
     DeliveryListing,
     DeliveryRecord,

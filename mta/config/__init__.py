@@ -8,12 +8,23 @@ from mta.config.budget import (
     memory_bound_bytes,
 )
 from mta.config.loader import Settings, describe_validation_error, load_settings
-from mta.config.settings import User, parse_host_port
+from mta.config.settings import (
+    DeliverySection,
+    RouteSection,
+    TlsPolicy,
+    UncertainMode,
+    User,
+    parse_host_port,
+)
 
 __all__ = [
     "ConnectionBudget",
+    "DeliverySection",
+    "RouteSection",
     "ServerLimits",
     "Settings",
+    "TlsPolicy",
+    "UncertainMode",
     "User",
     "budget_violation",
     "connection_budget",

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     log: LogSection = Field(default_factory=LogSection)
     users: tuple[User, ...] = ()
 
+    @property
+    def ehlo_name(self) -> str:
+        """The name delivery gives in EHLO and as the reporting MTA of its DSNs."""
+        return self.delivery.ehlo_name or self.smtp.hostname
+
     @model_validator(mode="after")
     def _admin_ports_fit(self) -> Settings:
         _, port = parse_host_port(self.admin.listen)

@@ -20,6 +20,11 @@ from pydantic import (
 )
 
 NonNegativeBytes = Annotated[ByteSize, Field(ge=0)]
+#: How a delivery talks TLS to its next hop (``mta.delivery.outbound.session``).
+TlsPolicy = Literal["none", "opportunistic", "required", "verify"]
+#: What a lost reply to the final dot makes of a delivery: ``uncertain``, or a deferral
+#: marked ``possible_duplicate``.
+UncertainMode = Literal["uncertain", "retry"]
 
 
 class _Section(BaseModel):
@@ -149,11 +154,18 @@ class RouteSection(_Section):
     domain: str = Field(min_length=1)
     host: str = Field(min_length=1)
     port: Annotated[int, Field(ge=1, le=65535)] = 25
-    tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
+    tls: TlsPolicy = "opportunistic"
     username: str | None = None
     password: str | None = None
     #: After a lost reply to the dot: unset means ``delivery.uncertain_mode``.
-    uncertain_mode: Literal["uncertain", "retry"] | None = None
+    uncertain_mode: UncertainMode | None = None
+
+    @field_validator("domain")
+    @classmethod
+    def _domain_or_wildcard(cls, value: str) -> str:
+        if "*" in value and value != "*":
+            raise ValueError(f"must be a domain name or '*', got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _credentials_pair(self) -> RouteSection:
@@ -170,7 +182,7 @@ class DeliverySection(_Section):
     batch_size: PositiveInt = 50
     lease_seconds: PositiveFloat = 300.0
     poll_interval: PositiveFloat = 5.0
-    uncertain_mode: Literal["uncertain", "retry"] = "uncertain"
+    uncertain_mode: UncertainMode = "uncertain"
     nameservers: tuple[str, ...] = ()
     dns_port: Annotated[int, Field(ge=1, le=65535)] = 53
     dns_timeout: PositiveFloat = 5.0

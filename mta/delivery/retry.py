@@ -9,20 +9,17 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal
+
+from mta.config import DeliverySection, UncertainMode
+from mta.queue.records import OutcomeState
 
 __all__ = [
     "Decision",
-    "Outcome",
     "RetryPolicy",
-    "UncertainMode",
     "classify",
     "next_attempt_delay",
     "status_for",
 ]
-
-Outcome = Literal["delivered", "deferred", "failed", "uncertain"]
-UncertainMode = Literal["uncertain", "retry"]
 
 # Capping the exponent keeps 2**n a finite float; 64 doublings exceed any cap.
 _MAX_DOUBLINGS = 64
@@ -47,6 +44,12 @@ class RetryPolicy:
     max_lifetime: float = 5 * 86400.0
     jitter: float = 0.2
 
+    @classmethod
+    def from_settings(cls, delivery: DeliverySection) -> RetryPolicy:
+        """The policy the ``[delivery]`` backoff and lifetime settings set."""
+        return cls(minimal_backoff=delivery.minimal_backoff,
+                   maximal_backoff=delivery.maximal_backoff, max_lifetime=delivery.max_lifetime)
+
     def __post_init__(self) -> None:
         if self.minimal_backoff <= 0:
             raise ValueError("minimal_backoff must be positive")
@@ -62,7 +65,7 @@ class RetryPolicy:
 class Decision:
     """What an attempt's result means for the delivery, and why."""
 
-    outcome: Outcome
+    outcome: OutcomeState
     possible_duplicate: bool
     reason: str
 

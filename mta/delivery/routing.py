@@ -23,7 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import dns.asyncresolver
 import dns.exception
@@ -32,17 +32,14 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 
-from mta.delivery.retry import UncertainMode
+from mta.config import DeliverySection, RouteSection, TlsPolicy, UncertainMode
 from mta.errors import ConfigError, RoutePermFailure, RouteTempFailure
 
 __all__ = [
     "HopSource",
     "MailHost",
     "NextHop",
-    "ResolverConfig",
-    "RouteConfig",
     "Router",
-    "TlsPolicy",
     "addresses_to_try",
     "match_route",
     "mx_key",
@@ -52,7 +49,6 @@ __all__ = [
     "route_table",
 ]
 
-TlsPolicy = Literal["none", "opportunistic", "required", "verify"]
 HopSource = Literal["mx", "a", "route"]
 
 #: Seconds to cache NXDOMAIN when the answer carries no SOA (RFC 2308 negative TTL).
@@ -62,48 +58,6 @@ SKIPPED_HOST_TTL = 60.0
 #: Addresses tried per delivery attempt, across all MX hosts (Postfix's
 #: ``smtp_mx_address_limit``): a domain with many dead hosts cannot stall a worker long.
 MAX_ADDRESSES_PER_ATTEMPT = 5
-
-
-@dataclass(frozen=True)
-class RouteConfig:
-    """A static route: mail for ``domain`` (or ``*``, any domain) goes to ``host``."""
-
-    domain: str
-    host: str
-    port: int = 25
-    tls: TlsPolicy = "opportunistic"
-    username: str | None = None
-    password: str | None = None
-    uncertain_mode: UncertainMode | None = None
-
-    def __post_init__(self) -> None:
-        if not self.domain or ("*" in self.domain and self.domain != "*"):
-            raise ConfigError(f"route domain must be a domain name or '*': {self.domain!r}")
-        if not self.host:
-            raise ConfigError(f"route for {self.domain!r} has no host")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"route for {self.domain!r}: port {self.port} out of range")
-        if self.tls not in get_args(TlsPolicy):
-            raise ConfigError(f"route for {self.domain!r}: unknown TLS policy {self.tls!r}")
-        if (self.username is None) != (self.password is None):
-            raise ConfigError(f"route for {self.domain!r}: AUTH needs username and password")
-
-
-@dataclass(frozen=True)
-class ResolverConfig:
-    """Where DNS questions go; ``nameservers=()`` means the system's resolv.conf."""
-
-    nameservers: tuple[str, ...] = ()
-    port: int = 53
-    timeout: float = 5.0
-    mx_port: int = 25
-
-    def __post_init__(self) -> None:
-        if self.timeout <= 0:
-            raise ConfigError(f"resolver timeout must be positive: {self.timeout}")
-        for name, port in (("port", self.port), ("mx_port", self.mx_port)):
-            if not 0 < port < 65536:
-                raise ConfigError(f"resolver {name} {port} out of range")
 
 
 @dataclass(frozen=True)
@@ -135,7 +89,7 @@ class NextHop:
     uncertain_mode: UncertainMode | None = None
 
 
-def route_key(route: RouteConfig) -> str:
+def route_key(route: RouteSection) -> str:
     """The grouping key of a static route: everything that shapes its connection."""
     key = f"route:{route.host}:{route.port}/{route.tls}"
     return f"{key}/{route.username}" if route.username is not None else key
@@ -146,14 +100,14 @@ def mx_key(names: Sequence[str]) -> str:
     return "mx:" + ",".join(sorted(set(names)))
 
 
-def match_route(routes: dict[str, RouteConfig], domain: str) -> RouteConfig | None:
+def match_route(routes: dict[str, RouteSection], domain: str) -> RouteSection | None:
     """The route for ``domain``: an exact match wins over ``*``."""
     return routes.get(domain) or routes.get("*")
 
 
-def route_table(routes: Sequence[RouteConfig]) -> dict[str, RouteConfig]:
+def route_table(routes: Sequence[RouteSection]) -> dict[str, RouteSection]:
     """Routes by normalised domain; a domain routed twice is a configuration error."""
-    table: dict[str, RouteConfig] = {}
+    table: dict[str, RouteSection] = {}
     for route in routes:
         domain = normalise_domain(route.domain)
         if domain in table:
@@ -172,24 +126,25 @@ class Router:
 
     def __init__(
         self,
-        routes: Sequence[RouteConfig],
-        resolver: ResolverConfig,
+        delivery: DeliverySection,
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         cache_size: int = 10_000,
     ) -> None:
-        self._routes = route_table(routes)
-        self._config = resolver
+        """Static routes, nameservers (none: resolv.conf), DNS port and timeout and the
+        port of MX hosts come from ``delivery``."""
+        self._routes = route_table(delivery.routes)
+        self._mx_port = delivery.mx_port
         try:
-            self._resolver = dns.asyncresolver.Resolver(configure=not resolver.nameservers)
+            self._resolver = dns.asyncresolver.Resolver(configure=not delivery.nameservers)
         except dns.resolver.NoResolverConfiguration as exc:
             raise ConfigError(f"no resolver nameservers configured: {exc}") from exc
-        if resolver.nameservers:
-            self._resolver.nameservers = list(resolver.nameservers)
-        self._resolver.port = resolver.port
-        self._resolver.timeout = resolver.timeout
-        self._resolver.lifetime = resolver.timeout
+        if delivery.nameservers:
+            self._resolver.nameservers = list(delivery.nameservers)
+        self._resolver.port = delivery.dns_port
+        self._resolver.timeout = delivery.dns_timeout
+        self._resolver.lifetime = delivery.dns_timeout
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._cache_size = cache_size
@@ -225,7 +180,7 @@ class Router:
         mx = await self._query(domain, "MX")
         if mx is None:
             host, ttl = await self._resolve_host(domain, 0)
-            return NextHop(key=mx_key([domain]), hosts=(host,), port=self._config.mx_port,
+            return NextHop(key=mx_key([domain]), hosts=(host,), port=self._mx_port,
                            tls="opportunistic", source="a", expires_at=now + ttl)
         records = list(mx)
         if len(records) == 1 and (records[0].preference, records[0].exchange) == (0, dns.name.root):
@@ -248,7 +203,7 @@ class Router:
             raise RouteTempFailure(f"no MX host of {domain} resolves: " + "; ".join(skipped))
         ttl = min(ttls) if not skipped else min(*ttls, SKIPPED_HOST_TTL)
         return NextHop(key=mx_key([name for name, _ in names]), hosts=tuple(hosts),
-                       port=self._config.mx_port, tls="opportunistic", source="mx",
+                       port=self._mx_port, tls="opportunistic", source="mx",
                        expires_at=now + ttl)
 
     def _ordered(self, mx: dns.rrset.RRset) -> list[tuple[str, int]]:
@@ -265,7 +220,7 @@ class Router:
             ordered += [(name, preference) for name in names]
         return ordered
 
-    async def _route_hop(self, route: RouteConfig, now: float) -> NextHop:
+    async def _route_hop(self, route: RouteSection, now: float) -> NextHop:
         try:
             ipaddress.ip_address(route.host)
         except ValueError:

@@ -22,7 +22,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from mta.config import DeliverySection
+
 __all__ = ["DestinationState", "Shaper", "ShapingConfig"]
+
+#: A destination's first concurrency window (Postfix's ``initial_destination_concurrency``).
+INITIAL_WINDOW = 5
 
 
 @dataclass(frozen=True)
@@ -35,12 +40,20 @@ class ShapingConfig:
     """
 
     max_connections_per_destination: int = 20
-    initial_window: int = 5
+    initial_window: int = INITIAL_WINDOW
     messages_per_minute: float | None = None
     global_concurrency: int = 100
     dead_cooloff: float = 60.0
     burst: float | None = None
     max_destinations: int = 10_000
+
+    @classmethod
+    def from_settings(cls, delivery: DeliverySection) -> ShapingConfig:
+        """The limits the ``[delivery]`` settings set; the window starts at five or less."""
+        return cls(max_connections_per_destination=delivery.max_connections_per_destination,
+                   initial_window=min(INITIAL_WINDOW, delivery.max_connections_per_destination),
+                   messages_per_minute=delivery.messages_per_minute,
+                   global_concurrency=delivery.global_concurrency)
 
     def __post_init__(self) -> None:
         if self.max_connections_per_destination < 1:
@@ -185,13 +198,6 @@ class Shaper:
             return DestinationState(self.config.initial_window, 0, None, 0, 0)
         self._refresh(entry, self._clock())
         return entry.snapshot()
-
-    def states(self) -> dict[str, DestinationState]:
-        """The state of every tracked destination, for metrics."""
-        now = self._clock()
-        for entry in self._destinations.values():
-            self._refresh(entry, now)
-        return {key: entry.snapshot() for key, entry in self._destinations.items()}
 
     def available(self, key: str) -> bool:
         """Whether :meth:`slot` for ``key`` would be granted at once."""

@@ -1,4 +1,9 @@
-"""Intake policy: who may submit, how many at once, and the commit before ``250``."""
+"""Intake policy: who may submit, how many at once, and the commit before ``250``.
+
+The protocol (``protocol.py``) calls the policy with plain values: a client address, a
+:class:`Submission`, and a :class:`SessionHandle` it can close at shutdown. The policy
+never reaches into a session or its transport.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import functools
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -29,10 +35,28 @@ from mta.intake.trace import (
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id, queue_id
 
-if TYPE_CHECKING:
-    from mta.intake.protocol import IntakeSMTP
-
 log = structlog.get_logger(__name__)
+
+
+class SessionHandle(Protocol):
+    """What the policy holds of an open session: it can close its connection."""
+
+    def close_connection(self) -> None:
+        """Close the session's connection now."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One message as the protocol read it: envelope, body, and who sent it how."""
+
+    mail_from: str
+    recipients: tuple[str, ...]
+    body: bytearray
+    client_ip: str
+    #: The client's HELO or EHLO name as it sent it (it may hold anything).
+    helo: str
+    tls: bool
+    auth_user: str | None
 
 
 class Intake:
@@ -51,7 +75,7 @@ class Intake:
                           for net in smtp.allowed_networks]
         self._data_slots = asyncio.Semaphore(smtp.data_concurrency)
         self._from_allowed_network = functools.lru_cache(maxsize=4096)(self._network_check)
-        self._sessions: set[IntakeSMTP] = set()
+        self._sessions: set[SessionHandle] = set()
         self._data_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -70,12 +94,12 @@ class Intake:
             return replies.TOO_MANY_SESSIONS
         return None
 
-    def track(self, session: IntakeSMTP) -> None:
+    def track(self, session: SessionHandle) -> None:
         """Count an open session."""
         self._sessions.add(session)
         self.metrics.intake_sessions.set(len(self._sessions))
 
-    def untrack(self, session: IntakeSMTP) -> None:
+    def untrack(self, session: SessionHandle) -> None:
         """Forget a closed session."""
         self._sessions.discard(session)
         self.metrics.intake_sessions.set(len(self._sessions))
@@ -100,17 +124,13 @@ class Intake:
     def close_sessions(self) -> None:
         """Close every session's connection."""
         for session in list(self._sessions):
-            if session.transport is not None:
-                session.transport.close()
+            session.close_connection()
 
     # --- policy -----------------------------------------------------------------
 
-    def may_submit(self, session: IntakeSMTP) -> bool:
+    def may_submit(self, *, authenticated: bool, client_ip: str) -> bool:
         """I10: authenticated clients and clients from ``allowed_networks`` only."""
-        assert session.session is not None
-        if session.session.authenticated:
-            return True
-        return self._from_allowed_network(session.client_ip)
+        return authenticated or self._from_allowed_network(client_ip)
 
     def _network_check(self, client_ip: str) -> bool:
         try:
@@ -121,12 +141,10 @@ class Intake:
             address = address.ipv4_mapped
         return any(address in network for network in self._networks)
 
-    def reject(self, reason: str, session: Any) -> None:
+    def reject(self, reason: str, client_ip: str | None) -> None:
         """Count and log one refusal."""
         self.metrics.intake_rejected.labels(reason).inc()
-        peer = getattr(session, "peer", None)
-        log.info("intake.rejected", reason=reason,
-                 client=peer[0] if isinstance(peer, tuple) else None)
+        log.info("intake.rejected", reason=reason, client=client_ip)
 
     @contextlib.asynccontextmanager
     async def data_phase(self) -> AsyncIterator[str | None]:
@@ -149,22 +167,23 @@ class Intake:
 
     # --- commit -----------------------------------------------------------------
 
-    async def commit(self, session: IntakeSMTP, envelope: Any, body: bytearray) -> str:
+    async def commit(self, submission: Submission) -> str:
         """Check the message, commit it durably, and return the reply (250 only if stored)."""
         smtp = self.settings.smtp
+        body = submission.body
+        client_ip = submission.client_ip
         facts = inspect_headers(body)
         if facts.received_count >= smtp.max_received_headers:
-            self.reject("mail_loop", session.session)
+            self.reject("mail_loop", client_ip)
             return replies.MAIL_LOOP
         message_uuid = new_message_id()
         qid = queue_id(message_uuid)
-        recipients = tuple(envelope.rcpt_tos)
-        assert session.session is not None
-        auth_user = session.session.auth_data if session.session.authenticated else None
-        helo = printable(session.session.host_name or "")  # a client's HELO may hold NUL
+        recipients = submission.recipients
+        auth_user = submission.auth_user
+        helo = printable(submission.helo)  # a client's HELO may hold NUL
         trace = received_header(TraceContext(
-            helo=helo, client_ip=session.client_ip,
-            hostname=smtp.hostname, tls=session.tls_active,
+            helo=helo, client_ip=client_ip,
+            hostname=smtp.hostname, tls=submission.tls,
             authenticated=auth_user is not None, queue_id=qid, recipients=recipients,
         ))
         message_id = facts.message_id
@@ -177,17 +196,17 @@ class Intake:
         try:
             self.admission.check(size)
             await self.store.enqueue(NewMessage(
-                id=message_uuid, mail_from=envelope.mail_from, recipients=recipients,
-                trace_headers=trace_bytes, body=body, client_address=session.client_ip,
+                id=message_uuid, mail_from=submission.mail_from, recipients=recipients,
+                trace_headers=trace_bytes, body=body, client_address=client_ip,
                 helo_name=helo, auth_user=auth_user,
                 message_id_header=message_id,
             ))
         except StoreFull as exc:
-            self.reject("store_full", session.session)
+            self.reject("store_full", client_ip)
             log.warning("intake.store_full", queue_id=qid, error=str(exc))
             return replies.STORE_FULL
         except StoreUnavailable as exc:
-            self.reject("store_unavailable", session.session)
+            self.reject("store_unavailable", client_ip)
             log.warning("intake.store_unavailable", queue_id=qid, error=str(exc))
             return replies.STORE_UNAVAILABLE
         self.metrics.intake_commit_seconds.observe(time.perf_counter() - started)
@@ -197,8 +216,8 @@ class Intake:
         self.admission.note_accepted(size)
         for callback in self.on_accepted:
             callback()
-        log.info("intake.accepted", queue_id=qid, mail_from=envelope.mail_from,
-                 recipients=len(recipients), size=size, client=session.client_ip,
+        log.info("intake.accepted", queue_id=qid, mail_from=submission.mail_from,
+                 recipients=len(recipients), size=size, client=client_ip,
                  message_id=message_id, auth_user=auth_user)
         return replies.ACCEPTED.format(queue_id=qid)
 

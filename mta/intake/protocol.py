@@ -1,11 +1,11 @@
 """The SMTP protocol for intake: aiosmtpd, with our command handlers and a bulk DATA reader.
 
-aiosmtpd reads DATA line by line and stops at any line that is a lone dot, which
-is slow for large messages. :meth:`IntakeSMTP.smtp_DATA` instead scans the stream
-in chunks for CRLF.CRLF only, refuses bare LF and bare CR (SMTP smuggling), and
-undoes dot-stuffing. MAIL, RCPT and EHLO are ours too, for exact replies. The
-overrides lean on aiosmtpd internals (``_reader``, ``_smtp_methods``), so the
-version is pinned in pyproject.toml and the smuggling tests guard the behaviour.
+:meth:`IntakeSMTP.smtp_DATA` reads the message with ``data_reader.read_data`` instead
+of aiosmtpd's line reader. MAIL, RCPT and EHLO are ours too, for exact replies. Every
+decision of policy (who may submit, limits, the commit) is the policy's (``policy.py``),
+asked with plain values. The overrides lean on aiosmtpd internals (``_reader``,
+``_smtp_methods``), so the version is pinned in pyproject.toml and the smuggling tests
+guard the behaviour.
 """
 
 from __future__ import annotations
@@ -24,28 +24,17 @@ from aiosmtpd.smtp import SMTP, AuthResult, _AuthMechAttr
 
 from mta import __version__
 from mta.intake import replies
-from mta.intake.policy import Intake
+from mta.intake.data_reader import read_data
+from mta.intake.policy import Intake, Submission
 from mta.mail.address import AddressError, NonAsciiAddress, ParameterError, parse_path
 
 log = structlog.get_logger(__name__)
 
-READ_CHUNK = 256 * 1024
 #: The command reader's buffer limit: command lines are far shorter (512 octets).
 COMMAND_READER_LIMIT = 16 * 1024
 IDENT = f"mta-fleet {__version__} ESMTP"
-_END_OF_DATA = b"\r\n.\r\n"
 #: Commands a client may send after the node stopped accepting: none but QUIT.
 _ALWAYS_ALLOWED = frozenset({"QUIT"})
-
-
-class DataOutcome:
-    """The result of reading one DATA phase: the body, or the reply that refuses it."""
-
-    __slots__ = ("body", "refusal")
-
-    def __init__(self, body: bytearray | None, refusal: str | None) -> None:
-        self.body = body
-        self.refusal = refusal
 
 
 class _CommandTable:
@@ -159,7 +148,7 @@ class IntakeSMTP(SMTP):
             await self._close_with(replies.NOT_ACCEPTING)
             return
         if self.commands_seen > self.intake.settings.smtp.max_commands:
-            self.intake.reject("too_many_commands", self.session)
+            self._reject("too_many_commands")
             await self._close_with(replies.TOO_MANY_COMMANDS)
             return
         await function(self, arg)
@@ -172,11 +161,38 @@ class IntakeSMTP(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def close_connection(self) -> None:
+        """Close this session's connection (the policy's ``SessionHandle``)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    @property
+    def _peer_ip(self) -> str | None:
+        peer = self.session.peer if self.session is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) else None
+
     @property
     def client_ip(self) -> str:
         """The peer's IP address as text."""
-        peer = self.session.peer if self.session is not None else None
-        return str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        return self._peer_ip or "unknown"
+
+    def _reject(self, reason: str) -> None:
+        self.intake.reject(reason, self._peer_ip)
+
+    def _may_submit(self) -> bool:
+        assert self.session is not None
+        return self.intake.may_submit(authenticated=bool(self.session.authenticated),
+                                      client_ip=self.client_ip)
+
+    def _submission(self, body: bytearray) -> Submission:
+        """The transaction read so far, with ``body``, as the policy commits it."""
+        assert self.session is not None and self.envelope is not None
+        session = self.session
+        return Submission(
+            mail_from=self.envelope.mail_from, recipients=tuple(self.envelope.rcpt_tos),
+            body=body, client_ip=self.client_ip, helo=session.host_name or "",
+            tls=self.tls_active,
+            auth_user=session.auth_data if session.authenticated else None)
 
     @property
     def tls_active(self) -> bool:
@@ -219,7 +235,7 @@ class IntakeSMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         """AUTH, refused while the client is throttled for failures."""
         if self.intake.auth_throttle.blocked(self.client_ip):
-            self.intake.reject("auth_throttled", self.session)
+            self._reject("auth_throttled")
             await self._close_with(replies.AUTH_THROTTLED)
             return
         if not self.intake.credentials:
@@ -263,7 +279,7 @@ class IntakeSMTP(SMTP):
             log.info("intake.auth_ok", client=self.client_ip, user=name)
             return AuthResult(success=True, auth_data=name)
         self.intake.auth_throttle.record_failure(self.client_ip)
-        self.intake.reject("auth_failed", self.session)
+        self._reject("auth_failed")
         return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -271,8 +287,8 @@ class IntakeSMTP(SMTP):
         if await self.check_helo_needed():
             return
         assert self.session is not None and self.envelope is not None
-        if not self.intake.may_submit(self):
-            self.intake.reject("not_authenticated", self.session)
+        if not self._may_submit():
+            self._reject("not_authenticated")
             await self.push(replies.NOT_AUTHORISED)
             return
         if self.envelope.mail_from is not None:
@@ -293,7 +309,7 @@ class IntakeSMTP(SMTP):
                 await self.push(replies.SYNTAX_MAIL)
                 return
             if int(size) > self.max_size:
-                self.intake.reject("too_big", self.session)
+                self._reject("too_big")
                 await self.push(replies.MESSAGE_TOO_BIG.format(limit=self.max_size))
                 return
         body = params.pop("BODY", "7BIT")
@@ -312,8 +328,8 @@ class IntakeSMTP(SMTP):
         if await self.check_helo_needed():
             return
         assert self.session is not None and self.envelope is not None
-        if not self.intake.may_submit(self):
-            self.intake.reject("relay_denied", self.session)
+        if not self._may_submit():
+            self._reject("relay_denied")
             await self.push(replies.RELAY_DENIED)
             return
         if self.envelope.mail_from is None:
@@ -331,7 +347,7 @@ class IntakeSMTP(SMTP):
             await self.push(replies.UNKNOWN_PARAMETER.format(name=next(iter(reply.params))))
             return
         if len(self.envelope.rcpt_tos) >= self.intake.settings.smtp.max_recipients:
-            self.intake.reject("too_many_recipients", self.session)
+            self._reject("too_many_recipients")
             await self.push(replies.TOO_MANY_RECIPIENTS)
             return
         self.envelope.rcpt_tos.append(reply.address)
@@ -341,10 +357,10 @@ class IntakeSMTP(SMTP):
         try:
             return parse_path(text, allow_null=allow_null)
         except NonAsciiAddress:
-            self.intake.reject("non_ascii_address", self.session)
+            self._reject("non_ascii_address")
             return replies.NON_ASCII_ADDRESS
         except AddressError:
-            self.intake.reject("malformed_address", self.session)
+            self._reject("malformed_address")
             return replies.MALFORMED_ADDRESS
         except ParameterError:
             return replies.SYNTAX_MAIL if allow_null else replies.SYNTAX_RCPT
@@ -378,7 +394,7 @@ class IntakeSMTP(SMTP):
         if await self.check_helo_needed():
             return
         assert self.session is not None and self.envelope is not None
-        if not self.intake.may_submit(self):
+        if not self._may_submit():
             await self.push(replies.NOT_AUTHORISED)
             return
         if self.envelope.mail_from is None:
@@ -396,82 +412,23 @@ class IntakeSMTP(SMTP):
                 self._reset_transaction()
                 return
             await self.push(replies.START_DATA)
-            outcome = await self._read_data()
+            smtp = self.intake.settings.smtp
+            outcome = await read_data(self._reader, max_size=self.max_size,
+                                      max_line=smtp.max_line_length,
+                                      on_chunk=self._reset_timeout)
             if outcome.body is None:
-                assert outcome.refusal is not None
+                assert outcome.refusal is not None and outcome.reason is not None
+                self._reject(outcome.reason)
                 reply = outcome.refusal
             else:
-                reply = await self.intake.commit(self, self.envelope, outcome.body)
+                reply = await self.intake.commit(self._submission(outcome.body))
         self._reset_transaction()
         await self.push(reply)
-
-    async def _read_data(self) -> DataOutcome:
-        """Scan the stream for CRLF.CRLF in chunks; refuse only after the terminator."""
-        limit = self.max_size
-        buf = bytearray(b"\r\n")  # the CRLF of the DATA line: the body may end at once
-        scan_from = 0
-        discarded = 0
-        while True:
-            chunk = await self._reader.read(READ_CHUNK)
-            if not chunk:
-                raise ConnectionResetError("connection closed during DATA")
-            self._reset_timeout()
-            buf += chunk
-            end = buf.find(_END_OF_DATA, scan_from)
-            if end >= 0:
-                break
-            scan_from = max(len(buf) - len(_END_OF_DATA) + 1, 0)
-            if len(buf) - 2 > limit:
-                keep = len(_END_OF_DATA) - 1
-                discarded += len(buf) - keep
-                del buf[:-keep]
-                scan_from = 0
-        leftover = bytes(buf[end + len(_END_OF_DATA):])
-        if leftover:
-            # Pipelined commands after the dot belong to the command reader.
-            self._reader._buffer[:0] = leftover  # type: ignore[attr-defined]
-        del buf[end + 2:]
-        if discarded or len(buf) - 2 > limit:
-            self.intake.reject("too_big", self.session)
-            return DataOutcome(None, replies.MESSAGE_TOO_BIG.format(limit=limit))
-        crlf = buf.count(b"\r\n")
-        if buf.count(b"\n") != crlf or buf.count(b"\r") != crlf:
-            self.intake.reject("bare_newline", self.session)
-            return DataOutcome(None, replies.BARE_NEWLINE)
-        if b"\r\n." in buf:
-            buf = buf.replace(b"\r\n.", b"\r\n")
-        max_line = self.intake.settings.smtp.max_line_length
-        if has_long_line(buf, max_line):
-            # Measured unstuffed: the transparency dot does not count (RFC 5321 4.5.3.1.6).
-            self.intake.reject("line_too_long", self.session)
-            return DataOutcome(None, replies.LINE_TOO_LONG.format(limit=max_line))
-        del buf[:2]
-        return DataOutcome(buf, None)
-
 
 def _after_keyword(arg: str | None, keyword: str) -> str | None:
     if arg is None or arg[: len(keyword)].upper() != keyword:
         return None
     return arg[len(keyword):]
-
-
-def has_long_line(data: bytearray, limit: int) -> bool:
-    """True if a CRLF-terminated line in ``data`` holds more than ``limit`` octets.
-
-    Any such line (plus its CR) covers a whole aligned window of ``(limit + 2) // 2``
-    octets, so probing one LF search per window finds it without splitting the body.
-    """
-    width = (limit + 2) // 2
-    size = len(data)
-    for start in range(0, size, width):
-        if data.find(b"\n", start, start + width) >= 0:
-            continue
-        line_start = data.rfind(b"\n", 0, start) + 1
-        line_end = data.find(b"\n", start)
-        line_end = size if line_end < 0 else line_end
-        if line_end - line_start - 1 > limit:
-            return True
-    return False
 
 
 #: Command length limits; aiosmtpd's own EHLO mutates a class-level dict, ours does not.

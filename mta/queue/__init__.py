@@ -2,18 +2,15 @@
 
 from mta.queue.embedded import EmbeddedPostgres, EmbeddedServerSettings
 from mta.queue.migrate import available_migrations, migrate
-from mta.queue.store import (
+from mta.queue.records import (
     ClaimedDelivery,
     DeliveryRecord,
     MessageRecord,
     NewMessage,
-    ServerState,
-    Store,
-    connect_once,
-    migrate_dsn,
-    read_server_state,
     recipient_next_hop,
 )
+from mta.queue.server import ServerState, connect_once, migrate_dsn, read_server_state
+from mta.queue.store import Store
 
 __all__ = [
     "ClaimedDelivery",

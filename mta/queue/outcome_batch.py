@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from mta.queue.store import AttemptOutcome, Store
+from mta.queue.records import AttemptOutcome
+from mta.queue.store import Store
 
 __all__ = ["MAX_BATCH_OUTCOMES", "OutcomeBatcher"]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mta.config import ConnectionBudget, Settings, budget_violation, connection_budget
 from mta.errors import BudgetExceeded, UnsafeDatabase
-from mta.queue.store import ServerState, connect_once, read_server_state
+from mta.queue.server import ServerState, connect_once, read_server_state
 
 
 @dataclass(frozen=True)

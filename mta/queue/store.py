@@ -10,224 +10,33 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from mta.concurrency import acquire_within
-from mta.config import ServerLimits, Settings, connection_budget
+from mta.config import Settings, connection_budget
 from mta.errors import StoreUnavailable
-from mta.queue.migrate import migrate
+from mta.queue.records import (
+    FINAL_STATES,
+    PENDING_STATES,
+    AttemptOutcome,
+    ClaimedDelivery,
+    DeliveryEvent,
+    DeliveryListing,
+    DeliveryRecord,
+    Envelope,
+    MessageRecord,
+    NewMessage,
+    QueueStats,
+    recipient_next_hop,
+)
+from mta.queue.server import STORE_ERRORS
 from mta.queue.sql import query
 
 #: The channel intake notifies and delivery workers listen on.
 NEW_WORK_CHANNEL = "mta_new_work"
-#: Delivery states after which nothing more happens (a message with only these is done).
-FINAL_STATES = frozenset({"delivered", "failed"})
-
-#: Errors that mean "the store did not answer in time or at all".
-STORE_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError,
-    OSError,
-    TimeoutError,
-)
-
-
-@dataclass(frozen=True)
-class NewMessage:
-    """A message as intake commits it: envelope, body and trace data."""
-
-    id: uuid.UUID
-    mail_from: str
-    recipients: Sequence[str]
-    trace_headers: bytes
-    body: bytes | bytearray
-    client_address: str
-    helo_name: str
-    auth_user: str | None
-    message_id_header: str | None
-
-
-@dataclass(frozen=True)
-class MessageRecord:
-    """A stored message without its body."""
-
-    id: uuid.UUID
-    mail_from: str
-    size_bytes: int
-    client_address: str
-    helo_name: str
-    auth_user: str | None
-    message_id_header: str | None
-    received_at: datetime
-    done_at: datetime | None
-
-    @property
-    def envelope(self) -> Envelope:
-        """What delivery needs of it."""
-        return Envelope(self.id, self.mail_from, self.received_at, self.message_id_header,
-                        self.size_bytes)
-
-
-@dataclass(frozen=True)
-class DeliveryRecord:
-    """One recipient's delivery and its last evidence."""
-
-    id: int
-    recipient: str
-    next_hop: str
-    state: str
-    attempts: int
-    next_attempt_at: datetime
-    lease_owner: str | None
-    lease_expires_at: datetime | None
-    last_reply_code: int | None
-    last_reply: str | None
-    possible_duplicate: bool
-    hold_reason: str | None
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """What delivery needs of a message besides its body."""
-
-    id: uuid.UUID
-    mail_from: str
-    received_at: datetime
-    message_id_header: str | None
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class ClaimedDelivery:
-    """A delivery leased to one worker, with its message's envelope (read in the claim)."""
-
-    id: int
-    message_id: uuid.UUID
-    recipient: str
-    next_hop: str
-    attempts: int
-    envelope: Envelope
-
-
-FinalOrRetry = Literal["delivered", "deferred", "failed", "uncertain"]
-
-
-#: Delivery states with work left, for an operator or the node itself.
-PENDING_STATES = ("queued", "deferred", "leased", "uncertain", "held")
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """What the queue holds now: counts per pending state, and how far behind it is."""
-
-    by_state: dict[str, int]
-    #: Leases past their expiry: kept (never blindly unlocked) until their owner dies.
-    expired_leases: int
-    #: Seconds the most overdue due delivery has waited past its due time (0: none).
-    due_lag_s: float
-    #: Seconds since the oldest message with work left arrived (0: none).
-    oldest_message_s: float
-
-
-@dataclass(frozen=True)
-class AttemptOutcome:
-    """What one attempt proved about one delivery, with the evidence (I2)."""
-
-    delivery_id: int
-    state: FinalOrRetry
-    reply_code: int | None
-    reply: str
-    retry_in_s: float = 0.0
-    possible_duplicate: bool = False
-
-
-@dataclass(frozen=True)
-class DeliveryListing:
-    """A delivery as an operator lists it: envelope, state and last evidence."""
-
-    id: int
-    message_id: uuid.UUID
-    mail_from: str
-    recipient: str
-    next_hop: str
-    state: str
-    attempts: int
-    last_reply_code: int | None
-    last_reply: str | None
-    possible_duplicate: bool
-    hold_reason: str | None
-    updated_at: datetime
-
-
-@dataclass(frozen=True)
-class DeliveryEvent:
-    """One entry of a delivery's evidence timeline."""
-
-    at: datetime
-    state: str
-    reply_code: int | None
-    detail: str
-    actor: str
-
-
-@dataclass(frozen=True)
-class ServerState:
-    """The database server's limits and durability settings."""
-
-    limits: ServerLimits
-    fsync: str
-    synchronous_commit: str
-
-    def unsafe_settings(self) -> list[str]:
-        """Settings that would let a committed message vanish in a crash."""
-        unsafe = []
-        if self.fsync != "on":
-            unsafe.append(f"fsync = {self.fsync}")
-        if self.synchronous_commit not in ("on", "remote_write", "remote_apply"):
-            unsafe.append(f"synchronous_commit = {self.synchronous_commit}")
-        return unsafe
-
-
-def recipient_next_hop(recipient: str) -> str:
-    """The next hop a recipient is grouped by: its domain, lower-cased."""
-    return recipient.rpartition("@")[2].lower()
-
-
-async def read_server_state(
-    conn: asyncpg.Connection | PoolConnectionProxy[Any],
-) -> ServerState:
-    """Read limits and durability settings over an existing connection."""
-    row = await conn.fetchrow(query("server_limits"))
-    assert row is not None
-    limits = ServerLimits(
-        max_connections=row["max_connections"],
-        superuser_reserved=row["superuser_reserved"],
-        in_use=row["in_use"],
-    )
-    return ServerState(limits, row["fsync"], row["synchronous_commit"])
-
-
-async def connect_once(dsn: str, timeout: float) -> asyncpg.Connection:
-    """One connection outside any pool (config checks, migrations)."""
-    try:
-        return await asyncpg.connect(dsn, timeout=timeout)
-    except STORE_ERRORS as exc:
-        raise StoreUnavailable(f"cannot connect to the database: {exc}") from exc
-
-
-async def migrate_dsn(dsn: str, timeout: float = 10.0) -> list[int]:
-    """Apply pending migrations to the database at ``dsn``."""
-    conn = await connect_once(dsn, timeout)
-    try:
-        return await migrate(conn)
-    finally:
-        await conn.close()
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:

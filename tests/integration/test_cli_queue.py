@@ -8,7 +8,7 @@ from pathlib import Path
 from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id, queue_id
-from mta.queue.store import AttemptOutcome
+from mta.queue.records import AttemptOutcome
 from tests.support.process import NodeProcess, run_mta, write_config
 
 

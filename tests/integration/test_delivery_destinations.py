@@ -72,7 +72,8 @@ async def test_a_hung_destination_does_not_hold_up_a_healthy_one(
             assert "timeout waiting for reply to end of data" in (evidence.last_reply or "")
             shaped = node.node.deliverer
             assert shaped is not None
-            assert any(state.failures for state in shaped.shaper.states().values())
+            hung_key = f"route:127.0.0.1:{hung.port}/none"
+            assert shaped.attempts.shaper.state(hung_key).failures
             hung.release()
         finally:
             await node.stop()

@@ -169,7 +169,7 @@ async def test_an_internal_error_after_the_attempt_started_leaves_the_delivery_u
 ) -> None:
     """A bug between DATA and the store update: the data may have arrived, so the
     delivery is uncertain (never resent by itself), exactly as a journal replay decides."""
-    from mta.journal.writer import ReplyReceived
+    from mta.journal.records import ReplyReceived
 
     node = await start_node(delivery_settings(make_settings, sink))
     try:
@@ -203,7 +203,7 @@ async def test_an_internal_error_before_the_attempt_defers_the_delivery(
         async def broken_router(domain: str) -> object:
             raise RuntimeError("injected bug")
 
-        monkeypatch.setattr(deliverer.router, "next_hop", broken_router)
+        monkeypatch.setattr(deliverer.attempts.router, "next_hop", broken_router)
         message_id = await submit(node, "app@example.org", ["d@example.com"], "m6")
         await wait_for(lambda: _all(node, message_id, "deferred"), timeout=10)
         (delivery,) = await store_of(node).deliveries(message_id)

@@ -10,7 +10,7 @@ import pytest
 from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
-from mta.queue.store import AttemptOutcome
+from mta.queue.records import AttemptOutcome
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mta.journal.writer import Journal, pending
+from mta.journal.replay import adopt
+from tests.support.journal import pending
 
 CHILD = Path(__file__).parents[1] / "support" / "journal_child.py"
 DEADLINE = 30.0
@@ -81,6 +82,5 @@ async def test_kill_at_fault_point_keeps_every_returned_append(tmp_path: Path,
     tear_last_segment(tmp_path)
     assert replayed_ids(tmp_path) == found
 
-    journal = Journal.open(tmp_path, "writer")
-    assert {a.started.attempt_id for a in journal.recovered.unanswered} == found
-    await journal.close()
+    with adopt(tmp_path) as adoption:
+        assert {a.started.attempt_id for a in adoption.pending.unanswered} == found

@@ -11,7 +11,7 @@ from mta.config import Settings
 from mta.errors import StoreUnavailable
 from mta.queue import Store
 from mta.queue.outcome_batch import MAX_BATCH_OUTCOMES, OutcomeBatcher
-from mta.queue.store import AttemptOutcome
+from mta.queue.records import AttemptOutcome
 from tests.integration.test_delivery_states import enqueue
 
 

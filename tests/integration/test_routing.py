@@ -10,8 +10,10 @@ import dns.asyncquery
 import dns.message
 import pytest
 
-from mta.delivery.outbound.session import ClientTimeouts, OutboundConnection, Transaction
-from mta.delivery.routing import ResolverConfig, RouteConfig, Router
+from mta.config import DeliverySection, RouteSection
+from mta.delivery.outbound.session import OutboundConnection
+from mta.delivery.outbound.transaction import Transaction
+from mta.delivery.routing import Router
 from mta.errors import RoutePermFailure, RouteTempFailure
 from tests.support.dns import LoopbackDns, loopback_dns
 from tests.support.sink import running_sink
@@ -35,12 +37,12 @@ async def dns_server() -> AsyncIterator[LoopbackDns]:
         yield server
 
 
-def make_router(server: LoopbackDns, routes: Sequence[RouteConfig] = (), *,
+def make_router(server: LoopbackDns, routes: Sequence[RouteSection] = (), *,
                 rng: random.Random | None = None, clock: FakeClock | None = None,
                 mx_port: int = 2525) -> Router:
-    config = ResolverConfig(nameservers=("127.0.0.1",), port=server.port, timeout=TIMEOUT,
-                            mx_port=mx_port)
-    return Router(routes, config, rng=rng or random.Random(0), clock=clock or FakeClock())
+    delivery = DeliverySection(routes=tuple(routes), nameservers=("127.0.0.1",),
+                               dns_port=server.port, dns_timeout=TIMEOUT, mx_port=mx_port)
+    return Router(delivery, rng=rng or random.Random(0), clock=clock or FakeClock())
 
 
 async def test_mx_hosts_are_tried_in_preference_order(dns_server: LoopbackDns) -> None:
@@ -185,9 +187,9 @@ async def test_static_routes_win_over_dns(dns_server: LoopbackDns) -> None:
         mx1.example.test. 300 IN A 192.0.2.1
     """)
     routes = [
-        RouteConfig("*", "127.0.0.1", port=2526, tls="none"),
-        RouteConfig("Example.test", "::1", port=587, tls="required",
-                    username="relay", password="secret"),
+        RouteSection(domain="*", host="127.0.0.1", port=2526, tls="none"),
+        RouteSection(domain="Example.test", host="::1", port=587, tls="required",
+                     username="relay", password="secret"),
     ]
     router = make_router(dns_server, routes)
     exact = await router.next_hop("example.test")
@@ -203,7 +205,8 @@ async def test_static_routes_win_over_dns(dns_server: LoopbackDns) -> None:
 async def test_smarthost_name_is_resolved(dns_server: LoopbackDns) -> None:
     dns_server.set_zone("smarthost.test. 120 IN A 192.0.2.9")
     clock = FakeClock()
-    router = make_router(dns_server, [RouteConfig("*", "smarthost.test", port=587)], clock=clock)
+    router = make_router(dns_server, [RouteSection(domain="*", host="smarthost.test", port=587)],
+                         clock=clock)
     hop = await router.next_hop("example.test")
     assert [(h.name, h.addresses) for h in hop.hosts] == [("smarthost.test", ("192.0.2.9",))]
     assert hop.expires_at == clock.now + 120
@@ -226,7 +229,8 @@ async def test_dead_primary_mx_is_first_and_delivery_falls_over_to_secondary(
             ("live.example.test", ("127.0.0.1",)),
         ]
         conn = OutboundConnection(hop, ehlo_name="relay.origin.test",
-                                  timeouts=ClientTimeouts(connect=5, greeting=5))
+                                  timeouts=DeliverySection(connect_timeout=5,
+                                                            greeting_timeout=5))
         (result,) = await conn.send(Transaction(
             "a@origin.test", ["r@example.test"],
             b"Message-ID: <mx@test>\r\n\r\nbody\r\n"), before_data=_nothing)

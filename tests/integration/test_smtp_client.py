@@ -10,22 +10,19 @@ from collections.abc import AsyncIterator
 import pytest
 import trustme
 
-from mta.delivery.outbound.session import (
-    SETUP_PHASES,
-    ClientTimeouts,
-    ConnectionCache,
-    OutboundConnection,
-    RecipientResult,
-    Transaction,
-)
-from mta.delivery.routing import MailHost, NextHop, TlsPolicy
+from mta.config import DeliverySection, TlsPolicy
+from mta.delivery.outbound.cache import ConnectionCache
+from mta.delivery.outbound.session import OutboundConnection
+from mta.delivery.outbound.transaction import SETUP_PHASES, RecipientResult, Transaction
+from mta.delivery.routing import MailHost, NextHop
 from tests.support.bad_peer import BadPeer, running_bad_peer
 from tests.support.nodes import free_port
 from tests.support.sink import Faults, Sink, running_sink
 
 SENDER = "sender@origin.test"
-QUICK = ClientTimeouts(connect=5, greeting=5, mail=5, rcpt=5, data_init=5, data_block=5,
-                       data_end=5)
+QUICK = DeliverySection(connect_timeout=5, greeting_timeout=5, mail_timeout=5,
+                        rcpt_timeout=5, data_init_timeout=5, data_block_timeout=5,
+                        data_end_timeout=5)
 
 
 def hop(sink: Sink, tls: TlsPolicy = "none", username: str | None = None,
@@ -51,7 +48,7 @@ async def nothing() -> None:
     """A ``before_data`` that journals nothing."""
 
 
-def connection(sink: Sink, tls: TlsPolicy = "none", timeouts: ClientTimeouts = QUICK,
+def connection(sink: Sink, tls: TlsPolicy = "none", timeouts: DeliverySection = QUICK,
                **kwargs: object) -> OutboundConnection:
     """A not yet connected session to the sink."""
     return OutboundConnection(hop(sink, tls), ehlo_name="relay.origin.test",
@@ -59,7 +56,7 @@ def connection(sink: Sink, tls: TlsPolicy = "none", timeouts: ClientTimeouts = Q
 
 
 async def send_once(sink: Sink, tx: Transaction, tls: TlsPolicy = "none",
-                    timeouts: ClientTimeouts = QUICK, **kwargs: object) -> list[RecipientResult]:
+                    timeouts: DeliverySection = QUICK, **kwargs: object) -> list[RecipientResult]:
     """One transaction on a fresh connection, closed afterwards."""
     conn = connection(sink, tls, timeouts, **kwargs)
     try:
@@ -161,8 +158,7 @@ async def test_drop_after_the_dot_is_uncertain() -> None:
 
 
 async def test_hung_data_end_times_out_within_the_data_end_timeout() -> None:
-    timeouts = ClientTimeouts(connect=5, greeting=5, mail=5, rcpt=5, data_init=5,
-                              data_block=5, data_end=0.3)
+    timeouts = QUICK.model_copy(update={"data_end_timeout": 0.3})
     async with running_sink(faults=Faults(hang=True)) as sink:
         started = time.monotonic()
         (result,) = await send_once(sink, transaction("hang@origin.test"), timeouts=timeouts)
@@ -176,7 +172,7 @@ async def test_hung_data_end_times_out_within_the_data_end_timeout() -> None:
 
 
 async def test_silent_server_fails_at_greeting_without_calling_before_data() -> None:
-    timeouts = ClientTimeouts(connect=5, greeting=0.3)
+    timeouts = DeliverySection(connect_timeout=5, greeting_timeout=0.3)
     called: list[bool] = []
 
     async def before_data() -> None:
@@ -251,7 +247,7 @@ async def test_streamed_content_is_dot_stuffed_across_chunk_boundaries() -> None
 
 async def test_cached_connection_carries_several_transactions() -> None:
     async with running_sink() as sink:
-        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK)
+        cache = ConnectionCache(QUICK, ehlo_name="relay.origin.test")
         for name in ("one", "two"):
             async with cache.session(hop(sink)) as conn:
                 (result,) = await conn.send(transaction(f"{name}@origin.test"),
@@ -266,8 +262,8 @@ async def test_cached_connection_carries_several_transactions() -> None:
 
 async def test_max_messages_per_connection_opens_a_new_connection() -> None:
     async with running_sink() as sink:
-        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK,
-                                max_messages_per_connection=2)
+        cache = ConnectionCache(QUICK.model_copy(update={"connection_reuse_limit": 2}),
+                                ehlo_name="relay.origin.test")
         for i in range(5):
             async with cache.session(hop(sink)) as conn:
                 (result,) = await conn.send(transaction(f"m{i}@origin.test"),
@@ -282,7 +278,8 @@ async def test_max_messages_per_connection_opens_a_new_connection() -> None:
 async def test_idle_connection_past_max_idle_is_not_reused() -> None:
     now = [0.0]
     async with running_sink() as sink:
-        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK, max_idle=30,
+        cache = ConnectionCache(QUICK.model_copy(update={"connection_idle_timeout": 30}),
+                                ehlo_name="relay.origin.test",
                                 clock=lambda: now[0])
         for i, advance in enumerate((0.0, 29.0, 31.0)):
             now[0] += advance
@@ -295,7 +292,7 @@ async def test_idle_connection_past_max_idle_is_not_reused() -> None:
 
 async def test_failed_connection_is_discarded() -> None:
     async with running_sink(faults=Faults(drop_after_dot=1.0)) as sink:
-        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK)
+        cache = ConnectionCache(QUICK, ehlo_name="relay.origin.test")
         async with cache.session(hop(sink)) as conn:
             (result,) = await conn.send(transaction("lost@origin.test"), before_data=nothing)
             assert result.uncertain
@@ -310,7 +307,7 @@ async def test_failed_connection_is_discarded() -> None:
 
 async def test_cache_size_is_bounded() -> None:
     async with running_sink() as sink, running_sink() as other:
-        cache = ConnectionCache(ehlo_name="relay.origin.test", timeouts=QUICK, max_cached=1)
+        cache = ConnectionCache(QUICK, ehlo_name="relay.origin.test", max_cached=1)
         async with cache.session(hop(sink)) as first, cache.session(hop(other)) as second:
             await first.send(transaction("a@origin.test"), before_data=nothing)
             await second.send(transaction("b@origin.test"), before_data=nothing)
@@ -421,8 +418,7 @@ def two_hosts(sink: Sink, primary: str = "127.0.0.2",
     BadPeer(replies={"EHLO": "502 5.5.1 EHLO refused", "HELO": "502 5.5.1 HELO refused"}),
 ], ids=["421-greeting", "554-greeting", "no-greeting", "ehlo-and-helo-refused"])
 async def test_a_primary_failing_before_mail_is_skipped_for_the_next_mx(peer: BadPeer) -> None:
-    timeouts = ClientTimeouts(connect=5, greeting=0.5, mail=5, rcpt=5, data_init=5,
-                              data_block=5, data_end=5)
+    timeouts = QUICK.model_copy(update={"greeting_timeout": 0.5})
     async with running_sink() as sink, running_bad_peer(peer, "127.0.0.2", sink.port):
         conn = OutboundConnection(two_hosts(sink), ehlo_name="relay.origin.test",
                                   timeouts=timeouts)

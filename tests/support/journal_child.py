@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from mta.journal.writer import AttemptStarted, Journal
+from mta.journal.records import AttemptStarted
+from mta.journal.writer import Journal
 
 
 async def main(directory: Path, owner: str, workers: int, segment_bytes: int) -> None:

@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mta.delivery.outbound.session import _DotStuffer
+from mta.delivery.outbound.content import DotStuffer
 
 
 def reference(content: bytes) -> bytes:
@@ -21,7 +21,7 @@ def reference(content: bytes) -> bytes:
 
 
 def encode(chunks: list[bytes]) -> bytes:
-    stuffer = _DotStuffer()
+    stuffer = DotStuffer()
     return b"".join(stuffer.feed(chunk) for chunk in chunks) + stuffer.end()
 
 

@@ -10,22 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from mta.journal.writer import (
+from mta.journal.records import (
     Applied,
     AttemptStarted,
-    Journal,
     JournalCorrupt,
+    JournalError,
     JournalFailed,
     JournalFull,
     JournalLocked,
-    ReplayResult,
     ReplyReceived,
-    adopt,
     decode,
     encode,
-    pending,
     read_segment,
 )
+from mta.journal.replay import ReplayResult, adopt
+from mta.journal.writer import Journal
+from tests.support.journal import pending, segment_paths
 
 
 def started(attempt_id: str, *delivery_ids: int) -> AttemptStarted:
@@ -87,7 +87,7 @@ async def test_concurrent_durable_appends_share_fsyncs(tmp_path: Path) -> None:
     await asyncio.gather(*(journal.append_durable(started(f"a{i}")) for i in range(200)))
     assert 1 <= fsync.calls - before < 20
     await journal.close()
-    assert len(read_segment(journal.segment_paths[0])) == 200
+    assert len(read_segment(segment_paths(tmp_path, "w")[0])) == 200
 
 
 async def test_durable_append_returns_after_its_fsync(tmp_path: Path) -> None:
@@ -121,8 +121,8 @@ async def test_segments_rotate_by_size(tmp_path: Path) -> None:
     journal = Journal.open(tmp_path, "w", segment_bytes=3 * line)
     for i in range(7):
         await journal.append_durable(started(f"a{i:03d}"))
-    assert [len(read_segment(p)) for p in journal.segment_paths] == [3, 3, 1]
-    assert [p.name for p in journal.segment_paths] == [
+    assert [len(read_segment(p)) for p in segment_paths(tmp_path, "w")] == [3, 3, 1]
+    assert [p.name for p in segment_paths(tmp_path, "w")] == [
         "w.00000001.jrnl", "w.00000002.jrnl", "w.00000003.jrnl"]
     await journal.close()
 
@@ -132,15 +132,15 @@ async def test_fully_applied_segments_are_deleted_oldest_first(tmp_path: Path) -
     journal = Journal.open(tmp_path, "w", segment_bytes=2 * line)
     for i in range(4):
         await journal.append_durable(started(f"a{i:03d}"))
-    first, second = journal.segment_paths
+    first, second = segment_paths(tmp_path, "w")
     journal.append(Applied("a002", 3.0))  # the second segment's attempts, not the first's
     journal.append(Applied("a003", 3.0))
     await journal.flush()
-    assert journal.segment_paths[:2] == [first, second], "only a prefix is deleted"
+    assert segment_paths(tmp_path, "w")[:2] == [first, second], "only a prefix is deleted"
     journal.append(Applied("a000", 3.0))
     journal.append(Applied("a001", 3.0))
     await journal.flush()
-    assert first not in journal.segment_paths and second not in journal.segment_paths
+    assert first not in segment_paths(tmp_path, "w") and second not in segment_paths(tmp_path, "w")
     assert not first.exists() and not second.exists()
     await journal.close()
     assert pending(tmp_path) == ReplayResult()
@@ -181,16 +181,17 @@ async def test_replay_classifies_replied_unanswered_and_applied(tmp_path: Path) 
     assert result.unanswered[0].owner == "w"
 
 
-async def test_reopened_journal_recovers_its_previous_segments(tmp_path: Path) -> None:
+async def test_an_owner_is_never_reopened_its_old_segments_are_adopted(tmp_path: Path) -> None:
     journal = Journal.open(tmp_path, "w")
     await journal.append_durable(started("old"))
     await journal.close()
-    journal = Journal.open(tmp_path, "w")
-    assert [a.started.attempt_id for a in journal.recovered.unanswered] == ["old"]
-    old_segment = journal.segment_paths[0]
-    await journal.append_durable(Applied("old", 3.0))
+    with pytest.raises(JournalError, match="earlier process"):
+        Journal.open(tmp_path, "w")
+    (old_segment,) = segment_paths(tmp_path, "w")
+    with adopt(tmp_path) as adoption:
+        assert [a.started.attempt_id for a in adoption.pending.unanswered] == ["old"]
+        adoption.commit()
     assert not old_segment.exists()
-    await journal.close()
 
 
 async def test_live_owner_is_not_adopted(tmp_path: Path) -> None:
@@ -208,7 +209,7 @@ async def test_live_owner_is_not_adopted(tmp_path: Path) -> None:
             Journal.open(tmp_path, "dead")  # the adopter holds the dead owner's lock
         adoption.commit()
     assert pending(tmp_path) == ReplayResult()
-    assert live.segment_paths[0].exists()
+    assert segment_paths(tmp_path, "live")[0].exists()
     await live.close()
     assert [a.owner for a in pending(tmp_path).unanswered] == ["live"]
 

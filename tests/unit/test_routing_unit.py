@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mta.config import RouteSection, load_settings
 from mta.delivery.routing import (
-    ResolverConfig,
-    RouteConfig,
     match_route,
     mx_key,
     normalise_domain,
@@ -18,20 +18,25 @@ from mta.delivery.routing import (
 from mta.errors import ConfigError, PermFailure, RoutePermFailure, RouteTempFailure, TempFailure
 
 
+def route(domain: str, host: str, **fields: Any) -> RouteSection:
+    """A static route as ``[[delivery.routes]]`` gives it."""
+    return RouteSection(domain=domain, host=host, **fields)
+
+
 def test_exact_domain_route_wins_over_wildcard() -> None:
-    table = route_table([RouteConfig("*", "smarthost"), RouteConfig("Example.COM.", "direct")])
-    assert match_route(table, "example.com") == RouteConfig("Example.COM.", "direct")
-    assert match_route(table, "other.com") == RouteConfig("*", "smarthost")
+    table = route_table([route("*", "smarthost"), route("Example.COM.", "direct")])
+    assert match_route(table, "example.com") == route("Example.COM.", "direct")
+    assert match_route(table, "other.com") == route("*", "smarthost")
 
 
 def test_route_for_a_domain_does_not_cover_its_subdomains() -> None:
-    table = route_table([RouteConfig("example.com", "direct")])
+    table = route_table([route("example.com", "direct")])
     assert match_route(table, "sub.example.com") is None
 
 
 def test_a_domain_routed_twice_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="two static routes"):
-        route_table([RouteConfig("example.com", "a"), RouteConfig("EXAMPLE.com.", "b")])
+        route_table([route("example.com", "a"), route("EXAMPLE.com.", "b")])
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -44,26 +49,36 @@ def test_a_domain_routed_twice_is_a_config_error() -> None:
     {"username": "relay"},
     {"password": "secret"},
 ])
-def test_invalid_route_is_a_config_error(kwargs: dict[str, Any]) -> None:
+def test_invalid_route_is_a_config_error(kwargs: dict[str, Any], tmp_path: Path) -> None:
     fields: dict[str, Any] = {"domain": "example.com", "host": "smarthost", **kwargs}
     with pytest.raises(ConfigError):
-        RouteConfig(**fields)
+        load_settings(_config(tmp_path, "[[delivery.routes]]\n" + _toml(fields)))
 
 
-@pytest.mark.parametrize("kwargs", [{"timeout": 0}, {"port": 0}, {"mx_port": 70000}])
-def test_invalid_resolver_config_is_a_config_error(kwargs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("kwargs", [{"dns_timeout": 0}, {"dns_port": 0}, {"mx_port": 70000}])
+def test_invalid_resolver_config_is_a_config_error(kwargs: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        ResolverConfig(**kwargs)
+        load_settings(_config(tmp_path, "[delivery]\n" + _toml(kwargs)))
+
+
+def _toml(fields: dict[str, Any]) -> str:
+    return "".join(f"{key} = {value!r}\n".replace("'", '"') for key, value in fields.items())
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
 
 
 def test_route_key_names_everything_that_shapes_the_connection() -> None:
-    plain = RouteConfig("*", "smarthost", port=587)
+    plain = route("*", "smarthost", port=587)
     assert route_key(plain) == "route:smarthost:587/opportunistic"
-    assert route_key(RouteConfig("example.com", "smarthost", port=587)) == route_key(plain)
-    authed = RouteConfig("*", "smarthost", port=587, username="u", password="p")
+    assert route_key(route("example.com", "smarthost", port=587)) == route_key(plain)
+    authed = route("*", "smarthost", port=587, username="u", password="p")
     assert route_key(authed) == "route:smarthost:587/opportunistic/u"
     assert "p" not in route_key(authed).split("/")
-    assert route_key(RouteConfig("*", "smarthost", port=587, tls="verify")) != route_key(plain)
+    assert route_key(route("*", "smarthost", port=587, tls="verify")) != route_key(plain)
 
 
 def test_mx_key_does_not_depend_on_order_or_duplicates() -> None:

@@ -91,7 +91,7 @@ def test_query_file_parses_and_rejects_duplicates() -> None:
 
 
 def test_has_long_line_finds_exactly_the_lines_over_the_limit() -> None:
-    from mta.intake.protocol import has_long_line
+    from mta.intake.data_reader import has_long_line
 
     def body(*lengths: int) -> bytearray:
         return bytearray(b"\r\n" + b"".join(b"x" * n + b"\r\n" for n in lengths))

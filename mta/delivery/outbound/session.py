@@ -35,93 +35,42 @@ verified against the injected context or the CA bundle. A failed handshake drops
 session and defers (phase ``starttls``): no plaintext retry, even when opportunistic.
 AUTH only runs over TLS, unless the hop's policy is ``none``.
 
-Timeouts (RFC 5321 4.5.3.2, ``ClientTimeouts``): ``greeting`` for the 220, ``mail`` for
-MAIL and also for EHLO, STARTTLS, AUTH and RSET, ``rcpt`` per RCPT, ``data_init`` for the
-354, ``data_block`` per written chunk, ``data_end`` for the reply to the dot.
+Timeouts (RFC 5321 4.5.3.2), the ``delivery.*_timeout`` settings: ``greeting`` for the
+220, ``mail`` for MAIL and also for EHLO, STARTTLS, AUTH and RSET, ``rcpt`` per RCPT,
+``data_init`` for the 354, ``data_block`` per written chunk, ``data_end`` for the reply to
+the dot; ``connect`` is the TCP connect.
 
-One connection serves one ``send()`` at a time; ``ConnectionCache`` hands each out to one
-user and keeps idle ones per ``NextHop.key``.
+One connection serves one ``send()`` at a time; ``ConnectionCache`` (``cache.py``) hands
+each out to one user and keeps idle ones per ``NextHop.key``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, cast
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
+from mta.config import DeliverySection
+from mta.delivery.outbound.content import DotStuffer, chunks
+from mta.delivery.outbound.transaction import SETUP_PHASES, Phase, RecipientResult, Transaction
 from mta.delivery.outbound.wire import ClosedByPeer, Reply, Wire
 from mta.delivery.routing import NextHop, addresses_to_try, open_socket
 from mta.faults import fault_point
 
-__all__ = [
-    "SETUP_PHASES",
-    "ClientTimeouts",
-    "ConnectionCache",
-    "OutboundConnection",
-    "Phase",
-    "RecipientResult",
-    "Transaction",
-]
+__all__ = ["OutboundConnection"]
 
-Phase = Literal["connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data",
-                "data_end"]
-
-#: Bytes handed to the transport per write when the content is one ``bytes`` value.
-CHUNK_BYTES = 64 * 1024
 #: Seconds a polite QUIT may take when an idle connection is closed.
 QUIT_TIMEOUT = 5.0
 #: Sessions per delivery attempt that may fail before MAIL before the attempt gives up
 #: (Postfix's ``smtp_mx_session_limit``); refused connections do not count.
 MAX_SESSIONS_PER_ATTEMPT = 2
-
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
-
-
-@dataclass(frozen=True)
-class ClientTimeouts:
-    """Seconds per phase (RFC 5321 4.5.3.2 defaults; ``connect`` is the TCP connect)."""
-
-    connect: float = 30.0
-    greeting: float = 300.0
-    mail: float = 300.0
-    rcpt: float = 300.0
-    data_init: float = 120.0
-    data_block: float = 180.0
-    data_end: float = 600.0
-
-
-@dataclass(frozen=True)
-class RecipientResult:
-    """The outcome for one recipient: the remote code (0 for none), its text, where."""
-
-    recipient: str
-    code: int
-    text: str
-    phase: Phase
-    data_sent: bool
-
-    @property
-    def uncertain(self) -> bool:
-        """The dot may have reached the server but no reply was recorded (I3)."""
-        return self.code == 0 and self.data_sent
-
-
-@dataclass(frozen=True)
-class Transaction:
-    """One message for the recipients of one next hop; ``content`` is headers + body."""
-
-    mail_from: str
-    recipients: Sequence[str]
-    content: bytes | AsyncIterable[bytes]
 
 
 class _Failure(Exception):
@@ -147,8 +96,6 @@ def _no_reply(exc: BaseException, waiting_for: str, timeout: float) -> tuple[int
     return 0, f"connection failed waiting for {waiting_for}: {detail}"
 
 
-#: Phases of a session's setup, after the TCP connect: replies there are not about mail.
-SETUP_PHASES: frozenset[Phase] = frozenset({"greeting", "ehlo", "starttls", "auth"})
 #: Phases before MAIL: a failure there leaves no usable session.
 _SESSION_PHASES = SETUP_PHASES | {"connect"}
 
@@ -156,58 +103,17 @@ _SESSION_PHASES = SETUP_PHASES | {"connect"}
 _ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError)
 
 
-class _DotStuffer:
-    """Streams content as DATA wants it: CRLF line endings, dot-stuffed, ended by ``.``."""
-
-    def __init__(self) -> None:
-        self._held = b""  # a trailing CR that may start a CRLF in the next chunk
-        self._line_start = True
-
-    def feed(self, chunk: bytes) -> bytes:
-        """The wire bytes for ``chunk``; a trailing CR waits for the next chunk."""
-        data = self._held + chunk
-        self._held = b""
-        if data.endswith(b"\r"):
-            data, self._held = data[:-1], b"\r"
-        if not data:
-            return b""
-        crlf = data.count(b"\r\n")
-        if data.count(b"\n") != crlf or data.count(b"\r") != crlf:  # a bare CR or LF
-            data = _LINE_ENDINGS.sub(b"\r\n", data)
-        data = data.replace(b"\r\n.", b"\r\n..")
-        if self._line_start and data.startswith(b"."):
-            data = b"." + data
-        self._line_start = data.endswith(b"\n")
-        return data
-
-    def end(self) -> bytes:
-        """The rest: a held CR, a final CRLF if missing, and the terminating dot."""
-        tail = b"\r\n" if self._held or not self._line_start else b""
-        return tail + b".\r\n"
-
-
-async def _chunks(content: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """The content in chunks of bounded size, without copying a ``bytes`` value whole."""
-    if isinstance(content, bytes):
-        view = memoryview(content)
-        for start in range(0, len(view), CHUNK_BYTES):
-            yield bytes(view[start:start + CHUNK_BYTES])
-        return
-    async for chunk in content:
-        yield chunk
-
-
 class OutboundConnection:
     """One SMTP session to the first host of ``next_hop`` that accepts a connection."""
 
     def __init__(self, next_hop: NextHop, *, ehlo_name: str,
-                 timeouts: ClientTimeouts | None = None,
+                 timeouts: DeliverySection | None = None,
                  tls_context: ssl.SSLContext | None = None, ca_bundle: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """``tls_context`` verifies for ``verify`` (default: ``ca_bundle`` or the system CAs)."""
         self.next_hop = next_hop
         self.ehlo_name = ehlo_name
-        self.timeouts = timeouts or ClientTimeouts()
+        self.timeouts = timeouts or DeliverySection()
         self._verify_context = tls_context
         self._ca_bundle = ca_bundle
         self._clock = clock
@@ -279,7 +185,7 @@ class OutboundConnection:
         if self.reusable and self._wire is not None:
             with contextlib.suppress(*_ERRORS):
                 self._wire.write(b"QUIT\r\n")
-                await self._wire.reply(min(QUIT_TIMEOUT, self.timeouts.mail))
+                await self._wire.reply(min(QUIT_TIMEOUT, self.timeouts.mail_timeout))
         self.abort()
 
     def abort(self) -> None:
@@ -306,7 +212,7 @@ class OutboundConnection:
         for host, address in addresses_to_try(hop.hosts):
             peer = f"{host.name}[{address}]:{hop.port}"
             try:
-                sock = await open_socket(address, hop.port, timeout=t.connect)
+                sock = await open_socket(address, hop.port, timeout=t.connect_timeout)
             except (OSError, TimeoutError) as exc:
                 last = _Failure(0, f"{peer}: {str(exc) or type(exc).__name__}", "connect")
                 failures.append(last.text)
@@ -335,13 +241,13 @@ class OutboundConnection:
         the connection's transport passes to a ``Wire`` for the transactions."""
         hop, t = self.next_hop, self.timeouts
         smtp = aiosmtplib.SMTP(sock=sock, hostname=host_name, local_hostname=self.ehlo_name,
-                               timeout=t.greeting, start_tls=False)
+                               timeout=t.greeting_timeout, start_tls=False)
         self._setup = smtp
         try:
             await smtp.connect()
         except _ERRORS as exc:
             sock.close()
-            raise _Failure(*_no_reply(exc, f"the greeting of {self.peer}", t.greeting),
+            raise _Failure(*_no_reply(exc, f"the greeting of {self.peer}", t.greeting_timeout),
                            "greeting") from exc
         await self._ehlo(smtp)
         if hop.tls != "none" and (smtp.supports_extension("starttls")
@@ -351,9 +257,10 @@ class OutboundConnection:
             if not self.tls and hop.tls != "none":
                 raise _Failure(0, f"AUTH refused locally: no TLS with {self.peer}", "auth")
             try:
-                await smtp.login(hop.username, hop.password, timeout=t.mail)
+                await smtp.login(hop.username, hop.password, timeout=t.mail_timeout)
             except _ERRORS as exc:
-                raise _Failure(*_no_reply(exc, "the reply to AUTH", t.mail), "auth") from exc
+                raise _Failure(*_no_reply(exc, "the reply to AUTH", t.mail_timeout),
+                               "auth") from exc
         transport = smtp.transport
         if transport is None or transport.is_closing():
             raise _Failure(0, f"connection to {self.peer} closed after the setup", "ehlo")
@@ -365,7 +272,7 @@ class OutboundConnection:
 
     async def _ehlo(self, smtp: aiosmtplib.SMTP) -> None:
         """EHLO, or HELO when the server refuses EHLO."""
-        t = self.timeouts.mail
+        t = self.timeouts.mail_timeout
         try:
             try:
                 await smtp.ehlo(timeout=t)
@@ -376,7 +283,7 @@ class OutboundConnection:
 
     async def _starttls(self, smtp: aiosmtplib.SMTP) -> None:
         """STARTTLS per the hop's policy, then EHLO again (RFC 3207)."""
-        policy, t = self.next_hop.tls, self.timeouts.mail
+        policy, t = self.next_hop.tls, self.timeouts.mail_timeout
         if not smtp.supports_extension("starttls"):
             raise _Failure(0, f"TLS {policy} but {self.peer} does not offer STARTTLS",
                            "starttls")
@@ -430,10 +337,10 @@ class OutboundConnection:
         if reset:
             if not self.pipelining:
                 _write(wire, b"RSET\r\n", "mail", stale=True)
-            await _expect(wire, t.mail, "RSET", "mail", stale=True)
+            await _expect(wire, t.mail_timeout, "RSET", "mail", stale=True)
         if not self.pipelining:
             _write(wire, mail, "mail")
-        mail_reply = await _read(wire, t.mail, "MAIL", "mail", stale=reset)
+        mail_reply = await _read(wire, t.mail_timeout, "MAIL", "mail", stale=reset)
         mail_ok = 200 <= mail_reply.code < 300
         accepted: list[str] = []
         for rcpt, command in rcpts:
@@ -441,7 +348,7 @@ class OutboundConnection:
                 if not mail_ok:
                     break
                 _write(wire, command, "rcpt")
-            reply = await _read(wire, t.rcpt, "RCPT", "rcpt")
+            reply = await _read(wire, t.rcpt_timeout, "RCPT", "rcpt")
             if 200 <= reply.code < 300:
                 accepted.append(rcpt)
             elif mail_ok:
@@ -451,7 +358,7 @@ class OutboundConnection:
             _write(wire, b"DATA\r\n", "data")
         data_reply = None
         if self.pipelining or accepted:
-            data_reply = await _read(wire, t.data_init, "DATA", "data")
+            data_reply = await _read(wire, t.data_init_timeout, "DATA", "data")
         if data_reply is not None and data_reply.code == 354 and not (mail_ok and accepted):
             # DATA accepted although MAIL or every RCPT was not (RFC 2920 3.1): closing
             # without the dot makes the server drop the transaction; a lone dot might
@@ -473,19 +380,19 @@ class OutboundConnection:
         """After the 354: the content in bounded chunks and the dot; the final reply."""
         t = self.timeouts
         # From here on the content is going out: every failure is data_sent (I3).
-        stuffer = _DotStuffer()
-        waiting_for, timeout = "the server to take a data block", t.data_block
+        stuffer = DotStuffer()
+        waiting_for, timeout = "the server to take a data block", t.data_block_timeout
         try:
-            async for chunk in _chunks(content):
+            async for chunk in chunks(content):
                 wire_bytes = stuffer.feed(chunk)
                 if wire_bytes:
                     wire.write(wire_bytes)
-                    await wire.drain(t.data_block)
-            waiting_for, timeout = "reply to end of data", t.data_end
+                    await wire.drain(t.data_block_timeout)
+            waiting_for, timeout = "reply to end of data", t.data_end_timeout
             wire.write(stuffer.end())
-            await wire.drain(t.data_block)
+            await wire.drain(t.data_block_timeout)
             fault_point("delivery.after_dot")
-            final = await wire.reply(t.data_end)
+            final = await wire.reply(t.data_end_timeout)
         except _ERRORS as exc:
             raise _Failure(*_no_reply(exc, waiting_for, timeout), "data_end",
                            data_sent=True) from exc
@@ -541,80 +448,3 @@ async def _expect(wire: Wire, timeout: float, command: str, phase: Phase, *,
     reply = await _read(wire, timeout, command, phase, stale=stale)
     if not 200 <= reply.code < 300:
         raise _Failure(reply.code, reply.text, phase, stale=stale)
-
-
-class ConnectionCache:
-    """Idle connections per ``NextHop.key``, reused within their message and idle limits.
-
-    At most ``max_cached`` idle connections are kept in all; a connection returned when
-    the cache is full, or one that failed, is closed. Busy connections are not counted:
-    bounding concurrency per destination is the caller's job.
-    """
-
-    def __init__(self, *, ehlo_name: str, timeouts: ClientTimeouts | None = None,
-                 max_messages_per_connection: int = 100, max_idle: float = 30.0,
-                 max_cached: int = 1000, tls_context: ssl.SSLContext | None = None,
-                 ca_bundle: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if max_messages_per_connection < 1 or max_idle <= 0 or max_cached < 0:
-            raise ValueError("connection cache limits must be positive")
-        self.ehlo_name = ehlo_name
-        self.timeouts = timeouts or ClientTimeouts()
-        self.max_messages_per_connection = max_messages_per_connection
-        self.max_idle = max_idle
-        self.max_cached = max_cached
-        self._tls_context = tls_context
-        self._ca_bundle = ca_bundle
-        self._clock = clock
-        self._idle: dict[str, list[OutboundConnection]] = {}
-
-    def __len__(self) -> int:
-        """How many idle connections are cached."""
-        return sum(len(conns) for conns in self._idle.values())
-
-    @contextlib.asynccontextmanager
-    async def session(self, next_hop: NextHop) -> AsyncIterator[OutboundConnection]:
-        """A connection to ``next_hop`` for this block only: a cached one, or a new one."""
-        conn = await self._take(next_hop.key)
-        if conn is None:
-            conn = OutboundConnection(next_hop, ehlo_name=self.ehlo_name,
-                                      timeouts=self.timeouts, tls_context=self._tls_context,
-                                      ca_bundle=self._ca_bundle, clock=self._clock)
-        try:
-            yield conn
-        except BaseException:
-            conn.abort()
-            raise
-        await self._give_back(conn)
-
-    async def close(self) -> None:
-        """Close every idle connection."""
-        idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                await conn.close()
-
-    def _fresh(self, conn: OutboundConnection) -> bool:
-        return (conn.reusable and conn.messages_sent < self.max_messages_per_connection
-                and self._clock() - conn.idle_since < self.max_idle)
-
-    async def _take(self, key: str) -> OutboundConnection | None:
-        """The most recently used fresh idle connection for ``key``; stale ones are closed."""
-        conns = self._idle.pop(key, [])
-        found: OutboundConnection | None = None
-        while conns and found is None:
-            conn = conns.pop()
-            if self._fresh(conn):
-                found = conn
-            else:
-                await conn.close()
-        if conns:
-            self._idle[key] = conns
-        return found
-
-    async def _give_back(self, conn: OutboundConnection) -> None:
-        if (conn.messages_sent == 0 or not self._fresh(conn)
-                or len(self) >= self.max_cached):
-            await conn.close()
-            return
-        self._idle.setdefault(conn.next_hop.key, []).append(conn)

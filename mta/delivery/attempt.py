@@ -1,0 +1,254 @@
+"""One attempt: route a group, read its body right before DATA, send it, settle the replies.
+
+For every group (the recipients of one message at one next hop):
+
+1. the next hop comes from the router; a permanent routing answer (NXDOMAIN, null MX)
+   fails the recipients, a temporary one defers them;
+2. right before DATA, "attempt started" is journaled durably (I3), so a process that dies
+   later leaves proof that the data may have been sent;
+3. each recipient's reply is journaled durably, then the outcome is written to the store
+   under the lease (I2: delivered only with a 2xx, failed only with a 5xx or expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from mta.admin.metrics import Metrics
+from mta.concurrency import ByteBudget
+from mta.config import DeliverySection, UncertainMode
+from mta.delivery.outbound.cache import ConnectionCache
+from mta.delivery.outbound.transaction import SETUP_PHASES, RecipientResult, Transaction
+from mta.delivery.retry import RetryPolicy, classify, next_attempt_delay
+from mta.delivery.routing import Router
+from mta.delivery.settlement import Settlement, Settler
+from mta.delivery.shaping import Shaper
+from mta.errors import RoutePermFailure, RouteTempFailure, StoreUnavailable
+from mta.faults import fault_point
+from mta.journal.records import AttemptStarted, ReplyReceived
+from mta.journal.writer import Journal
+from mta.queue.ids import queue_id
+from mta.queue.records import AttemptOutcome, ClaimedDelivery, Envelope
+from mta.queue.store import Store
+
+log = structlog.get_logger(__name__)
+
+#: Bytes of a body handed to the SMTP client at a time.
+BODY_CHUNK_BYTES = 64 * 1024
+
+
+class Body:
+    """A message's content, read only right before DATA and held only while it is written.
+
+    ``load`` takes the message's size from the process's sending budget (``workers`` times
+    the largest message size), then reads the body: the bodies in memory for delivery
+    never pass that budget (I4), whatever the number of sessions waiting for a slow
+    server, while many small messages go out at once. The bytes are given back as soon
+    as the content has been handed to the connection (before the reply to the dot,
+    which a hung server may never send), or when the attempt ends.
+    """
+
+    def __init__(self, store: Store, envelope: Envelope, sending: ByteBudget) -> None:
+        self._store = store
+        self._message_id = envelope.id
+        self._size = envelope.size_bytes
+        self._sending = sending
+        self._holding = 0
+        self._content: tuple[bytes, bytes] | None = None
+        #: Why the body could not be read (the attempt stopped before DATA).
+        self.unavailable: StoreUnavailable | None = None
+
+    async def load(self) -> None:
+        """Take the body's size from the sending budget, then read it; raises if the store
+        cannot give it."""
+        self._holding = await self._sending.acquire(self._size)
+        try:
+            content = await self._store.message_content(self._message_id)
+        except StoreUnavailable as exc:
+            self.unavailable = exc
+            raise
+        if content is None:
+            raise LookupError("the message is gone from the store")
+        self._content = content
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The trace headers, then the body in bounded slices; its bytes are freed after."""
+        try:
+            if self._content is None:
+                raise LookupError("the body was not loaded before DATA")
+            trace, body = self._content
+            yield trace
+            view = memoryview(body)
+            for start in range(0, len(view), BODY_CHUNK_BYTES):
+                yield bytes(view[start:start + BODY_CHUNK_BYTES])
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Drop the content and give its bytes back to the budget (once)."""
+        self._content = None
+        if self._holding:
+            self._sending.release(self._holding)
+            self._holding = 0
+
+
+class NotSent(Exception):
+    """A group failed before anything reached the remote server."""
+
+
+@dataclass
+class Progress:
+    """How far one group's attempt got: decides its outcome if the attempt breaks."""
+
+    attempt_id: str = ""
+    #: "attempt started" is in the journal: the data may have reached the remote.
+    started: bool = False
+    #: The outcomes were written to the store or held back for it.
+    settled: bool = False
+
+
+class Attempts:
+    """Runs attempts for one process: the deliverer hands it each claimed group."""
+
+    def __init__(self, *, store: Store, router: Router, shaper: Shaper,
+                 connections: ConnectionCache, journal: Journal, settler: Settler,
+                 policy: RetryPolicy, owner: str, delivery: DeliverySection,
+                 sending: ByteBudget, metrics: Metrics, rng: random.Random) -> None:
+        """``sending`` bounds the bytes of bodies being sent at once (I4)."""
+        self.store = store
+        self.router = router
+        self.shaper = shaper
+        self.connections = connections
+        self.journal = journal
+        self.settler = settler
+        self.policy = policy
+        self.owner = owner
+        self.delivery = delivery
+        self.metrics = metrics
+        self.rng = rng
+        self._sending = sending
+
+    async def deliver(self, message_id: uuid.UUID, domain: str,
+                      deliveries: list[ClaimedDelivery], progress: Progress) -> None:
+        """Route, send and settle one group; ``progress`` says how far it got."""
+        message = deliveries[0].envelope
+        fault_point("delivery.start")
+        fault_point(f"delivery.start:{message.message_id_header}")
+        try:
+            hop = await self.router.next_hop(domain)
+        except (RoutePermFailure, RouteTempFailure) as exc:
+            permanent = isinstance(exc, RoutePermFailure)
+            code = 550 if permanent else 451
+            results = [RecipientResult(d.recipient, code, f"{code} {exc.evidence}", "connect",
+                                       False) for d in deliveries]
+            await self._settle(message, deliveries, results, progress, host=domain)
+            return
+        suspended = self.shaper.suspended(hop.key)
+        if suspended is not None:
+            # Dead after repeated failures: defer at once, as Postfix does ("delivery
+            # temporarily suspended"), rather than hold a task until the cool-off ends.
+            results = [RecipientResult(d.recipient, 0,
+                                       f"delivery temporarily suspended: {suspended}",
+                                       "connect", False) for d in deliveries]
+            await self._settle(message, deliveries, results, progress, host=hop.key)
+            return
+        progress.attempt_id = uuid.uuid4().hex
+        body = Body(self.store, message, self._sending)
+
+        async def before_data() -> None:
+            await body.load()
+            await self.journal.append_durable(AttemptStarted(
+                progress.attempt_id, tuple(d.id for d in deliveries), str(message_id),
+                hop.hosts[0].name if hop.hosts else hop.key, time.time()))
+            progress.started = True
+            fault_point("delivery.after_attempt_started")
+
+        sending_since = time.perf_counter()
+        async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key):
+            try:
+                async with self.connections.session(hop) as conn:
+                    results = await conn.send(
+                        Transaction(message.mail_from, [d.recipient for d in deliveries],
+                                    body.chunks()),
+                        before_data=before_data)
+            finally:
+                body.release()
+        if body.unavailable is not None:
+            # The body could not be read right before DATA: certainly not sent.
+            raise NotSent(f"store unavailable before the attempt ({body.unavailable})")
+        self.metrics.delivery_attempt_seconds.labels(hop.key).observe(
+            time.perf_counter() - sending_since)
+        if any(r.code == 0 for r in results):
+            self.metrics.delivery_timeouts.labels(hop.key).inc()
+        if any(r.code and 200 <= r.code < 500 for r in results):
+            self.shaper.record_success(hop.key)
+        else:
+            self.shaper.record_failure(hop.key, results[0].text if results else "")
+        await self._settle(message, deliveries, results, progress, host=hop.key,
+                           uncertain_mode=hop.uncertain_mode or self.delivery.uncertain_mode)
+
+    @contextlib.asynccontextmanager
+    async def _renewing(self, ids: list[int]) -> AsyncIterator[None]:
+        """Renew the leases on ``ids`` every third of the lease while a send runs."""
+        lease = self.delivery.lease_seconds
+        period = lease / 3
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(period)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.renew_leases(self.owner, ids, lease)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _settle(self, message: Envelope, deliveries: Sequence[ClaimedDelivery],
+                      results: Sequence[RecipientResult], progress: Progress, *,
+                      host: str, uncertain_mode: UncertainMode = "uncertain") -> None:
+        """Journal the replies, decide each outcome, write it, and bounce what failed."""
+        by_recipient = {r.recipient: r for r in results}
+        attempt_id = progress.attempt_id if progress.started else None
+        if attempt_id is not None:
+            await asyncio.gather(*(self.journal.append_durable(ReplyReceived(
+                attempt_id, d.id, by_recipient[d.recipient].code,
+                by_recipient[d.recipient].text, by_recipient[d.recipient].data_sent,
+                time.time())) for d in deliveries))
+            fault_point("delivery.after_reply_journaled")
+        age = (datetime.now(UTC) - message.received_at).total_seconds()
+        outcomes = [self._outcome(d, by_recipient[d.recipient], age, uncertain_mode)
+                    for d in deliveries]
+        failed = [by_recipient[d.recipient] for d, o in zip(deliveries, outcomes, strict=True)
+                  if o.state == "failed"]
+        await self.settler.apply(Settlement(attempt_id or "", outcomes, message, failed, host))
+        progress.settled = True
+        for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            self.metrics.delivery_outcomes.labels(outcome.state, host).inc()
+            if outcome.possible_duplicate:
+                self.metrics.delivery_possible_duplicates.labels(host).inc()
+            log.info("delivery.outcome", queue_id=queue_id(message.id), delivery=delivery.id,
+                     recipient=delivery.recipient, state=outcome.state,
+                     reply=outcome.reply, host=host)
+
+    def _outcome(self, delivery: ClaimedDelivery, result: RecipientResult, age: float,
+                 uncertain_mode: UncertainMode) -> AttemptOutcome:
+        decision = classify(result.code, result.data_sent, age=age, policy=self.policy,
+                            uncertain_mode=uncertain_mode,
+                            before_mail=result.phase in SETUP_PHASES)
+        retry_in = next_attempt_delay(self.policy, delivery.attempts + 1, self.rng)
+        return AttemptOutcome(delivery.id, decision.outcome, result.code or None,
+                              f"{result.reply} ({decision.reason}, {result.phase})", retry_in,
+                              decision.possible_duplicate)

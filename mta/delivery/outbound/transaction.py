@@ -1,0 +1,45 @@
+"""What the outbound client is given and what it answers: a transaction, per-recipient results."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Phase = Literal["connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data",
+                "data_end"]
+
+#: Phases of a session's setup, after the TCP connect: replies there are not about mail.
+SETUP_PHASES: frozenset[Phase] = frozenset({"greeting", "ehlo", "starttls", "auth"})
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The outcome for one recipient: the remote code (0 for none), its text, where."""
+
+    recipient: str
+    code: int
+    text: str
+    phase: Phase
+    data_sent: bool
+
+    @property
+    def uncertain(self) -> bool:
+        """The dot may have reached the server but no reply was recorded (I3)."""
+        return self.code == 0 and self.data_sent
+
+    @property
+    def reply(self) -> str:
+        """The reply as the remote sent it (``550 5.1.1 …``), or the text when there was none."""
+        if self.code == 0 or self.text.startswith(str(self.code)):
+            return self.text
+        return f"{self.code} {self.text}"
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One message for the recipients of one next hop; ``content`` is headers + body."""
+
+    mail_from: str
+    recipients: Sequence[str]
+    content: bytes | AsyncIterable[bytes]

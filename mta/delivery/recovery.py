@@ -1,0 +1,90 @@
+"""Recovery at start: replay dead processes' journals, then requeue what they never sent."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mta.delivery.outbound.transaction import RecipientResult
+from mta.delivery.owner import owner_prefix
+from mta.delivery.retry import RetryPolicy, classify
+from mta.delivery.settlement import bounce_for
+from mta.journal.records import ReplyReceived
+from mta.journal.replay import PendingAttempt, adopt, owner_alive
+from mta.queue.records import AttemptOutcome, NewMessage
+from mta.queue.store import Store
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What a start-up replay did."""
+
+    applied: int
+    uncertain: int
+    released: int
+
+
+async def recover(store: Store, journal_dir: Path, node_name: str, policy: RetryPolicy, *,
+                  crash_limit: int = 3, crash_window_s: float = 3600.0,
+                  reporting_mta: str = "localhost") -> RecoveryReport:
+    """Replay dead processes' journals, then requeue what they leased but never sent.
+
+    An attempt with replies is applied as the replies say, a failure with its DSN; a
+    delivery whose attempt started without a reply becomes ``uncertain`` (the data may
+    have arrived). A delivery a dead process leased with no attempt journaled was
+    certainly not sent.
+    """
+    adoption = await asyncio.to_thread(adopt, journal_dir)
+    applied = uncertain = 0
+    try:
+        attempts: list[PendingAttempt] = [*adoption.pending.replied,
+                                          *adoption.pending.unanswered]
+        for attempt in attempts:
+            outcomes = [_replayed(reply, policy) for reply in attempt.replies]
+            outcomes += [AttemptOutcome(delivery_id, "uncertain", None,
+                                        "process died after the attempt started; "
+                                        "no reply was recorded (journal replay)")
+                         for delivery_id in attempt.missing]
+            bounce = await _replayed_bounce(store, attempt, outcomes, reporting_mta)
+            done = await store.record_outcomes(attempt.owner, outcomes, bounce=bounce)
+            applied += len(done)
+            uncertain += len(set(attempt.missing) & done)
+        adoption.commit()
+    finally:
+        adoption.close()
+    released = 0
+    for owner, ids in (await store.lease_owners(owner_prefix(node_name) + "%")).items():
+        if not owner_alive(journal_dir, owner):
+            released += len(await store.release_unsent(
+                owner, ids, "lease of a process that died before sending: no attempt "
+                            "was journaled, so the message was certainly not sent",
+                crash_limit=crash_limit, crash_window_s=crash_window_s))
+    return RecoveryReport(applied, uncertain, released)
+
+
+async def _replayed_bounce(store: Store, attempt: PendingAttempt,
+                           outcomes: Sequence[AttemptOutcome],
+                           reporting_mta: str) -> NewMessage | None:
+    """The DSN owed for the failures a replayed attempt records, if any."""
+    failed = {o.delivery_id for o in outcomes if o.state == "failed"}
+    if not failed:
+        return None
+    message = await store.message(uuid.UUID(attempt.started.message_id))
+    if message is None:
+        return None
+    recipients = {d.id: d.recipient for d in await store.deliveries(message.id)}
+    results = [RecipientResult(recipients[r.delivery_id], r.code, r.text, "data_end",
+                               r.data_sent)
+               for r in attempt.replies if r.delivery_id in failed and r.delivery_id in recipients]
+    return await bounce_for(store, message.envelope, results,
+                            remote_mta=attempt.started.host, reporting_mta=reporting_mta)
+
+
+def _replayed(reply: ReplyReceived, policy: RetryPolicy) -> AttemptOutcome:
+    decision = classify(reply.code, reply.data_sent, age=0.0, policy=policy)
+    return AttemptOutcome(reply.delivery_id, decision.outcome, reply.code or None,
+                          f"{reply.text} ({decision.reason}, journal replay)",
+                          policy.minimal_backoff, decision.possible_duplicate)

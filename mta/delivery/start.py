@@ -1,0 +1,43 @@
+"""Builds one process's delivery from the settings: recovery first, then the deliverer."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import structlog
+
+from mta.admin.metrics import Metrics
+from mta.config import Settings
+from mta.delivery.deliverer import Deliverer
+from mta.delivery.outbound.cache import ConnectionCache
+from mta.delivery.owner import process_owner
+from mta.delivery.recovery import recover
+from mta.delivery.retry import RetryPolicy
+from mta.delivery.routing import Router
+from mta.delivery.shaping import Shaper, ShapingConfig
+from mta.journal.writer import Journal
+from mta.queue.store import Store
+
+log = structlog.get_logger(__name__)
+
+
+async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> Deliverer:
+    """Replay dead processes' journals, then build this process's deliverer."""
+    config = settings.delivery
+    policy = RetryPolicy.from_settings(config)
+    journal_dir = Path(settings.node.data_dir) / "journal"
+    journal_dir.mkdir(parents=True, exist_ok=True)
+    owner = process_owner(settings.node.name)
+    journal = await asyncio.to_thread(Journal.open, journal_dir, owner)
+    report = await recover(store, journal_dir, settings.node.name, policy,
+                           crash_limit=config.crash_loop_limit,
+                           crash_window_s=config.crash_loop_window,
+                           reporting_mta=settings.ehlo_name)
+    log.info("delivery.recovered", owner=owner, applied=report.applied,
+             uncertain=report.uncertain, released=report.released)
+    return Deliverer(
+        settings=settings, store=store, router=Router(config),
+        shaper=Shaper(ShapingConfig.from_settings(config)),
+        connections=ConnectionCache(config, ehlo_name=settings.ehlo_name), journal=journal,
+        policy=policy, owner=owner, metrics=metrics)

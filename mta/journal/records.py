@@ -1,0 +1,107 @@
+"""Journal records and their on-disk form: ``<crc32 hex> <json>\\n``, one per line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mta.errors import MtaError
+
+
+class JournalError(MtaError):
+    """Base of the journal's errors."""
+
+
+class JournalCorrupt(JournalError):
+    """A line other than a segment's last one fails its checksum or does not parse."""
+
+
+class JournalLocked(JournalError):
+    """Another live process holds the owner's lock."""
+
+
+class JournalFull(JournalError):
+    """``max_segments`` segments still hold unapplied attempts; start no new attempt."""
+
+
+class JournalFailed(JournalError):
+    """A write or fsync failed earlier; nothing more is accepted."""
+
+
+@dataclass(frozen=True)
+class AttemptStarted:
+    """An SMTP transaction for these deliveries is about to send the message data."""
+
+    attempt_id: str
+    delivery_ids: tuple[int, ...]
+    message_id: str
+    host: str
+    at: float
+
+
+@dataclass(frozen=True)
+class ReplyReceived:
+    """The peer's reply for one delivery; code 0 means a network error (text says which)."""
+
+    attempt_id: str
+    delivery_id: int
+    code: int
+    text: str
+    data_sent: bool
+    at: float
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The store update for the attempt committed."""
+
+    attempt_id: str
+    at: float
+
+
+Record = AttemptStarted | ReplyReceived | Applied
+_TAGS: dict[str, type[Record]] = {"started": AttemptStarted, "reply": ReplyReceived,
+                                  "applied": Applied}
+_TAG_OF = {cls: tag for tag, cls in _TAGS.items()}
+
+
+def encode(record: Record) -> bytes:
+    """One journal line: CRC32 of the JSON payload, a space, the payload, a newline."""
+    payload = json.dumps({"t": _TAG_OF[type(record)], **dataclasses.asdict(record)},
+                         separators=(",", ":"), sort_keys=True).encode()
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode(line: bytes) -> Record:
+    """Parse one line (without its newline); ``ValueError`` when it is not intact."""
+    crc, sep, payload = line.partition(b" ")
+    try:
+        if not sep or len(crc) != 8 or int(crc, 16) != zlib.crc32(payload):
+            raise ValueError("checksum mismatch")
+        fields: dict[str, Any] = json.loads(payload)
+        cls = _TAGS[fields.pop("t")]
+        if cls is AttemptStarted:
+            fields["delivery_ids"] = tuple(fields["delivery_ids"])
+        return cls(**fields)
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"malformed record: {exc!r}") from exc
+
+
+def read_segment(path: Path) -> list[Record]:
+    """The records of one segment; a bad last line is a torn write and is dropped."""
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    records: list[Record] = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(decode(line))
+        except ValueError as exc:
+            if number == len(lines):
+                break
+            raise JournalCorrupt(f"{path}: line {number}: {exc}") from exc
+    return records
