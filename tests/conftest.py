@@ -17,11 +17,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import trustme
 import uvloop
 
 from mta.config import Settings
 from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
 from tests.support.nodes import NodeHandle, start_node
+from tests.support.sink import Sink, running_sink
 
 TEMPLATE_DB = "mta_template"
 
@@ -121,3 +123,16 @@ async def node(make_settings: Callable[..., Settings]) -> AsyncIterator[NodeHand
         yield handle
     finally:
         await handle.stop()
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    """A recording SMTP sink on loopback (tests/support/sink.py)."""
+    async with running_sink() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    """A throwaway certificate authority, shared by the session's TLS tests."""
+    return trustme.CA()

@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from mta.config import Settings, load_settings
-from mta.errors import ConfigError, StoreUnavailable
+from mta.cli.common import ConfigOption, console, fail, load
+from mta.errors import StoreUnavailable
 from mta.queue import Store, migrate_dsn
 from mta.queue.ids import parse_queue_id, queue_id
 from mta.queue.records import (
@@ -27,13 +25,8 @@ from mta.queue.records import (
 
 queue_app = typer.Typer(no_args_is_help=True,
                         help="Inspect the queue and resolve deliveries (every change is audited).")
-console = Console(soft_wrap=True)
 T = TypeVar("T")
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="Node config file (TOML). MTA_… variables override it."),
-]
 ReasonOption = Annotated[str, typer.Option("--reason", "-r", help="Why (kept in the audit).")]
 OperatorOption = Annotated[
     str | None, typer.Option("--operator", help="Who (default: the login name).")
@@ -42,19 +35,11 @@ LimitOption = Annotated[int, typer.Option("--limit", min=1, help="List at most t
 IdsArgument = Annotated[list[int], typer.Argument(help="Delivery ids (from the listings).")]
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    print(f"mta: {message}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
 def _run(config: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
     """Open the node's store (starting the embedded server if needed) and run ``action``."""
     from mta.supervisor import open_database
 
-    try:
-        settings: Settings = load_settings(config)
-    except ConfigError as exc:
-        _fail(f"config: {exc}")
+    settings = load(config)
 
     async def main(dsn: str) -> T:
         await migrate_dsn(dsn, settings.database.connect_timeout)
@@ -71,7 +56,7 @@ def _run(config: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
         finally:
             database.close()
     except StoreUnavailable as exc:
-        _fail(str(exc).splitlines()[0], code=1)
+        fail(str(exc).splitlines()[0], code=1)
 
 
 def _operator(name: str | None) -> str:
@@ -121,7 +106,7 @@ def _resolve(config: Path | None, ids: list[int], verb: str, state: str,
         console.print(f"{verb}: {', '.join(str(i) for i in sorted(changed))}")
     missed = sorted(set(ids) - changed)
     if missed:
-        _fail(f"not {state}, left unchanged: {', '.join(str(i) for i in missed)}")
+        fail(f"not {state}, left unchanged: {', '.join(str(i) for i in missed)}")
 
 
 @queue_app.command("resend")
@@ -158,7 +143,7 @@ def show(message: Annotated[str, typer.Argument(help="Queue id from the 250 repl
     try:
         message_id = parse_queue_id(message)
     except ValueError:
-        _fail(f"not a queue id: {message!r}")
+        fail(f"not a queue id: {message!r}")
 
     async def gather(store: Store) -> tuple[MessageRecord | None,
                                             list[tuple[DeliveryRecord, list[DeliveryEvent]]]]:
@@ -168,7 +153,7 @@ def show(message: Annotated[str, typer.Argument(help="Queue id from the 250 repl
 
     record, deliveries = _run(config, gather)
     if record is None:
-        _fail(f"no message {message} in this node's store")
+        fail(f"no message {message} in this node's store")
     console.print(f"message {queue_id(record.id)}  from <{record.mail_from}>  "
                   f"{record.size_bytes} bytes  received {record.received_at.isoformat()}  "
                   f"client {record.client_address}  Message-ID {record.message_id_header or '-'}")

@@ -51,10 +51,6 @@ SELECT trace_headers, substring(body FROM 1 FOR $2) AS head FROM messages WHERE 
 -- How many messages the store holds.
 SELECT count(*) FROM messages;
 
--- name: message_ids
--- Ids of every message, oldest first (for reconciliation and tests).
-SELECT id FROM messages ORDER BY received_at, id;
-
 -- name: message_queued_bytes
 -- Bytes of messages that still have work to do (admission control).
 SELECT coalesce(sum(size_bytes), 0)::bigint FROM messages WHERE done_at IS NULL;

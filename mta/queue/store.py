@@ -203,11 +203,6 @@ class Store:
         """How many messages the store holds."""
         return int(await self._run("message_count", "fetchval"))
 
-    async def message_ids(self) -> list[uuid.UUID]:
-        """Every message id, oldest first."""
-        rows = await self._run("message_ids", "fetch")
-        return [row["id"] for row in rows]
-
     async def renew_leases(self, owner: str, delivery_ids: Sequence[int],
                            lease_seconds: float) -> set[int]:
         """Extend ``owner``'s leases; returns the ids still held (others were lost)."""

@@ -7,7 +7,7 @@ import asyncio
 import random
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -16,20 +16,15 @@ import pytest
 from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
+from tests.support.delivery import states_by_recipient
 from tests.support.nodes import wait_for
 from tests.support.pg import DATABASE, own_postgres
 from tests.support.process import NodeProcess
-from tests.support.sink import Sink, running_sink
+from tests.support.sink import Sink
 
 DELIVERIES = 2000
 SIGKILL_STATUS = -9
 FINAL = ("delivered", "uncertain")
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    async with running_sink() as running:
-        yield running
 
 
 async def preload(db_dsn: str, settings: Settings) -> None:
@@ -44,15 +39,6 @@ async def preload(db_dsn: str, settings: Settings) -> None:
                 message_id_header=f"<b{n}@test>"))
     finally:
         await store.close()
-
-
-async def states(db_dsn: str) -> dict[str, str]:
-    conn = await asyncpg.connect(db_dsn)
-    try:
-        rows = await conn.fetch("SELECT recipient, state FROM deliveries")
-    finally:
-        await conn.close()
-    return {row["recipient"]: row["state"] for row in rows}
 
 
 def node_for(tmp_path: Path, db_dsn: str, sink: Sink) -> NodeProcess:
@@ -97,7 +83,7 @@ async def crash_and_recover(tmp_path: Path, db_dsn: str, sink: Sink,
             await wait_for(lambda: len(sink.transactions) >= kill_after, timeout=60)
             node.signal(signal.SIGKILL)
         assert await node.wait_exit(60) == SIGKILL_STATUS
-        at_kill = await states(db_dsn)
+        at_kill = await states_by_recipient(db_dsn)
         in_flight = sum(1 for state in at_kill.values() if state == "leased")
         assert in_flight > 0, "deliveries were in flight at the kill"
         assert sum(1 for s in at_kill.values() if s in ("queued", "leased")) > 0
@@ -105,10 +91,10 @@ async def crash_and_recover(tmp_path: Path, db_dsn: str, sink: Sink,
         await node.start()
 
         async def settled() -> bool:
-            return all(state in FINAL for state in (await states(db_dsn)).values())
+            return all(state in FINAL for state in (await states_by_recipient(db_dsn)).values())
 
         await wait_for(settled, timeout=120)
-        check_invariants(sink, await states(db_dsn), in_flight)
+        check_invariants(sink, await states_by_recipient(db_dsn), in_flight)
     finally:
         await node.close()
 
@@ -156,7 +142,7 @@ async def test_postgres_killed_mid_burst_recovers_without_loss_or_duplicates(
 
             async def settled() -> bool:
                 try:
-                    found = await states(dsn)
+                    found = await states_by_recipient(dsn)
                 except (OSError, asyncpg.PostgresError):
                     return False
                 return len(found) == DELIVERIES and all(s == "delivered" for s in found.values())

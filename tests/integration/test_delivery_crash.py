@@ -4,26 +4,16 @@ the fault hook, restarted, and checked against what the sink really received."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from mta.config import Settings
 from mta.queue import Store
-from mta.queue.ids import parse_queue_id
+from tests.support.delivery import only_state, submit_tagged
 from tests.support.nodes import wait_for
 from tests.support.process import NodeProcess
-from tests.support.sink import Faults, Sink, running_sink
-from tests.support.smtp import RawSMTP, queue_id_of
+from tests.support.sink import Faults, Sink
 
 SIGKILL_STATUS = -9
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    async with running_sink() as running:
-        yield running
 
 
 def delivering_node(tmp_path: Path, db_dsn: str, sink: Sink) -> NodeProcess:
@@ -33,20 +23,10 @@ def delivering_node(tmp_path: Path, db_dsn: str, sink: Sink) -> NodeProcess:
     })
 
 
-async def submit(port: int, tag: str) -> uuid.UUID:
-    client = await RawSMTP.connect(port)
-    await client.cmd("EHLO client.test")
-    reply = await client.submit("app@example.org", ["user@example.com"],
-                                f"Message-ID: <{tag}@test>\r\n\r\nbody\r\n".encode())
-    await client.close()
-    return parse_queue_id(queue_id_of(reply))
-
-
 async def state_of(db_dsn: str, settings: Settings, message_id: uuid.UUID) -> str:
     store = await Store.open(db_dsn, settings)
     try:
-        (delivery,) = await store.deliveries(message_id)
-        return delivery.state
+        return await only_state(store, message_id)
     finally:
         await store.close()
 
@@ -66,7 +46,7 @@ async def test_kill_after_attempt_started_leaves_the_delivery_uncertain_and_unse
     settings = make_settings()  # type: ignore[operator]
     await kill_at(node, "journal.after_append", after=1)
     try:
-        message_id = await submit(node.smtp_port, "crash1")
+        message_id = await submit_tagged(node.smtp_port, "crash1")
         assert await node.wait_exit(15) == SIGKILL_STATUS
         assert await state_of(db_dsn, settings, message_id) == "leased", \
             "the kill came with the delivery in flight"
@@ -74,7 +54,7 @@ async def test_kill_after_attempt_started_leaves_the_delivery_uncertain_and_unse
         await node.start()
         await wait_for(lambda: _is(db_dsn, settings, message_id, "uncertain"), timeout=15)
         # Another message is delivered after the restart; the uncertain one stays unsent.
-        later = await submit(node.smtp_port, "after")
+        later = await submit_tagged(node.smtp_port, "after")
         await wait_for(lambda: _is(db_dsn, settings, later, "delivered"), timeout=15)
         assert sink.count("crash1@test", "user@example.com") == 0
         assert await state_of(db_dsn, settings, message_id) == "uncertain"
@@ -91,7 +71,7 @@ async def test_kill_after_the_reply_is_journaled_applies_it_at_restart_without_r
     settings = make_settings()  # type: ignore[operator]
     await kill_at(node, "journal.after_append", after=2)
     try:
-        message_id = await submit(node.smtp_port, "crash2")
+        message_id = await submit_tagged(node.smtp_port, "crash2")
         assert await node.wait_exit(15) == SIGKILL_STATUS
         assert sink.count("crash2@test", "user@example.com") == 1
         assert await state_of(db_dsn, settings, message_id) == "leased"
@@ -113,7 +93,7 @@ async def test_kill_after_a_5xx_is_journaled_fails_it_at_restart_with_exactly_on
     settings = make_settings()  # type: ignore[operator]
     await kill_at(node, "journal.after_append", after=2)
     try:
-        message_id = await submit(node.smtp_port, "crash5xx")
+        message_id = await submit_tagged(node.smtp_port, "crash5xx")
         assert await node.wait_exit(15) == SIGKILL_STATUS
         assert await state_of(db_dsn, settings, message_id) == "leased"
         assert [t.reply for t in sink.transactions] == ["554 5.6.0 content rejected"]
@@ -153,10 +133,10 @@ async def test_a_message_that_kills_the_node_each_time_is_held_and_the_rest_deli
     node.env = {"MTA_FAULT_HOOKS": "1", "MTA_FAULT_KILL_AT": "delivery.start:<poison@test>"}
     await node.start()
     try:
-        before = [await submit(node.smtp_port, f"good{n}") for n in range(3)]
+        before = [await submit_tagged(node.smtp_port, f"good{n}") for n in range(3)]
         for message_id in before:
             await wait_for(lambda m=message_id: _is(db_dsn, settings, m, "delivered"), 15)
-        poison = await submit(node.smtp_port, "poison")
+        poison = await submit_tagged(node.smtp_port, "poison")
         deaths = 0
         for _ in range(3):
             assert await node.wait_exit(20) == SIGKILL_STATUS
@@ -164,7 +144,7 @@ async def test_a_message_that_kills_the_node_each_time_is_held_and_the_rest_deli
             await node.start()
         assert deaths == 3
         await wait_for(lambda: _is(db_dsn, settings, poison, "held"), timeout=15)
-        after = [await submit(node.smtp_port, f"later{n}") for n in range(2)]
+        after = [await submit_tagged(node.smtp_port, f"later{n}") for n in range(2)]
         for message_id in after:
             await wait_for(lambda m=message_id: _is(db_dsn, settings, m, "delivered"), 15)
         assert node.process is not None and node.process.poll() is None, "the node stays up"

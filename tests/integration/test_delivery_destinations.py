@@ -9,30 +9,19 @@ from typing import Any
 
 from mta.config import Settings
 from mta.queue import Store
-from mta.queue.ids import parse_queue_id
 from tests.support.admin import metric
+from tests.support.delivery import only_state, submit_tagged
+from tests.support.intake import store_of
 from tests.support.nodes import NodeHandle, start_node, wait_for
 from tests.support.sink import Faults, Sink, running_sink
-from tests.support.smtp import RawSMTP, queue_id_of
 
 
 async def submit(node: NodeHandle, rcpt: str, tag: str) -> uuid.UUID:
-    client = await RawSMTP.connect(node.port)
-    await client.cmd("EHLO client.test")
-    reply = await client.submit("app@example.org", [rcpt],
-                                f"Message-ID: <{tag}@test>\r\n\r\nbody {tag}\r\n".encode())
-    await client.close()
-    return parse_queue_id(queue_id_of(reply))
-
-
-def store_of(node: NodeHandle) -> Store:
-    assert node.node.store is not None
-    return node.node.store
+    return await submit_tagged(node.port, tag, recipients=[rcpt])
 
 
 async def state(node: NodeHandle, message_id: uuid.UUID) -> str:
-    (delivery,) = await store_of(node).deliveries(message_id)
-    return delivery.state
+    return await only_state(store_of(node), message_id)
 
 
 def next_to_hung(make_settings: Callable[..., Settings], hung: Sink, healthy: Sink,

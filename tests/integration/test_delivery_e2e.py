@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from mta.config import Settings
-from mta.queue import Store
-from mta.queue.ids import parse_queue_id
 from tests.support.admin import metric
 from tests.support.bad_peer import BadPeer, running_bad_peer
+from tests.support.delivery import delivery_states, submit_tagged
+from tests.support.intake import store_of
 from tests.support.nodes import NodeHandle, start_node, wait_for
-from tests.support.sink import Faults, Sink, running_sink
-from tests.support.smtp import RawSMTP, queue_id_of
+from tests.support.sink import Faults, Sink
+from tests.support.smtp import RawSMTP
 
 
 def delivery_settings(make_settings: Callable[..., Settings], sink: Sink,
@@ -27,29 +27,8 @@ def delivery_settings(make_settings: Callable[..., Settings], sink: Sink,
     })
 
 
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    async with running_sink() as running:
-        yield running
-
-
-async def submit(node: NodeHandle, sender: str, recipients: list[str], tag: str) -> uuid.UUID:
-    client = await RawSMTP.connect(node.port)
-    await client.cmd("EHLO client.test")
-    reply = await client.submit(sender, recipients,
-                                f"Message-ID: <{tag}@test>\r\nSubject: {tag}\r\n\r\nhi\r\n"
-                                .encode())
-    await client.close()
-    return parse_queue_id(queue_id_of(reply))
-
-
-def store_of(node: NodeHandle) -> Store:
-    assert node.node.store is not None
-    return node.node.store
-
-
 async def states(node: NodeHandle, message_id: uuid.UUID) -> dict[str, str]:
-    return {d.recipient: d.state for d in await store_of(node).deliveries(message_id)}
+    return await delivery_states(store_of(node), message_id)
 
 
 async def test_accepted_mail_is_delivered_at_once_in_one_transaction(
@@ -59,7 +38,7 @@ async def test_accepted_mail_is_delivered_at_once_in_one_transaction(
     node = await start_node(delivery_settings(make_settings, sink))
     try:
         recipients = ["a@example.com", "b@example.com", "c@other.example"]
-        message_id = await submit(node, "app@example.org", recipients, "m1")
+        message_id = await submit_tagged(node.port, "m1", recipients=recipients)
         await sink.wait_for_count(3, timeout=5)
         await wait_for(lambda: _all(node, message_id, "delivered"), timeout=5)
         assert sink.count("m1@test", "a@example.com") == 1
@@ -89,8 +68,8 @@ async def test_a_5xx_fails_the_recipient_and_sends_one_dsn_to_the_sender(
     sink.faults = Faults(reject={"gone@example.com": "550 5.1.1 no such user"})
     node = await start_node(delivery_settings(make_settings, sink))
     try:
-        message_id = await submit(node, "app@example.org",
-                                  ["gone@example.com", "here@example.com"], "m2")
+        message_id = await submit_tagged(node.port, "m2",
+                                         recipients=["gone@example.com", "here@example.com"])
         await wait_for(lambda: _dsn_delivered(sink), timeout=10)
         found = await states(node, message_id)
         assert found == {"gone@example.com": "failed", "here@example.com": "delivered"}
@@ -114,7 +93,8 @@ async def test_no_dsn_for_the_null_sender(make_settings: Callable[..., Settings]
     sink.faults = Faults(reject={"gone@example.com": "550 5.1.1 no such user"})
     node = await start_node(delivery_settings(make_settings, sink))
     try:
-        message_id = await submit(node, "", ["gone@example.com"], "m3")
+        message_id = await submit_tagged(node.port, "m3", sender="",
+                                         recipients=["gone@example.com"])
         await wait_for(lambda: _all(node, message_id, "failed"), timeout=10)
         assert await store_of(node).message_count() == 1, "no DSN was queued"
     finally:
@@ -126,7 +106,7 @@ async def test_a_4xx_defers_with_its_evidence(make_settings: Callable[..., Setti
     sink.faults = Faults(tempfail=1.0, tempfail_reply="451 4.3.0 try again later")
     node = await start_node(delivery_settings(make_settings, sink))
     try:
-        message_id = await submit(node, "app@example.org", ["x@example.com"], "m4")
+        message_id = await submit_tagged(node.port, "m4", recipients=["x@example.com"])
         await wait_for(lambda: _all(node, message_id, "deferred"), timeout=10)
         (delivery,) = await store_of(node).deliveries(message_id)
         assert delivery.last_reply_code == 451 and "try again later" in (delivery.last_reply or "")
@@ -144,7 +124,7 @@ async def test_a_node_that_only_delivers_is_woken_by_another_nodes_intake(
     deliverer = await start_node(delivery_settings(make_settings, sink))
     try:
         await wait_for(lambda: _listening(deliverer), timeout=5)
-        message_id = await submit(intake_only, "app@example.org", ["x@example.com"], "n1")
+        message_id = await submit_tagged(intake_only.port, "n1", recipients=["x@example.com"])
         await sink.wait_for_count(1, timeout=5)
         await wait_for(lambda: _all(deliverer, message_id, "delivered"), timeout=5)
     finally:
@@ -183,7 +163,7 @@ async def test_an_internal_error_after_the_attempt_started_leaves_the_delivery_u
             await append_durable(record)  # type: ignore[arg-type]
 
         monkeypatch.setattr(deliverer.journal, "append_durable", broken_after_the_reply)
-        message_id = await submit(node, "app@example.org", ["u@example.com"], "m5")
+        message_id = await submit_tagged(node.port, "m5", recipients=["u@example.com"])
         await wait_for(lambda: _all(node, message_id, "uncertain"), timeout=10)
         (delivery,) = await store_of(node).deliveries(message_id)
         assert "internal error after the attempt started" in (delivery.last_reply or "")
@@ -204,7 +184,7 @@ async def test_an_internal_error_before_the_attempt_defers_the_delivery(
             raise RuntimeError("injected bug")
 
         monkeypatch.setattr(deliverer.attempts.router, "next_hop", broken_router)
-        message_id = await submit(node, "app@example.org", ["d@example.com"], "m6")
+        message_id = await submit_tagged(node.port, "m6", recipients=["d@example.com"])
         await wait_for(lambda: _all(node, message_id, "deferred"), timeout=10)
         (delivery,) = await store_of(node).deliveries(message_id)
         assert "not sent: internal error" in (delivery.last_reply or "")
@@ -226,7 +206,7 @@ async def test_a_destination_refusing_at_the_greeting_defers_without_a_dsn(
         })
         node = await start_node(settings)
         try:
-            message_id = await submit(node, "app@example.org", ["g@example.com"], "m7")
+            message_id = await submit_tagged(node.port, "m7", recipients=["g@example.com"])
             await wait_for(lambda: _all(node, message_id, "deferred"), timeout=10)
             (delivery,) = await store_of(node).deliveries(message_id)
             assert delivery.last_reply_code == 554
@@ -243,7 +223,7 @@ async def test_queue_metrics_show_what_waits_and_for_how_long(
     """With delivery off, accepted mail waits: /metrics says how much and since when."""
     node = await start_node(make_settings(database={"queued_bytes_refresh": 0.1}))
     try:
-        await submit(node, "app@example.org", ["q1@example.com", "q2@example.com"], "m8")
+        await submit_tagged(node.port, "m8", recipients=["q1@example.com", "q2@example.com"])
 
         async def queued() -> bool:
             return await metric(node.admin_port, 'mta_queue_deliveries{state="queued"}') == 2

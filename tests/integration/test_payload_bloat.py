@@ -23,9 +23,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import asyncpg
 import pytest
 
+from tests.support.delivery import state_counts
 from tests.support.digest_sink import (
     DigestSink,
     digested,
@@ -152,15 +152,6 @@ async def submit_session(port: int, session: int, ledger: Ledger) -> None:
         await smtp.close()
 
 
-async def delivery_states(dsn: str) -> dict[str, int]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT state, count(*) AS n FROM deliveries GROUP BY state")
-    finally:
-        await conn.close()
-    return {row["state"]: row["n"] for row in rows}
-
-
 def received_line(queue_id: str) -> re.Pattern[bytes]:
     """The one trace header intake prepends (mta/intake/trace.py); only the date varies."""
     return re.compile(
@@ -207,7 +198,7 @@ async def test_newsletter_of_300_5mb_messages_stays_within_the_printed_memory_bo
         await sink.wait_until(lambda s: s.deliveries() >= MESSAGES * RECIPIENTS, remaining)
 
         async def all_delivered() -> bool:
-            return await delivery_states(db_dsn) == {"delivered": MESSAGES * RECIPIENTS}
+            return await state_counts(db_dsn) == {"delivered": MESSAGES * RECIPIENTS}
 
         await wait_for(all_delivered, DEADLINE_S - (time.monotonic() - started), interval=0.25)
         delivered_s = time.monotonic() - started

@@ -180,12 +180,6 @@ async def test_no_greeting_mode_accepts_tcp_and_stays_silent() -> None:
         smtp.close()
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    """A throwaway certificate authority."""
-    return trustme.CA()
-
-
 @pytest.fixture
 def tls_pair(ca: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server context with a cert for 127.0.0.1, client context trusting the CA)."""

@@ -315,12 +315,6 @@ async def test_cache_size_is_bounded() -> None:
         await cache.close()
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    """A throwaway certificate authority."""
-    return trustme.CA()
-
-
 @pytest.fixture
 def server_tls(ca: trustme.CA) -> ssl.SSLContext:
     """A server context with a certificate for 127.0.0.1 signed by ``ca``."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from mta.intake import replies
+from mta.queue.ids import parse_queue_id
 from tests.support.intake import greeted, store_of, stored_content
 from tests.support.nodes import NodeHandle
-from tests.support.smtp import RawSMTP
+from tests.support.smtp import RawSMTP, queue_id_of
 
 SMUGGLED = (
     b"MAIL FROM:<admin@example.org>\r\n"
@@ -75,9 +76,7 @@ async def test_commands_pipelined_after_the_terminator_are_processed_as_commands
 
     assert (await stored_content(node, first_reply))[1] == first
     assert (await stored_content(node, second_reply))[1] == second
-    record = await store_of(node).message(
-        (await store_of(node).message_ids())[-1]
-    )
+    record = await store_of(node).message(parse_queue_id(queue_id_of(second_reply)))
     assert record is not None and record.mail_from == "carol@example.org"
     assert await store_of(node).message_count() == 2
 

@@ -26,12 +26,6 @@ AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 BODY = b"Subject: over TLS\r\n\r\nsecret\r\n"
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    """A throwaway certificate authority."""
-    return trustme.CA()
-
-
 @pytest.fixture
 def tls_settings(make_settings: SettingsFactory, ca: trustme.CA,
                  tmp_path: Path) -> Callable[..., Settings]:

@@ -1,0 +1,35 @@
+"""What every command group shares: the ``--config`` option, loading it, one-line errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from mta.config import Settings, load_settings
+from mta.errors import ConfigError
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Node config file (TOML). MTA_… variables override it."),
+]
+#: Standard output for people (tables) and scripts (plain lines when piped).
+console = Console(soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit (2: the operator can fix the input; 1: the
+    operation failed)."""
+    print(f"mta: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def load(config: Path | None) -> Settings:
+    """The node settings from ``config`` and the environment; a mistake exits 2."""
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        fail(f"config: {exc}")

@@ -1,0 +1,56 @@
+"""Helpers for delivery tests: tagged submissions, and the delivery states a store holds."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import asyncpg
+
+from mta.queue import Store
+from mta.queue.ids import parse_queue_id
+from tests.support.smtp import RawSMTP, queue_id_of
+
+
+async def submit_tagged(port: int, tag: str, *, sender: str = "app@example.org",
+                        recipients: Sequence[str] = ("user@example.com",)) -> uuid.UUID:
+    """Submit one message with ``Message-ID: <tag@test>`` in a session of its own; its
+    queue id (the submission must be answered 250)."""
+    client = await RawSMTP.connect(port)
+    await client.cmd("EHLO client.test")
+    reply = await client.submit(sender, list(recipients),
+                                f"Message-ID: <{tag}@test>\r\nSubject: {tag}\r\n\r\n"
+                                f"body {tag}\r\n".encode())
+    await client.close()
+    return parse_queue_id(queue_id_of(reply))
+
+
+async def delivery_states(store: Store, message_id: uuid.UUID) -> dict[str, str]:
+    """Each recipient's delivery state, for one message."""
+    return {d.recipient: d.state for d in await store.deliveries(message_id)}
+
+
+async def only_state(store: Store, message_id: uuid.UUID) -> str:
+    """The state of a message's one delivery."""
+    (delivery,) = await store.deliveries(message_id)
+    return delivery.state
+
+
+async def states_by_recipient(dsn: str) -> dict[str, str]:
+    """Every delivery's state in the database at ``dsn``, by recipient."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT recipient, state FROM deliveries")
+    finally:
+        await conn.close()
+    return {row["recipient"]: row["state"] for row in rows}
+
+
+async def state_counts(dsn: str) -> dict[str, int]:
+    """How many deliveries the database at ``dsn`` holds in each state."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT state, count(*) AS n FROM deliveries GROUP BY state")
+    finally:
+        await conn.close()
+    return {row["state"]: row["n"] for row in rows}
