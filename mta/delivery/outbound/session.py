@@ -51,18 +51,21 @@ import contextlib
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import aiosmtplib
-from aiosmtplib.email import quote_address
 
 from mta.config import DeliverySection
-from mta.delivery.outbound.content import DotStuffer, chunks
-from mta.delivery.outbound.transaction import SETUP_PHASES, Phase, RecipientResult, Transaction
-from mta.delivery.outbound.wire import ClosedByPeer, Reply, Wire
+from mta.delivery.outbound.exchange import (
+    CLIENT_ERRORS,
+    SessionFailure,
+    no_reply,
+    run_transaction,
+)
+from mta.delivery.outbound.transaction import SETUP_PHASES, RecipientResult, Transaction
+from mta.delivery.outbound.wire import Wire
 from mta.delivery.routing import NextHop, addresses_to_try, open_socket
-from mta.faults import fault_point
 
 __all__ = ["OutboundConnection"]
 
@@ -73,35 +76,8 @@ QUIT_TIMEOUT = 5.0
 MAX_SESSIONS_PER_ATTEMPT = 2
 
 
-class _Failure(Exception):
-    """A session-wide failure: every recipient not yet answered gets it. ``stale``: a
-    reused session found closed before this transaction got anywhere."""
-
-    def __init__(self, code: int, text: str, phase: Phase, *, data_sent: bool = False,
-                 stale: bool = False) -> None:
-        super().__init__(text)
-        self.code, self.text, self.phase, self.data_sent = code, text, phase, data_sent
-        self.stale = stale
-
-
-def _no_reply(exc: BaseException, waiting_for: str, timeout: float) -> tuple[int, str]:
-    """Code and text for an exception met while ``waiting_for`` something."""
-    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0:
-        return exc.code, exc.message
-    if isinstance(exc, ValueError):  # raised before anything was written
-        return 0, f"refused locally: {exc}"
-    if isinstance(exc, TimeoutError):
-        return 0, f"timeout waiting for {waiting_for} after {timeout:g} s"
-    detail = str(exc) or type(exc).__name__
-    return 0, f"connection failed waiting for {waiting_for}: {detail}"
-
-
 #: Phases before MAIL: a failure there leaves no usable session.
 _SESSION_PHASES = SETUP_PHASES | {"connect"}
-
-#: What a session step may raise; all of it becomes a result.
-_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError)
-
 
 class OutboundConnection:
     """One SMTP session to the first host of ``next_hop`` that accepts a connection."""
@@ -149,17 +125,17 @@ class OutboundConnection:
 
         try:
             if self._broken:
-                raise _Failure(0, "connection already failed", "connect")
+                raise SessionFailure(0, "connection already failed", "connect")
             try:
                 await self._attempt(transaction, prepare_once, results)
-            except _Failure as failure:
+            except SessionFailure as failure:
                 if not failure.stale:
                     raise
                 self.abort()
                 self._wire, self._broken, self.tls, self.messages_sent = None, False, False, 0
                 results.clear()
                 await self._attempt(transaction, prepare_once, results)
-        except _Failure as failure:
+        except SessionFailure as failure:
             if failure.phase in _SESSION_PHASES or failure.data_sent or failure.stale:
                 self.abort()
             for rcpt in transaction.recipients:
@@ -178,12 +154,13 @@ class OutboundConnection:
         reused = self._wire is not None
         wire = self._wire if self._wire is not None else await self._open()
         self.messages_sent += 1
-        await self._transaction(wire, transaction, before_data, results, reset=reused)
+        await run_transaction(wire, transaction, before_data, results, timeouts=self.timeouts,
+                              pipelining=self.pipelining, reset=reused)
 
     async def close(self) -> None:
         """QUIT politely when the session is healthy, then close the socket."""
         if self.reusable and self._wire is not None:
-            with contextlib.suppress(*_ERRORS):
+            with contextlib.suppress(*CLIENT_ERRORS):
                 self._wire.write(b"QUIT\r\n")
                 await self._wire.reply(min(QUIT_TIMEOUT, self.timeouts.mail_timeout))
         self.abort()
@@ -207,20 +184,20 @@ class OutboundConnection:
         """
         hop, t = self.next_hop, self.timeouts
         failures: list[str] = []
-        last: _Failure | None = None
+        last: SessionFailure | None = None
         sessions = 0
         for host, address in addresses_to_try(hop.hosts):
             peer = f"{host.name}[{address}]:{hop.port}"
             try:
                 sock = await open_socket(address, hop.port, timeout=t.connect_timeout)
             except (OSError, TimeoutError) as exc:
-                last = _Failure(0, f"{peer}: {str(exc) or type(exc).__name__}", "connect")
+                last = SessionFailure(0, f"{peer}: {str(exc) or type(exc).__name__}", "connect")
                 failures.append(last.text)
                 continue
             self.peer, sessions = peer, sessions + 1
             try:
                 return await self._handshake(host.name, sock)
-            except _Failure as failure:
+            except SessionFailure as failure:
                 self.abort()
                 self._broken, self.tls = False, False
                 last = failure
@@ -229,12 +206,12 @@ class OutboundConnection:
                 if sessions >= MAX_SESSIONS_PER_ATTEMPT:
                     break
         if last is None:
-            raise _Failure(0, "no address to connect to", "connect")
+            raise SessionFailure(0, "no address to connect to", "connect")
         if sessions == 0:
-            raise _Failure(0, "no host accepted a connection: " + "; ".join(failures),
+            raise SessionFailure(0, "no host accepted a connection: " + "; ".join(failures),
                            "connect")
         text = last.text if len(failures) == 1 else "; ".join(failures)
-        raise _Failure(last.code, text, last.phase)
+        raise SessionFailure(last.code, text, last.phase)
 
     async def _handshake(self, host_name: str, sock: socket.socket) -> Wire:
         """Greeting, EHLO, STARTTLS and AUTH as the hop says, on a connected socket; then
@@ -245,9 +222,9 @@ class OutboundConnection:
         self._setup = smtp
         try:
             await smtp.connect()
-        except _ERRORS as exc:
+        except CLIENT_ERRORS as exc:
             sock.close()
-            raise _Failure(*_no_reply(exc, f"the greeting of {self.peer}", t.greeting_timeout),
+            raise SessionFailure(*no_reply(exc, f"the greeting of {self.peer}", t.greeting_timeout),
                            "greeting") from exc
         await self._ehlo(smtp)
         if hop.tls != "none" and (smtp.supports_extension("starttls")
@@ -255,15 +232,15 @@ class OutboundConnection:
             await self._starttls(smtp)
         if hop.username is not None and hop.password is not None:
             if not self.tls and hop.tls != "none":
-                raise _Failure(0, f"AUTH refused locally: no TLS with {self.peer}", "auth")
+                raise SessionFailure(0, f"AUTH refused locally: no TLS with {self.peer}", "auth")
             try:
                 await smtp.login(hop.username, hop.password, timeout=t.mail_timeout)
-            except _ERRORS as exc:
-                raise _Failure(*_no_reply(exc, "the reply to AUTH", t.mail_timeout),
+            except CLIENT_ERRORS as exc:
+                raise SessionFailure(*no_reply(exc, "the reply to AUTH", t.mail_timeout),
                                "auth") from exc
         transport = smtp.transport
         if transport is None or transport.is_closing():
-            raise _Failure(0, f"connection to {self.peer} closed after the setup", "ehlo")
+            raise SessionFailure(0, f"connection to {self.peer} closed after the setup", "ehlo")
         self.pipelining = smtp.supports_extension("pipelining")
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._wire = Wire.take_over(cast(asyncio.Transport, transport))
@@ -278,19 +255,19 @@ class OutboundConnection:
                 await smtp.ehlo(timeout=t)
             except aiosmtplib.SMTPHeloError:
                 await smtp.helo(timeout=t)
-        except _ERRORS as exc:
-            raise _Failure(*_no_reply(exc, "the reply to EHLO", t), "ehlo") from exc
+        except CLIENT_ERRORS as exc:
+            raise SessionFailure(*no_reply(exc, "the reply to EHLO", t), "ehlo") from exc
 
     async def _starttls(self, smtp: aiosmtplib.SMTP) -> None:
         """STARTTLS per the hop's policy, then EHLO again (RFC 3207)."""
         policy, t = self.next_hop.tls, self.timeouts.mail_timeout
         if not smtp.supports_extension("starttls"):
-            raise _Failure(0, f"TLS {policy} but {self.peer} does not offer STARTTLS",
+            raise SessionFailure(0, f"TLS {policy} but {self.peer} does not offer STARTTLS",
                            "starttls")
         try:
             await smtp.starttls(tls_context=self._tls_context(), timeout=t)
-        except _ERRORS as exc:
-            raise _Failure(*_no_reply(exc, "the TLS handshake", t), "starttls") from exc
+        except CLIENT_ERRORS as exc:
+            raise SessionFailure(*no_reply(exc, "the TLS handshake", t), "starttls") from exc
         self.tls = True
         await self._ehlo(smtp)
 
@@ -304,147 +281,3 @@ class OutboundConnection:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-
-    async def _transaction(self, wire: Wire, transaction: Transaction,
-                           before_data: Callable[[], Awaitable[None]],
-                           results: dict[str, RecipientResult], *, reset: bool) -> None:
-        """[RSET,] MAIL, RCPT each, DATA, the content: fills ``results``.
-
-        With PIPELINING (RFC 2920) the commands go out as one group after ``before_data``
-        and their replies are read in order; without it each waits for its reply, and
-        ``before_data`` runs once a recipient is accepted. Every reply is read even after
-        a refusal, so the session stays in step for the next transaction.
-        """
-        t = self.timeouts
-        try:
-            mail = _command("MAIL FROM:", transaction.mail_from)
-        except ValueError as exc:
-            raise _Failure(0, f"sender not sendable: {exc}", "mail") from exc
-        rcpts: list[tuple[str, bytes]] = []
-        for rcpt in transaction.recipients:
-            try:
-                rcpts.append((rcpt, _command("RCPT TO:", rcpt)))
-            except ValueError as exc:
-                results[rcpt] = RecipientResult(rcpt, 0, f"address not sendable: {exc}",
-                                                "rcpt", False)
-        if not rcpts:
-            return
-        if self.pipelining:
-            await _before(before_data)
-            group = [b"RSET\r\n"] if reset else []
-            group += [mail, *(command for _, command in rcpts), b"DATA\r\n"]
-            _write(wire, b"".join(group), "mail", stale=reset)
-        if reset:
-            if not self.pipelining:
-                _write(wire, b"RSET\r\n", "mail", stale=True)
-            await _expect(wire, t.mail_timeout, "RSET", "mail", stale=True)
-        if not self.pipelining:
-            _write(wire, mail, "mail")
-        mail_reply = await _read(wire, t.mail_timeout, "MAIL", "mail", stale=reset)
-        mail_ok = 200 <= mail_reply.code < 300
-        accepted: list[str] = []
-        for rcpt, command in rcpts:
-            if not self.pipelining:
-                if not mail_ok:
-                    break
-                _write(wire, command, "rcpt")
-            reply = await _read(wire, t.rcpt_timeout, "RCPT", "rcpt")
-            if 200 <= reply.code < 300:
-                accepted.append(rcpt)
-            elif mail_ok:
-                results[rcpt] = RecipientResult(rcpt, reply.code, reply.text, "rcpt", False)
-        if not self.pipelining and accepted:
-            await _before(before_data)
-            _write(wire, b"DATA\r\n", "data")
-        data_reply = None
-        if self.pipelining or accepted:
-            data_reply = await _read(wire, t.data_init_timeout, "DATA", "data")
-        if data_reply is not None and data_reply.code == 354 and not (mail_ok and accepted):
-            # DATA accepted although MAIL or every RCPT was not (RFC 2920 3.1): closing
-            # without the dot makes the server drop the transaction; a lone dot might
-            # deliver an empty message.
-            wire.close()
-        if not mail_ok:
-            raise _Failure(mail_reply.code, mail_reply.text, "mail")
-        if not accepted:
-            return
-        assert data_reply is not None
-        if data_reply.code != 354:
-            raise _Failure(data_reply.code, data_reply.text, "data")
-        code, text = await self._data(wire, transaction.content)
-        for rcpt in accepted:
-            results[rcpt] = RecipientResult(rcpt, code, text, "data_end", True)
-
-    async def _data(self, wire: Wire,
-                    content: bytes | AsyncIterable[bytes]) -> tuple[int, str]:
-        """After the 354: the content in bounded chunks and the dot; the final reply."""
-        t = self.timeouts
-        # From here on the content is going out: every failure is data_sent (I3).
-        stuffer = DotStuffer()
-        waiting_for, timeout = "the server to take a data block", t.data_block_timeout
-        try:
-            async for chunk in chunks(content):
-                wire_bytes = stuffer.feed(chunk)
-                if wire_bytes:
-                    wire.write(wire_bytes)
-                    await wire.drain(t.data_block_timeout)
-            waiting_for, timeout = "reply to end of data", t.data_end_timeout
-            wire.write(stuffer.end())
-            await wire.drain(t.data_block_timeout)
-            fault_point("delivery.after_dot")
-            final = await wire.reply(t.data_end_timeout)
-        except _ERRORS as exc:
-            raise _Failure(*_no_reply(exc, waiting_for, timeout), "data_end",
-                           data_sent=True) from exc
-        except Exception as exc:  # the content source failed; the dot was not written
-            raise _Failure(0, f"content source failed mid-data: {exc!r}", "data_end",
-                           data_sent=True) from exc
-        if final.code == 421:
-            wire.close()
-        return final.code, final.text
-
-
-def _command(verb: str, address: str) -> bytes:
-    """``MAIL FROM:<a>`` or ``RCPT TO:<a>`` as wire bytes; ValueError when the address
-    cannot go on a command line (a control character, or not ASCII)."""
-    quoted = quote_address(address)
-    try:
-        return f"{verb}{quoted}\r\n".encode("ascii")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{address!r} is not ASCII") from exc
-
-
-async def _before(before_data: Callable[[], Awaitable[None]]) -> None:
-    try:
-        await before_data()
-    except Exception as exc:
-        raise _Failure(0, f"not sent: before_data failed: {exc!r}", "data") from exc
-
-
-def _write(wire: Wire, data: bytes, phase: Phase, *, stale: bool = False) -> None:
-    try:
-        wire.write(data)
-    except OSError as exc:
-        raise _Failure(0, f"connection failed before {phase.upper()}: {exc}", phase,
-                       stale=stale) from exc
-
-
-async def _read(wire: Wire, timeout: float, command: str, phase: Phase, *,
-                stale: bool = False) -> Reply:
-    """The next reply; a closed connection before it is ``stale`` when asked (a reused
-    session the server timed out while idle), a timeout never is."""
-    try:
-        return await wire.reply(timeout)
-    except ClosedByPeer as exc:
-        raise _Failure(*_no_reply(exc, f"the reply to {command}", timeout), phase,
-                       stale=stale) from exc
-    except _ERRORS as exc:
-        raise _Failure(*_no_reply(exc, f"the reply to {command}", timeout), phase) from exc
-
-
-async def _expect(wire: Wire, timeout: float, command: str, phase: Phase, *,
-                  stale: bool = False) -> None:
-    """A 2xx reply to ``command``, or a failure that retires the session."""
-    reply = await _read(wire, timeout, command, phase, stale=stale)
-    if not 200 <= reply.code < 300:
-        raise _Failure(reply.code, reply.text, phase, stale=stale)
