@@ -220,11 +220,6 @@ class Journal:
                     del self._refs[attempt]
                     self._applied_at.pop(attempt, None)
 
-    @property
-    def segment_paths(self) -> list[Path]:
-        """The segments still on disk, oldest first."""
-        return [segment.path for segment in self._segments]
-
     async def close(self) -> None:
         """Fsync what was written, then close the segment and release the lock."""
         try:

@@ -38,19 +38,20 @@ async def only_state(store: Store, message_id: uuid.UUID) -> str:
 
 async def states_by_recipient(dsn: str) -> dict[str, str]:
     """Every delivery's state in the database at ``dsn``, by recipient."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT recipient, state FROM deliveries")
-    finally:
-        await conn.close()
+    rows = await _fetch(dsn, "SELECT recipient, state FROM deliveries")
     return {row["recipient"]: row["state"] for row in rows}
 
 
 async def state_counts(dsn: str) -> dict[str, int]:
     """How many deliveries the database at ``dsn`` holds in each state."""
+    rows = await _fetch(dsn, "SELECT state, count(*) AS n FROM deliveries GROUP BY state")
+    return {row["state"]: row["n"] for row in rows}
+
+
+async def _fetch(dsn: str, sql: str) -> list[asyncpg.Record]:
+    """``sql``'s rows, over a connection of the test's own (not the node's pool)."""
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch("SELECT state, count(*) AS n FROM deliveries GROUP BY state")
+        return await conn.fetch(sql)
     finally:
         await conn.close()
-    return {row["state"]: row["n"] for row in rows}
