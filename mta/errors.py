@@ -4,6 +4,7 @@
     ├── ConfigError           an operator's configuration is wrong (CLI exit 2)
     ├── BudgetExceeded        the connection budget does not fit the database (exit 2)
     ├── UnsafeDatabase        the database would not make a 250 durable (exit 2)
+    ├── StoreRejected         the store refused a value itself: set aside, never retried
     ├── TempFailure           retry later (SMTP 4xx)
     │   ├── StoreUnavailable  the store could not commit in time (451 4.3.0)
     │   ├── StoreFull         disk or queued bytes over their limit (452 4.3.1)
@@ -13,6 +14,8 @@
 """
 
 from __future__ import annotations
+
+from mta.mail.text import outside_text
 
 
 class MtaError(Exception):
@@ -31,6 +34,11 @@ class UnsafeDatabase(MtaError):
     """The database runs with fsync or synchronous_commit off."""
 
 
+class StoreRejected(MtaError):
+    """The store refused the data itself (a value it cannot hold, a broken constraint):
+    trying again cannot help, so the record is set aside (DESIGN.md I3b)."""
+
+
 class TempFailure(MtaError):
     """A transient failure: the peer should retry later."""
 
@@ -44,9 +52,11 @@ class StoreFull(TempFailure):
 
 
 class RouteTempFailure(TempFailure):
-    """No next hop can be found for now; ``evidence`` says why (e.g. "SERVFAIL")."""
+    """No next hop can be found for now; ``evidence`` says why (e.g. "SERVFAIL"), made
+    safe: it quotes DNS data."""
 
     def __init__(self, evidence: str) -> None:
+        evidence = outside_text(evidence)
         super().__init__(evidence)
         self.evidence = evidence
 
@@ -62,6 +72,7 @@ class RoutePermFailure(PermFailure):
     """
 
     def __init__(self, evidence: str, *, cache_for: float = 0.0) -> None:
+        evidence = outside_text(evidence)
         super().__init__(evidence)
         self.evidence = evidence
         self.cache_for = cache_for

@@ -72,6 +72,14 @@ class Metrics:
             "Resends after a lost reply to the dot (uncertain_mode retry), by destination.",
             ["destination"], registry=reg,
         )
+        self.records_set_aside = Counter(
+            "mta_records_set_aside",
+            "Records the store refused, kept for the operator (mta queue set-aside); their "
+            "deliveries became uncertain. By source: settlement or replay.",
+            ["source"], registry=reg,
+        )
+        for source in ("settlement", "replay"):
+            self.records_set_aside.labels(source)
         self.delivery_timeouts = Counter(
             "mta_delivery_timeouts", "Attempts that ended without a reply, by destination.",
             ["destination"], registry=reg,

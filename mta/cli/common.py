@@ -16,8 +16,9 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="Node config file (TOML). MTA_… variables override it."),
 ]
-#: Standard output for people (tables) and scripts (plain lines when piped).
-console = Console(soft_wrap=True)
+#: Standard output for people (tables) and scripts (plain lines when piped). No markup,
+#: emoji codes or highlighting: what is shown may quote remote servers and clients.
+console = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

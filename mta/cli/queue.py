@@ -14,6 +14,7 @@ from rich.table import Table
 
 from mta.cli.common import ConfigOption, console, fail, load
 from mta.errors import StoreUnavailable
+from mta.mail.text import outside_text
 from mta.queue import Store, migrate_dsn
 from mta.queue.ids import parse_queue_id, queue_id
 from mta.queue.records import (
@@ -26,6 +27,8 @@ from mta.queue.records import (
 queue_app = typer.Typer(no_args_is_help=True,
                         help="Inspect the queue and resolve deliveries (every change is audited).")
 T = TypeVar("T")
+#: Characters of a set-aside record's raw evidence shown in the listing.
+RAW_SHOWN = 2000
 
 ReasonOption = Annotated[str, typer.Option("--reason", "-r", help="Why (kept in the audit).")]
 OperatorOption = Annotated[
@@ -64,7 +67,7 @@ def _operator(name: str | None) -> str:
 
 
 def _print_listing(title: str, rows: Sequence[DeliveryListing], *, reason: bool) -> None:
-    """A table on a terminal; tab-separated lines with a header when piped (for scripts)."""
+    """Deliveries with their last evidence (see :func:`_print_rows`)."""
     header = ["delivery", "queue_id", "from", "to", "attempts", "last_evidence",
               *(["hold_reason"] if reason else []), "since"]
     lines = []
@@ -74,6 +77,11 @@ def _print_listing(title: str, rows: Sequence[DeliveryListing], *, reason: bool)
                       row.recipient, str(row.attempts), evidence or "-",
                       *([row.hold_reason or "-"] if reason else []),
                       row.updated_at.isoformat(timespec="seconds")])
+    _print_rows(title, header, lines)
+
+
+def _print_rows(title: str, header: list[str], lines: list[list[str]]) -> None:
+    """A table on a terminal; tab-separated lines with a header when piped (for scripts)."""
     if not console.is_terminal:
         print(f"# {title}")
         for line in [header, *lines]:
@@ -97,6 +105,18 @@ def list_held(config: ConfigOption = None, limit: LimitOption = 1000) -> None:
     """Deliveries held by an operator or by the crash-loop breaker."""
     rows = _run(config, lambda store: store.deliveries_in_state("held", limit))
     _print_listing(f"{len(rows)} held", rows, reason=True)
+
+
+@queue_app.command("set-aside")
+def list_set_aside(config: ConfigOption = None, limit: LimitOption = 1000) -> None:
+    """Records the store refused (DESIGN.md I3b), with their raw evidence, newest first;
+    their deliveries are uncertain."""
+    rows = _run(config, lambda store: store.set_aside_records(limit))
+    lines = [[str(row.id), row.at.isoformat(timespec="seconds"), row.source, row.owner,
+              row.attempt_id, ",".join(str(i) for i in row.delivery_ids), row.reason,
+              outside_text(row.raw, limit=RAW_SHOWN)] for row in rows]
+    _print_rows(f"{len(rows)} set aside",
+                ["id", "at", "source", "owner", "attempt", "deliveries", "reason", "raw"], lines)
 
 
 def _resolve(config: Path | None, ids: list[int], verb: str, state: str,

@@ -69,7 +69,7 @@ class Deliverer:
             delivery.batch_size)
         self.settler = Settler(store=store, journal=journal, owner=owner,
                                reporting_mta=settings.ehlo_name,
-                               wake=self.wake)
+                               wake=self.wake, metrics=metrics)
         self.attempts = Attempts(
             store=store, router=router, shaper=shaper, connections=connections,
             journal=journal, settler=self.settler, policy=policy, owner=owner,

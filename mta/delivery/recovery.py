@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mta.delivery.outbound.transaction import RecipientResult
+from mta.delivery.outbound.transaction import RecipientResult, reply_line
 from mta.delivery.owner import owner_prefix
 from mta.delivery.retry import RetryPolicy, classify
-from mta.delivery.settlement import bounce_for
+from mta.delivery.settlement import bounce_for, raw_evidence
+from mta.errors import StoreRejected
 from mta.journal.records import ReplyReceived
 from mta.journal.replay import PendingAttempt, adopt, owner_alive
-from mta.queue.records import AttemptOutcome, NewMessage
+from mta.mail.text import outside_text
+from mta.queue.records import AttemptOutcome, NewMessage, SetAside
 from mta.queue.store import Store
 
 
@@ -25,6 +28,8 @@ class RecoveryReport:
     applied: int
     uncertain: int
     released: int
+    #: Attempts whose outcomes the store refused: kept, their deliveries uncertain.
+    set_aside: int = 0
 
 
 async def recover(store: Store, journal_dir: Path, node_name: str, policy: RetryPolicy, *,
@@ -35,21 +40,32 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
     An attempt with replies is applied as the replies say, a failure with its DSN; a
     delivery whose attempt started without a reply becomes ``uncertain`` (the data may
     have arrived). A delivery a dead process leased with no attempt journaled was
-    certainly not sent.
+    certainly not sent. Journal records are untrusted (I3b): their texts are made safe,
+    and an attempt the store still refuses is set aside, its deliveries uncertain.
     """
     adoption = await asyncio.to_thread(adopt, journal_dir)
-    applied = uncertain = 0
+    applied = uncertain = set_aside = 0
     try:
         attempts: list[PendingAttempt] = [*adoption.pending.replied,
                                           *adoption.pending.unanswered]
         for attempt in attempts:
-            outcomes = [_replayed(reply, policy) for reply in attempt.replies]
-            outcomes += [AttemptOutcome(delivery_id, "uncertain", None,
-                                        "process died after the attempt started; "
-                                        "no reply was recorded (journal replay)")
-                         for delivery_id in attempt.missing]
-            bounce = await _replayed_bounce(store, attempt, outcomes, reporting_mta)
-            done = await store.record_outcomes(attempt.owner, outcomes, bounce=bounce)
+            try:
+                outcomes = [_replayed(reply, policy) for reply in attempt.replies]
+                outcomes += [AttemptOutcome(delivery_id, "uncertain", None,
+                                            "process died after the attempt started; "
+                                            "no reply was recorded (journal replay)")
+                             for delivery_id in attempt.missing]
+                bounce = await _replayed_bounce(store, attempt, outcomes, reporting_mta)
+                done = await store.record_outcomes(attempt.owner, outcomes, bounce=bounce)
+            except (StoreRejected, ValueError) as exc:  # refused, or a reply no server sends
+                await store.set_aside(SetAside(
+                    source="replay", owner=attempt.owner,
+                    attempt_id=attempt.started.attempt_id,
+                    delivery_ids=attempt.started.delivery_ids, reason=outside_text(str(exc)),
+                    raw=raw_evidence([dataclasses.asdict(attempt.started),
+                                      *map(dataclasses.asdict, attempt.replies)])))
+                set_aside += 1
+                continue
             applied += len(done)
             uncertain += len(set(attempt.missing) & done)
         adoption.commit()
@@ -62,7 +78,7 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
                 owner, ids, "lease of a process that died before sending: no attempt "
                             "was journaled, so the message was certainly not sent",
                 crash_limit=crash_limit, crash_window_s=crash_window_s))
-    return RecoveryReport(applied, uncertain, released)
+    return RecoveryReport(applied, uncertain, released, set_aside)
 
 
 async def _replayed_bounce(store: Store, attempt: PendingAttempt,
@@ -76,8 +92,8 @@ async def _replayed_bounce(store: Store, attempt: PendingAttempt,
     if message is None:
         return None
     recipients = {d.id: d.recipient for d in await store.deliveries(message.id)}
-    results = [RecipientResult(recipients[r.delivery_id], r.code, r.text, "data_end",
-                               r.data_sent)
+    results = [RecipientResult(recipients[r.delivery_id], r.code, outside_text(r.text),
+                               "data_end", r.data_sent)
                for r in attempt.replies if r.delivery_id in failed and r.delivery_id in recipients]
     return await bounce_for(store, message.envelope, results,
                             remote_mta=attempt.started.host, reporting_mta=reporting_mta)
@@ -86,5 +102,6 @@ async def _replayed_bounce(store: Store, attempt: PendingAttempt,
 def _replayed(reply: ReplyReceived, policy: RetryPolicy) -> AttemptOutcome:
     decision = classify(reply.code, reply.data_sent, age=0.0, policy=policy)
     return AttemptOutcome(reply.delivery_id, decision.outcome, reply.code or None,
-                          f"{reply.text} ({decision.reason}, journal replay)",
+                          f"{reply_line(reply.code, outside_text(reply.text))} "
+                          f"({decision.reason}, journal replay)",
                           policy.minimal_backoff, decision.possible_duplicate)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,16 +22,18 @@ from datetime import UTC, datetime
 
 import structlog
 
+from mta.admin.metrics import Metrics
 from mta.delivery.dsn import FailedRecipient, build_dsn
 from mta.delivery.outbound.transaction import RecipientResult
 from mta.delivery.owner import like_literal
 from mta.delivery.retry import status_for
-from mta.errors import StoreUnavailable
+from mta.errors import StoreRejected, StoreUnavailable
 from mta.journal.records import Applied, JournalError
 from mta.journal.writer import Journal
+from mta.mail.text import outside_text
 from mta.queue.ids import new_message_id, queue_id
 from mta.queue.outcome_batch import OutcomeBatcher
-from mta.queue.records import AttemptOutcome, Envelope, NewMessage
+from mta.queue.records import AttemptOutcome, Envelope, NewMessage, SetAside
 from mta.queue.store import Store
 
 log = structlog.get_logger(__name__)
@@ -54,8 +58,9 @@ class Settler:
     """Writes one process's settlements, holding them back while the store is down."""
 
     def __init__(self, *, store: Store, journal: Journal, owner: str, reporting_mta: str,
-                 wake: asyncio.Event) -> None:
+                 wake: asyncio.Event, metrics: Metrics) -> None:
         """``wake`` is set when a written settlement queued a DSN (new work)."""
+        self._metrics = metrics
         self._store = store
         self._journal = journal
         self._owner = owner
@@ -89,15 +94,32 @@ class Settler:
             bounce = await bounce_for(self._store, settlement.message, settlement.failed,
                                       remote_mta=settlement.host,
                                       reporting_mta=self._reporting_mta)
-        if bounce is None:
-            await self._outcomes.write(settlement.outcomes)
+        try:
+            if bounce is None:
+                await self._outcomes.write(settlement.outcomes)
+            else:
+                await self._store.record_outcomes(self._owner, settlement.outcomes,
+                                                  bounce=bounce)
+        except StoreRejected as exc:
+            await self._set_aside(settlement, exc)
         else:
-            await self._store.record_outcomes(self._owner, settlement.outcomes, bounce=bounce)
-        if bounce is not None:
-            self._wake.set()
+            if bounce is not None:
+                self._wake.set()
         if settlement.attempt_id:
             with contextlib.suppress(JournalError):
                 self._journal.append(Applied(settlement.attempt_id, time.time()))
+
+    async def _set_aside(self, settlement: Settlement, error: StoreRejected) -> None:
+        """Keep outcomes the store refused, raw, and make their deliveries uncertain (I3b):
+        one bad reply costs its deliveries, never the other outcomes or the node."""
+        ids = tuple(o.delivery_id for o in settlement.outcomes)
+        record_id = await self._store.set_aside(SetAside(
+            source="settlement", owner=self._owner, attempt_id=settlement.attempt_id or "-",
+            delivery_ids=ids, reason=outside_text(str(error)),
+            raw=raw_evidence([dataclasses.asdict(o) for o in settlement.outcomes])))
+        self._metrics.records_set_aside.labels("settlement").inc()
+        log.warning("delivery.outcome_set_aside", set_aside=record_id, deliveries=list(ids),
+                    error=outside_text(str(error)))
 
     async def apply_held_back(self, in_flight: Callable[[], set[int]]) -> None:
         """Write settlements that waited for the store; they are in the journal meanwhile.
@@ -159,6 +181,11 @@ async def bounce_for(store: Store, message: Envelope, failed: Sequence[Recipient
         id=new_message_id(), mail_from="", recipients=[message.mail_from], trace_headers=b"",
         body=dsn, client_address="127.0.0.1", helo_name=reporting_mta, auth_user=None,
         message_id_header=None)
+
+
+def raw_evidence(records: Sequence[object]) -> bytes:
+    """``records`` as JSON bytes, every character kept (lone surrogates escaped, not lost)."""
+    return json.dumps(records, ensure_ascii=True, sort_keys=True).encode("ascii")
 
 
 def _diagnostic(result: RecipientResult) -> str:

@@ -35,7 +35,9 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
                            crash_window_s=config.crash_loop_window,
                            reporting_mta=settings.ehlo_name)
     log.info("delivery.recovered", owner=owner, applied=report.applied,
-             uncertain=report.uncertain, released=report.released)
+             uncertain=report.uncertain, released=report.released,
+             set_aside=report.set_aside)
+    metrics.records_set_aside.labels("replay").inc(report.set_aside)
     return Deliverer(
         settings=settings, store=store, router=Router(config),
         shaper=Shaper(ShapingConfig.from_settings(config)),

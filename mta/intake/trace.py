@@ -8,6 +8,10 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from mta.mail.headers import header_block
+from mta.mail.text import outside_text
+
+#: The longest Message-ID kept (a header line's limit, RFC 5322 2.1.1).
+MAX_MESSAGE_ID = 998
 
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _MESSAGE_ID = re.compile(
@@ -30,7 +34,9 @@ def inspect_headers(body: bytes | bytearray) -> HeaderFacts:
     message_id = None
     if found:
         text = found[1].decode("ascii", "replace").replace("\r\n", "")
-        message_id = text.replace("\0", "").strip() or None  # Postgres text holds no NUL
+        # NUL dropped, as before; any other control character escaped, the length capped.
+        text = text.replace("\0", "").strip()
+        message_id = outside_text(text, limit=MAX_MESSAGE_ID) or None
     return HeaderFacts(len(_RECEIVED.findall(block)), message_id)
 
 

@@ -188,6 +188,39 @@ WITH outcome AS (
 SELECT c.id AS delivery_id, c.message_id IN (SELECT id FROM done) AS message_done
 FROM changed AS c;
 
+-- name: set_aside_record
+-- Keep outcomes the store refused (source $1, owner $2, attempt $3, deliveries $4,
+-- reason $5, raw evidence $6) and make the deliveries owner $2 still leases uncertain:
+-- their evidence is in the kept record, not in the store. Returns the record's id.
+WITH kept AS (
+    INSERT INTO set_aside (source, owner, attempt_id, delivery_ids, reason, raw)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    RETURNING id
+), changed AS (
+    UPDATE deliveries AS d
+    SET state = 'uncertain',
+        last_reply_code = NULL,
+        last_reply = 'the outcome could not be recorded; its evidence is set aside as #'
+                     || kept.id || ' (mta queue set-aside): ' || $5,
+        attempts = d.attempts + 1,
+        last_attempt_at = now(),
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    FROM kept
+    WHERE d.id = ANY($4::bigint[]) AND d.lease_owner = $2
+    RETURNING d.id, d.last_reply
+), events AS (
+    INSERT INTO delivery_events (delivery_id, state, reply_code, detail, actor)
+    SELECT id, 'uncertain', NULL, last_reply, $2 FROM changed
+)
+SELECT id FROM kept;
+
+-- name: set_aside_list
+-- The records set aside, newest first.
+SELECT id, at, source, owner, attempt_id, delivery_ids, reason, raw
+FROM set_aside ORDER BY id DESC LIMIT $1;
+
 -- name: delivery_give_back
 -- Return owner $1's leases on deliveries $2, unattempted (a graceful stop), due as they
 -- were. Not an attempt: no evidence event, no attempt counted, no crash counted.

@@ -123,6 +123,34 @@ class AttemptOutcome:
 
 
 @dataclass(frozen=True)
+class SetAside:
+    """Outcomes the store refused, to keep with their raw evidence (DESIGN.md I3b)."""
+
+    source: Literal["settlement", "replay"]
+    owner: str
+    attempt_id: str
+    delivery_ids: tuple[int, ...]
+    #: Why they could not be applied (safe text).
+    reason: str
+    #: What was refused, exactly as it was (the outcomes or the journal lines).
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class SetAsideRecord:
+    """A kept record, as an operator lists it."""
+
+    id: int
+    at: datetime
+    source: str
+    owner: str
+    attempt_id: str
+    delivery_ids: list[int]
+    reason: str
+    raw: bytes
+
+
+@dataclass(frozen=True)
 class DeliveryListing:
     """A delivery as an operator lists it: envelope, state and last evidence."""
 

@@ -14,6 +14,13 @@ from mta.errors import StoreUnavailable
 from mta.queue.migrate import migrate
 from mta.queue.sql import query
 
+#: Errors that mean "the store refused this data": retrying the same values cannot help.
+#: (A string the driver cannot encode fails before it is sent.)
+REJECTED_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    UnicodeEncodeError,
+)
 #: Errors that mean "the store did not answer in time or at all".
 STORE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,

@@ -17,7 +17,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from mta.concurrency import acquire_within
 from mta.config import Settings, connection_budget
-from mta.errors import StoreUnavailable
+from mta.errors import StoreRejected, StoreUnavailable
 from mta.queue.records import (
     FINAL_STATES,
     PENDING_STATES,
@@ -30,9 +30,11 @@ from mta.queue.records import (
     MessageRecord,
     NewMessage,
     QueueStats,
+    SetAside,
+    SetAsideRecord,
     recipient_next_hop,
 )
-from mta.queue.server import STORE_ERRORS
+from mta.queue.server import REJECTED_ERRORS, STORE_ERRORS
 from mta.queue.sql import query
 
 #: The channel intake notifies and delivery workers listen on.
@@ -45,9 +47,12 @@ async def _keep_session(_: asyncpg.Connection) -> None:
 
 @contextlib.contextmanager
 def _unavailable_on_error(name: str) -> Iterator[None]:
-    """Driver and network errors in the block raise ``StoreUnavailable`` naming ``name``."""
+    """Driver and network errors in the block raise ``StoreUnavailable`` naming ``name``;
+    data the store refuses raises ``StoreRejected``."""
     try:
         yield
+    except REJECTED_ERRORS as exc:
+        raise StoreRejected(f"{name}: {type(exc).__name__}: {exc}") from exc
     except STORE_ERRORS as exc:
         raise StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
 
@@ -250,6 +255,18 @@ class Store:
         """Set ``done_at`` on messages whose every delivery is now final."""
         if delivery_ids:
             await self._run("message_mark_done", "execute", list(delivery_ids))
+
+    async def set_aside(self, record: SetAside) -> int:
+        """Keep ``record`` (outcomes the store refused) and make its deliveries that
+        ``record.owner`` still leases uncertain; the kept record's id."""
+        return int(await self._run(
+            "set_aside_record", "fetchval", record.source, record.owner, record.attempt_id,
+            list(record.delivery_ids), record.reason, record.raw))
+
+    async def set_aside_records(self, limit: int = 1000) -> list[SetAsideRecord]:
+        """The records set aside, newest first."""
+        rows = await self._run("set_aside_list", "fetch", limit)
+        return [SetAsideRecord(**dict(row)) for row in rows]
 
     async def give_back(self, owner: str, delivery_ids: Sequence[int]) -> set[int]:
         """Return ``owner``'s leases unattempted, due as before; the ids given back."""

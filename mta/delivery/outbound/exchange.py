@@ -17,6 +17,7 @@ from mta.delivery.outbound.content import DotStuffer, chunks
 from mta.delivery.outbound.transaction import Phase, RecipientResult, Transaction
 from mta.delivery.outbound.wire import ClosedByPeer, Reply, Wire
 from mta.faults import fault_point
+from mta.mail.text import outside_text
 
 
 class SessionFailure(Exception):
@@ -31,14 +32,15 @@ class SessionFailure(Exception):
 
 
 def no_reply(exc: BaseException, waiting_for: str, timeout: float) -> tuple[int, str]:
-    """Code and text for an exception met while ``waiting_for`` something."""
+    """Code and text for an exception met while ``waiting_for`` something; text that came
+    from the server (aiosmtplib's replies) is made safe here."""
     if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code > 0:
-        return exc.code, exc.message
+        return exc.code, outside_text(exc.message)
     if isinstance(exc, ValueError):  # raised before anything was written
-        return 0, f"refused locally: {exc}"
+        return 0, f"refused locally: {outside_text(str(exc))}"
     if isinstance(exc, TimeoutError):
         return 0, f"timeout waiting for {waiting_for} after {timeout:g} s"
-    detail = str(exc) or type(exc).__name__
+    detail = outside_text(str(exc) or type(exc).__name__)
     return 0, f"connection failed waiting for {waiting_for}: {detail}"
 
 

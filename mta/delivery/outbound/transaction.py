@@ -31,9 +31,15 @@ class RecipientResult:
     @property
     def reply(self) -> str:
         """The reply as the remote sent it (``550 5.1.1 …``), or the text when there was none."""
-        if self.code == 0 or self.text.startswith(str(self.code)):
-            return self.text
-        return f"{self.code} {self.text}"
+        return reply_line(self.code, self.text)
+
+
+def reply_line(code: int, text: str) -> str:
+    """A reply's code and text as one line of evidence (``550 5.1.1 …``); code 0 (no
+    reply) leaves the text alone."""
+    if code == 0 or text.startswith(str(code)):
+        return text
+    return f"{code} {text}".rstrip()
 
 
 @dataclass(frozen=True)

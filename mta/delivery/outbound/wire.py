@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import collections
 
+from mta.mail.text import outside_text
+
 __all__ = ["MAX_REPLY_BYTES", "ClosedByPeer", "MalformedReply", "Reply", "Wire"]
 
 #: The longest reply (all its lines) the client reads before giving up on the server.
@@ -29,7 +31,8 @@ class MalformedReply(ConnectionError):
 
 
 class Reply:
-    """One complete reply: its code and its text (lines joined by newlines)."""
+    """One complete reply: its code and its text (lines joined by newlines, made safe by
+    :func:`mta.mail.text.outside_text`)."""
 
     __slots__ = ("code", "text")
 
@@ -48,7 +51,7 @@ class Wire(asyncio.Protocol):
         self.transport = transport
         self._buffer = bytearray()
         self._replies: collections.deque[Reply] = collections.deque()
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []
         self._reply_bytes = 0
         self._arrived: asyncio.Event = asyncio.Event()
         self._writable: asyncio.Event = asyncio.Event()
@@ -93,9 +96,10 @@ class Wire(asyncio.Protocol):
         if self._reply_bytes > MAX_REPLY_BYTES:
             self._fail(MalformedReply(f"reply longer than {MAX_REPLY_BYTES} bytes"))
             return
-        self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+        self._lines.append(line[4:].strip(b" \t\r\n"))
         if separator != b"-":
-            self._replies.append(Reply(int(code_text), "\n".join(self._lines)))
+            # Made safe here, where it enters (I3b): any byte, any length.
+            self._replies.append(Reply(int(code_text), outside_text(b"\n".join(self._lines))))
             self._lines, self._reply_bytes = [], 0
 
     def _fail(self, error: ConnectionError) -> None:
