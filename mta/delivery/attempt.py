@@ -4,8 +4,10 @@ For every group (the recipients of one message at one next hop):
 
 1. the next hop comes from the router; a permanent routing answer (NXDOMAIN, null MX)
    fails the recipients, a temporary one defers them;
-2. right before DATA, "attempt started" is journaled durably (I3), so a process that dies
-   later leaves proof that the data may have been sent;
+2. the body is read right before the transaction goes out; once the content is written,
+   "dot pending" is journaled durably right before the final dot (I3), so a process that
+   dies later leaves proof that the remote may have the message, and one that died
+   before leaves none: its deliveries were certainly not delivered and are retried;
 3. each recipient's reply is journaled durably, then the outcome is written to the store
    under the lease (I2: delivered only with a 2xx, failed only with a 5xx or expiry).
 """
@@ -34,7 +36,7 @@ from mta.delivery.settlement import Settlement, Settler
 from mta.delivery.shaping import Shaper
 from mta.errors import RoutePermFailure, RouteTempFailure, StoreUnavailable
 from mta.faults import fault_point
-from mta.journal.records import AttemptStarted, ReplyReceived
+from mta.journal.records import DotPending, ReplyReceived
 from mta.journal.writer import Journal
 from mta.queue.ids import queue_id
 from mta.queue.records import AttemptOutcome, ClaimedDelivery, Envelope
@@ -110,8 +112,10 @@ class Progress:
     """How far one group's attempt got: decides its outcome if the attempt breaks."""
 
     attempt_id: str = ""
-    #: "attempt started" is in the journal: the data may have reached the remote.
-    started: bool = False
+    #: The body is read and the transaction is going out (a stop lets it finish).
+    sending: bool = False
+    #: "dot pending" is in the journal: the remote may have the message (I3).
+    dot_pending: bool = False
     #: The outcomes were written to the store or held back for it.
     settled: bool = False
 
@@ -164,13 +168,18 @@ class Attempts:
         progress.attempt_id = uuid.uuid4().hex
         body = Body(self.store, message, self._sending)
 
+        ids = {d.recipient: d.id for d in deliveries}
+
         async def before_data() -> None:
             await body.load()
-            await self.journal.append_durable(AttemptStarted(
-                progress.attempt_id, tuple(d.id for d in deliveries), str(message_id),
+            progress.sending = True
+
+        async def before_dot(accepted: list[str]) -> None:
+            await self.journal.append_durable(DotPending(
+                progress.attempt_id, tuple(ids[rcpt] for rcpt in accepted), str(message_id),
                 hop.hosts[0].name if hop.hosts else hop.key, time.time()))
-            progress.started = True
-            fault_point("delivery.after_attempt_started")
+            progress.dot_pending = True
+            fault_point("delivery.after_dot_pending")
 
         sending_since = time.perf_counter()
         async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key):
@@ -179,7 +188,7 @@ class Attempts:
                     results = await conn.send(
                         Transaction(message.mail_from, [d.recipient for d in deliveries],
                                     body.chunks()),
-                        before_data=before_data)
+                        before_data=before_data, before_dot=before_dot)
             finally:
                 body.release()
         if body.unavailable is not None:
@@ -221,7 +230,7 @@ class Attempts:
                       host: str, uncertain_mode: UncertainMode = "uncertain") -> None:
         """Journal the replies, decide each outcome, write it, and bounce what failed."""
         by_recipient = {r.recipient: r for r in results}
-        attempt_id = progress.attempt_id if progress.started else None
+        attempt_id = progress.attempt_id if progress.dot_pending else None
         if attempt_id is not None:
             await asyncio.gather(*(self.journal.append_durable(ReplyReceived(
                 attempt_id, d.id, by_recipient[d.recipient].code,

@@ -125,7 +125,7 @@ class Deliverer:
         leases unattempted, so a restart neither waits for them nor counts them as
         in flight at a crash (the crash-loop breaker)."""
         unstarted = {task: ids for task, (progress, ids) in self._groups.items()
-                     if not progress.started}
+                     if not progress.sending}
         for task in unstarted:
             task.cancel()
         await asyncio.gather(*unstarted, return_exceptions=True)
@@ -186,13 +186,13 @@ class Deliverer:
                           domain=domain)
             if progress.settled:
                 return
-            # Decide as a journal replay would: once the attempt started, the data may
+            # Decide as a journal replay would: once the dot is pending, the message may
             # have arrived, so the deliveries are uncertain; before that, not sent.
-            state: OutcomeState = "uncertain" if progress.started else "deferred"
-            reason = (f"internal error after the attempt started: {exc!r}" if progress.started
-                      else f"not sent: internal error: {exc!r}")
+            state: OutcomeState = "uncertain" if progress.dot_pending else "deferred"
+            reason = (f"internal error after the dot was pending: {exc!r}"
+                      if progress.dot_pending else f"not sent: internal error: {exc!r}")
             self.settler.hold_back(Settlement(
-                progress.attempt_id if progress.started else "",
+                progress.attempt_id if progress.dot_pending else "",
                 [AttemptOutcome(d.id, state, None, reason, self.policy.minimal_backoff)
                  for d in deliveries]))
             self.wake.set()  # the claim loop writes held-back outcomes first

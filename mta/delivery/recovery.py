@@ -38,7 +38,7 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
     """Replay dead processes' journals, then requeue what they leased but never sent.
 
     An attempt with replies is applied as the replies say, a failure with its DSN; a
-    delivery whose attempt started without a reply becomes ``uncertain`` (the data may
+    delivery whose dot was pending without a reply becomes ``uncertain`` (the message may
     have arrived). A delivery a dead process leased with no attempt journaled was
     certainly not sent. Journal records are untrusted (I3b): their texts are made safe,
     and an attempt the store still refuses is set aside, its deliveries uncertain.
@@ -52,7 +52,7 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
             try:
                 outcomes = [_replayed(reply, policy) for reply in attempt.replies]
                 outcomes += [AttemptOutcome(delivery_id, "uncertain", None,
-                                            "process died after the attempt started; "
+                                            "process died with the final dot pending; "
                                             "no reply was recorded (journal replay)")
                              for delivery_id in attempt.missing]
                 bounce = await _replayed_bounce(store, attempt, outcomes, reporting_mta)
@@ -60,9 +60,9 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
             except (StoreRejected, ValueError) as exc:  # refused, or a reply no server sends
                 await store.set_aside(SetAside(
                     source="replay", owner=attempt.owner,
-                    attempt_id=attempt.started.attempt_id,
-                    delivery_ids=attempt.started.delivery_ids, reason=outside_text(str(exc)),
-                    raw=raw_evidence([dataclasses.asdict(attempt.started),
+                    attempt_id=attempt.dot.attempt_id,
+                    delivery_ids=attempt.dot.delivery_ids, reason=outside_text(str(exc)),
+                    raw=raw_evidence([dataclasses.asdict(attempt.dot),
                                       *map(dataclasses.asdict, attempt.replies)])))
                 set_aside += 1
                 continue
@@ -88,7 +88,7 @@ async def _replayed_bounce(store: Store, attempt: PendingAttempt,
     failed = {o.delivery_id for o in outcomes if o.state == "failed"}
     if not failed:
         return None
-    message = await store.message(uuid.UUID(attempt.started.message_id))
+    message = await store.message(uuid.UUID(attempt.dot.message_id))
     if message is None:
         return None
     recipients = {d.id: d.recipient for d in await store.deliveries(message.id)}
@@ -96,7 +96,7 @@ async def _replayed_bounce(store: Store, attempt: PendingAttempt,
                                "data_end", r.data_sent)
                for r in attempt.replies if r.delivery_id in failed and r.delivery_id in recipients]
     return await bounce_for(store, message.envelope, results,
-                            remote_mta=attempt.started.host, reporting_mta=reporting_mta)
+                            remote_mta=attempt.dot.host, reporting_mta=reporting_mta)
 
 
 def _replayed(reply: ReplyReceived, policy: RetryPolicy) -> AttemptOutcome:

@@ -33,8 +33,10 @@ class JournalFailed(JournalError):
 
 
 @dataclass(frozen=True)
-class AttemptStarted:
-    """An SMTP transaction for these deliveries is about to send the message data."""
+class DotPending:
+    """The final dot of these deliveries' DATA is about to be written (I3): from now on
+    the remote may have the message. Written durably right before the dot; a delivery
+    leased by a dead process without one was certainly not delivered."""
 
     attempt_id: str
     delivery_ids: tuple[int, ...]
@@ -63,10 +65,12 @@ class Applied:
     at: float
 
 
-Record = AttemptStarted | ReplyReceived | Applied
-_TAGS: dict[str, type[Record]] = {"started": AttemptStarted, "reply": ReplyReceived,
-                                  "applied": Applied}
-_TAG_OF = {cls: tag for tag, cls in _TAGS.items()}
+Record = DotPending | ReplyReceived | Applied
+_TAG_OF: dict[type[Record], str] = {DotPending: "dot", ReplyReceived: "reply", Applied: "applied"}
+#: ``started`` records of journals written before DATA by earlier versions read as dot
+#: pending: the conservative reading (their deliveries become uncertain, never resent).
+_TAGS: dict[str, type[Record]] = {**{tag: cls for cls, tag in _TAG_OF.items()},
+                                  "started": DotPending}
 
 
 def encode(record: Record) -> bytes:
@@ -84,7 +88,7 @@ def decode(line: bytes) -> Record:
             raise ValueError("checksum mismatch")
         fields: dict[str, Any] = json.loads(payload)
         cls = _TAGS[fields.pop("t")]
-        if cls is AttemptStarted:
+        if cls is DotPending:
             fields["delivery_ids"] = tuple(fields["delivery_ids"])
         return cls(**fields)
     except (TypeError, KeyError, AttributeError) as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mta.journal.files import fsync_directory, lock_owner, segments_by_owner
-from mta.journal.records import AttemptStarted, JournalCorrupt, ReplyReceived, read_segment
+from mta.journal.records import DotPending, JournalCorrupt, ReplyReceived, read_segment
 
 
 @dataclass(frozen=True)
@@ -22,14 +22,14 @@ class PendingAttempt:
     """An attempt not yet applied to the store, with the replies it got."""
 
     owner: str
-    started: AttemptStarted
+    dot: DotPending
     replies: tuple[ReplyReceived, ...]
 
     @property
     def missing(self) -> tuple[int, ...]:
         """Deliveries without a reply: they become ``uncertain``."""
         replied = {reply.delivery_id for reply in self.replies}
-        return tuple(d for d in self.started.delivery_ids if d not in replied)
+        return tuple(d for d in self.dot.delivery_ids if d not in replied)
 
 
 @dataclass(frozen=True)
@@ -42,26 +42,26 @@ class ReplayResult:
 
 def replay(owner: str, paths: list[Path]) -> ReplayResult:
     """Classify the attempts in one owner's segments, given oldest first."""
-    started: dict[str, AttemptStarted] = {}
+    pending: dict[str, DotPending] = {}
     replies: dict[str, dict[int, ReplyReceived]] = {}
     applied: set[str] = set()
     for path in paths:
         for record in read_segment(path):
-            if isinstance(record, AttemptStarted):
-                started[record.attempt_id] = record
+            if isinstance(record, DotPending):
+                pending[record.attempt_id] = record
             elif isinstance(record, ReplyReceived):
                 replies.setdefault(record.attempt_id, {})[record.delivery_id] = record
             else:
                 applied.add(record.attempt_id)
-    orphans = set(replies) - set(started) - applied
+    orphans = set(replies) - set(pending) - applied
     if orphans:
-        raise JournalCorrupt(f"{owner}: replies without a started attempt: {sorted(orphans)}")
+        raise JournalCorrupt(f"{owner}: replies without a dot-pending record: {sorted(orphans)}")
     replied: list[PendingAttempt] = []
     unanswered: list[PendingAttempt] = []
-    for attempt_id, start in started.items():
+    for attempt_id, dot in pending.items():
         if attempt_id in applied:
             continue
-        attempt = PendingAttempt(owner, start, tuple(replies.get(attempt_id, {}).values()))
+        attempt = PendingAttempt(owner, dot, tuple(replies.get(attempt_id, {}).values()))
         (unanswered if attempt.missing else replied).append(attempt)
     return ReplayResult(tuple(replied), tuple(unanswered))
 

@@ -5,7 +5,7 @@ Each node process owns one journal in the node's journal directory: segments
 ``flock`` while it lives, so others can tell live journals from dead ones. Records
 (``records.py``):
 
-    AttemptStarted   durable before the message data is sent
+    DotPending       durable right before the final dot of DATA is written
     ReplyReceived    durable before the store is updated (one per delivery)
     Applied          the store update for the attempt committed; lazy
 
@@ -31,7 +31,7 @@ thread, the others wait for it or for the next one. ``append`` survives a proces
 
 Disk is bounded: a segment is rotated past ``segment_bytes``; the oldest segments whose
 attempts are all durably applied are deleted, oldest first. When ``max_segments`` are
-still needed, ``AttemptStarted`` raises ``JournalFull`` (workers pause); replies and
+still needed, ``DotPending`` raises ``JournalFull`` (the attempt stops before its dot); replies and
 ``Applied`` are always written. After a failed write or fsync the journal refuses every
 append (``JournalFailed``): the kernel may have dropped the unwritten pages.
 
@@ -53,7 +53,7 @@ from mta.faults import fault_point
 from mta.journal.files import OWNER_NAME, fsync_directory, lock_owner, segments_by_owner
 from mta.journal.records import (
     Applied,
-    AttemptStarted,
+    DotPending,
     JournalError,
     JournalFailed,
     JournalFull,
@@ -145,7 +145,7 @@ class Journal:
         line = encode(record)
         if self._size and self._size + len(line) > self._segment_bytes:
             self._collect()
-            if isinstance(record, AttemptStarted) and len(self._segments) >= self._max_segments:
+            if isinstance(record, DotPending) and len(self._segments) >= self._max_segments:
                 raise JournalFull(f"journal {self.owner!r}: {len(self._segments)} segments "
                                   "still hold unapplied attempts")
             self._start_segment()

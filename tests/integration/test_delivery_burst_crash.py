@@ -16,7 +16,8 @@ import pytest
 from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
-from tests.support.delivery import states_by_recipient
+from tests.support.delivery import states_by_id, states_by_recipient
+from tests.support.journal import pending
 from tests.support.nodes import wait_for
 from tests.support.pg import DATABASE, own_postgres
 from tests.support.process import NodeProcess
@@ -73,7 +74,9 @@ async def crash_and_recover(tmp_path: Path, db_dsn: str, sink: Sink,
                             make_settings: Callable[..., Settings],
                             kill_after: int | None, env: dict[str, str]) -> None:
     """Preload, run until killed (by the fault hook in ``env`` or by the test once the
-    sink has ``kill_after`` transactions), restart, settle, check the invariants."""
+    sink has ``kill_after`` transactions), restart, settle, check the invariants: and
+    the deliveries left uncertain are exactly those whose dot-pending record the dead
+    process's journal holds without a reply (I3: before the dot, certainly not sent)."""
     await preload(db_dsn, make_settings())
     node = node_for(tmp_path, db_dsn, sink)
     node.env = env
@@ -87,6 +90,8 @@ async def crash_and_recover(tmp_path: Path, db_dsn: str, sink: Sink,
         in_flight = sum(1 for state in at_kill.values() if state == "leased")
         assert in_flight > 0, "deliveries were in flight at the kill"
         assert sum(1 for s in at_kill.values() if s in ("queued", "leased")) > 0
+        dot_pending = {delivery for attempt in pending(tmp_path / "node" / "data" / "journal")
+                       .unanswered for delivery in attempt.missing}
         node.env = {}
         await node.start()
 
@@ -95,13 +100,17 @@ async def crash_and_recover(tmp_path: Path, db_dsn: str, sink: Sink,
 
         await wait_for(settled, timeout=120)
         check_invariants(sink, await states_by_recipient(db_dsn), in_flight)
+        uncertain = {delivery for delivery, state in (await states_by_id(db_dsn)).items()
+                     if state == "uncertain"}
+        assert uncertain == dot_pending
     finally:
         await node.close()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", [
-    "delivery.after_attempt_started", "delivery.after_dot", "delivery.after_reply_journaled",
+    "delivery.during_data", "delivery.after_dot_pending", "delivery.after_dot",
+    "delivery.after_reply_journaled",
 ])
 async def test_sigkill_at_a_named_point_mid_burst(
     tmp_path: Path, db_dsn: str, sink: Sink, make_settings: Callable[..., Settings],

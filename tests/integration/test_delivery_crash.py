@@ -37,11 +37,11 @@ async def kill_at(node: NodeProcess, point: str, after: int) -> None:
     await node.start()
 
 
-async def test_kill_after_attempt_started_leaves_the_delivery_uncertain_and_unsent(
+async def test_kill_with_the_dot_pending_leaves_the_delivery_uncertain_and_unsent(
     tmp_path: Path, db_dsn: str, sink: Sink, make_settings: object
 ) -> None:
-    """The attempt was journaled, then the process died before DATA: the store cannot
-    know, so the delivery is uncertain, and it is never resent by itself."""
+    """"Dot pending" was journaled, then the process died before the dot: the store
+    cannot know, so the delivery is uncertain, and it is never resent by itself."""
     node = delivering_node(tmp_path, db_dsn, sink)
     settings = make_settings()  # type: ignore[operator]
     await kill_at(node, "journal.after_append", after=1)

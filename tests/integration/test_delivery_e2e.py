@@ -147,7 +147,7 @@ async def _listening(node: NodeHandle) -> bool:
 async def test_an_internal_error_after_the_attempt_started_leaves_the_delivery_uncertain(
     make_settings: Callable[..., Settings], sink: Sink, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A bug between DATA and the store update: the data may have arrived, so the
+    """A bug between the dot and the store update: the message may have arrived, so the
     delivery is uncertain (never resent by itself), exactly as a journal replay decides."""
     from mta.journal.records import ReplyReceived
 
@@ -166,7 +166,7 @@ async def test_an_internal_error_after_the_attempt_started_leaves_the_delivery_u
         message_id = await submit_tagged(node.port, "m5", recipients=["u@example.com"])
         await wait_for(lambda: _all(node, message_id, "uncertain"), timeout=10)
         (delivery,) = await store_of(node).deliveries(message_id)
-        assert "internal error after the attempt started" in (delivery.last_reply or "")
+        assert "internal error after the dot was pending" in (delivery.last_reply or "")
         assert [t.recipients for t in sink.transactions if t.received] == [("u@example.com",)]
     finally:
         await node.stop()

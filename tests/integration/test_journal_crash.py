@@ -40,7 +40,7 @@ async def read_ids(process: asyncio.subprocess.Process, until: int | None = None
 
 
 def replayed_ids(directory: Path) -> set[str]:
-    return {attempt.started.attempt_id for attempt in pending(directory).unanswered}
+    return {attempt.dot.attempt_id for attempt in pending(directory).unanswered}
 
 
 def segments(directory: Path) -> list[Path]:
@@ -83,4 +83,4 @@ async def test_kill_at_fault_point_keeps_every_returned_append(tmp_path: Path,
     assert replayed_ids(tmp_path) == found
 
     with adopt(tmp_path) as adoption:
-        assert {a.started.attempt_id for a in adoption.pending.unanswered} == found
+        assert {a.dot.attempt_id for a in adoption.pending.unanswered} == found

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mta.config import Settings
 from mta.errors import StoreRejected
-from mta.journal.records import AttemptStarted, ReplyReceived
+from mta.journal.records import DotPending, ReplyReceived
 from mta.journal.writer import Journal
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
@@ -52,7 +52,7 @@ async def test_a_journal_record_that_cannot_be_applied_is_set_aside_and_the_node
     try:
         message_id, delivery_id = await leased_delivery(store, DEAD_OWNER)
         journal = Journal.open(tmp_path / "node" / "data" / "journal", DEAD_OWNER)
-        await journal.append_durable(AttemptStarted("a1", (delivery_id,), str(message_id),
+        await journal.append_durable(DotPending("a1", (delivery_id,), str(message_id),
                                                     "mx.example", time.time()))
         await journal.append_durable(ReplyReceived("a1", delivery_id, 99999,
                                                    "no such reply", True, time.time()))

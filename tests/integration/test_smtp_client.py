@@ -103,7 +103,7 @@ async def test_rcpt_rejection_fails_one_recipient_and_delivers_the_others() -> N
 async def test_every_rcpt_rejected_sends_no_data_and_keeps_the_session(
     pipelining: bool,
 ) -> None:
-    """Pipelined, the group (and so ``before_data``, the journal's "attempt started")
+    """Pipelined, the group (and so ``before_data``, the body read)
     goes out before the RCPT replies are known; lock-step, ``before_data`` waits for an
     accepted recipient. Either way no content is sent and the next transaction works."""
     faults = Faults(reject={"bad@dest.test": "450 4.2.0 mailbox busy"})
@@ -144,6 +144,27 @@ async def test_drop_mid_data_is_reported_as_data_sent() -> None:
                                     before_data=nothing)
         assert (result.code, result.phase, result.data_sent) == (0, "data_end", True)
         assert result.uncertain
+        assert not conn.reusable
+        assert sink.transactions == []
+
+
+async def test_a_break_noticed_before_the_dot_is_certainly_not_delivered() -> None:
+    """I3: the server dropped the connection mid-content and the client notices it
+    before writing the dot (the content is far larger than the socket buffers): the
+    server discarded the unfinished transaction, so nothing is uncertain."""
+    faults = Faults(drop_mid_data=1.0, drop_after_bytes=100)
+    dots: list[list[str]] = []
+
+    async def before_dot(accepted: list[str]) -> None:
+        dots.append(accepted)
+
+    async with running_sink(faults=faults) as sink:
+        conn = connection(sink)
+        (result,) = await conn.send(transaction("big@origin.test", size=16 * 1024 * 1024),
+                                    before_data=nothing, before_dot=before_dot)
+        assert (result.code, result.phase, result.data_sent) == (0, "data", False), result
+        assert not result.uncertain
+        assert dots == [], "the dot-pending record is written only right before the dot"
         assert not conn.reusable
         assert sink.transactions == []
 

@@ -42,6 +42,12 @@ async def states_by_recipient(dsn: str) -> dict[str, str]:
     return {row["recipient"]: row["state"] for row in rows}
 
 
+async def states_by_id(dsn: str) -> dict[int, str]:
+    """Every delivery's state in the database at ``dsn``, by delivery id."""
+    rows = await _fetch(dsn, "SELECT id, state FROM deliveries")
+    return {row["id"]: row["state"] for row in rows}
+
+
 async def state_counts(dsn: str) -> dict[str, int]:
     """How many deliveries the database at ``dsn`` holds in each state."""
     rows = await _fetch(dsn, "SELECT state, count(*) AS n FROM deliveries GROUP BY state")

@@ -1,7 +1,7 @@
 """A journal writer for crash tests.
 
 ``python journal_child.py DIRECTORY OWNER WORKERS SEGMENT_BYTES``: WORKERS tasks append
-durable ``AttemptStarted`` records until killed, and print each attempt id once its
+durable ``DotPending`` records until killed, and print each attempt id once its
 append has returned.
 """
 
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from mta.journal.records import AttemptStarted
+from mta.journal.records import DotPending
 from mta.journal.writer import Journal
 
 
@@ -24,7 +24,7 @@ async def main(directory: Path, owner: str, workers: int, segment_bytes: int) ->
     async def work(worker: int) -> None:
         for n in itertools.count():
             attempt_id = f"{worker}-{n}"
-            record = AttemptStarted(attempt_id, (n,), f"msg-{worker}", "mx.example", time.time())
+            record = DotPending(attempt_id, (n,), f"msg-{worker}", "mx.example", time.time())
             await journal.append_durable(record)
             print(attempt_id, flush=True)
 

@@ -12,7 +12,7 @@ import pytest
 
 from mta.journal.records import (
     Applied,
-    AttemptStarted,
+    DotPending,
     JournalCorrupt,
     JournalError,
     JournalFailed,
@@ -28,8 +28,8 @@ from mta.journal.writer import Journal
 from tests.support.journal import pending, segment_paths
 
 
-def started(attempt_id: str, *delivery_ids: int) -> AttemptStarted:
-    return AttemptStarted(attempt_id, delivery_ids or (1,), "msg-1", "mx.example", 1.5)
+def started(attempt_id: str, *delivery_ids: int) -> DotPending:
+    return DotPending(attempt_id, delivery_ids or (1,), "msg-1", "mx.example", 1.5)
 
 
 def reply(attempt_id: str, delivery_id: int = 1, code: int = 250) -> ReplyReceived:
@@ -174,9 +174,9 @@ async def test_replay_classifies_replied_unanswered_and_applied(tmp_path: Path) 
     await journal.close()
 
     result = pending(tmp_path)
-    assert [a.started.attempt_id for a in result.replied] == ["replied"]
+    assert [a.dot.attempt_id for a in result.replied] == ["replied"]
     assert [r.code for r in result.replied[0].replies] == [250, 550]
-    assert {a.started.attempt_id: a.missing for a in result.unanswered} == {
+    assert {a.dot.attempt_id: a.missing for a in result.unanswered} == {
         "half": (5,), "silent": (6,)}
     assert result.unanswered[0].owner == "w"
 
@@ -189,7 +189,7 @@ async def test_an_owner_is_never_reopened_its_old_segments_are_adopted(tmp_path:
         Journal.open(tmp_path, "w")
     (old_segment,) = segment_paths(tmp_path, "w")
     with adopt(tmp_path) as adoption:
-        assert [a.started.attempt_id for a in adoption.pending.unanswered] == ["old"]
+        assert [a.dot.attempt_id for a in adoption.pending.unanswered] == ["old"]
         adoption.commit()
     assert not old_segment.exists()
 

@@ -8,6 +8,7 @@ in order; without it each waits for its reply. A failure that ends the session i
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Awaitable, Callable
+from functools import partial
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
@@ -25,10 +26,11 @@ class SessionFailure(Exception):
     reused session found closed before this transaction got anywhere."""
 
     def __init__(self, code: int, text: str, phase: Phase, *, data_sent: bool = False,
-                 stale: bool = False) -> None:
+                 stale: bool = False, broken: bool = False) -> None:
+        """``broken``: the session is out of step (mid-DATA) and must not be reused."""
         super().__init__(text)
         self.code, self.text, self.phase, self.data_sent = code, text, phase, data_sent
-        self.stale = stale
+        self.stale, self.broken = stale, broken
 
 
 def no_reply(exc: BaseException, waiting_for: str, timeout: float) -> tuple[int, str]:
@@ -50,14 +52,16 @@ CLIENT_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError)
 
 async def run_transaction(wire: Wire, transaction: Transaction,
                           before_data: Callable[[], Awaitable[None]],
+                          before_dot: Callable[[list[str]], Awaitable[None]],
                           results: dict[str, RecipientResult], *, timeouts: DeliverySection,
                           pipelining: bool, reset: bool) -> None:
-    """[RSET,] MAIL, RCPT each, DATA, the content: fills ``results``.
+    """[RSET,] MAIL, RCPT each, DATA, the content, the dot: fills ``results``.
 
     With PIPELINING (RFC 2920) the commands go out as one group after ``before_data``
     and their replies are read in order; without it each waits for its reply, and
-    ``before_data`` runs once a recipient is accepted. Every reply is read even after
-    a refusal, so the session stays in step for the next transaction.
+    ``before_data`` runs once a recipient is accepted. ``before_dot`` gets the accepted
+    recipients once their content is written, right before the final dot. Every reply is
+    read even after a refusal, so the session stays in step for the next transaction.
     """
     t = timeouts
     try:
@@ -115,33 +119,46 @@ async def run_transaction(wire: Wire, transaction: Transaction,
     assert data_reply is not None
     if data_reply.code != 354:
         raise SessionFailure(data_reply.code, data_reply.text, "data")
-    code, text = await _data(wire, transaction.content, t)
+    code, text = await _data(wire, transaction.content, t, partial(before_dot, accepted))
     for rcpt in accepted:
         results[rcpt] = RecipientResult(rcpt, code, text, "data_end", True)
 
-async def _data(wire: Wire, content: bytes | AsyncIterable[bytes],
-                t: DeliverySection) -> tuple[int, str]:
-    """After the 354: the content in bounded chunks and the dot; the final reply."""
-    # From here on the content is going out: every failure is data_sent (I3).
+
+async def _data(wire: Wire, content: bytes | AsyncIterable[bytes], t: DeliverySection,
+                before_dot: Callable[[], Awaitable[None]]) -> tuple[int, str]:
+    """After the 354: the content in bounded chunks, ``before_dot``, the dot; the reply.
+
+    Until the dot is written the server holds an unfinished transaction that it drops
+    with the connection, so a failure there is certainly not a delivery (I3); from the
+    dot on, every failure is ``data_sent``.
+    """
     stuffer = DotStuffer()
-    waiting_for, timeout = "the server to take a data block", t.data_block_timeout
     try:
         async for chunk in chunks(content):
             wire_bytes = stuffer.feed(chunk)
             if wire_bytes:
                 wire.write(wire_bytes)
                 await wire.drain(t.data_block_timeout)
-        waiting_for, timeout = "reply to end of data", t.data_end_timeout
+                fault_point("delivery.during_data")
+    except CLIENT_ERRORS as exc:
+        raise SessionFailure(*no_reply(exc, "the server to take a data block",
+                                       t.data_block_timeout), "data", broken=True) from exc
+    except Exception as exc:  # the content source failed
+        raise SessionFailure(0, f"not sent: the content source failed mid-data: {exc!r}",
+                             "data", broken=True) from exc
+    try:
+        await before_dot()
+    except Exception as exc:
+        raise SessionFailure(0, f"not sent: the dot-pending record failed: {exc!r}", "data",
+                             broken=True) from exc
+    try:
         wire.write(stuffer.end())
         await wire.drain(t.data_block_timeout)
         fault_point("delivery.after_dot")
         final = await wire.reply(t.data_end_timeout)
     except CLIENT_ERRORS as exc:
-        raise SessionFailure(*no_reply(exc, waiting_for, timeout), "data_end",
-                       data_sent=True) from exc
-    except Exception as exc:  # the content source failed; the dot was not written
-        raise SessionFailure(0, f"content source failed mid-data: {exc!r}", "data_end",
-                       data_sent=True) from exc
+        raise SessionFailure(*no_reply(exc, "reply to end of data", t.data_end_timeout),
+                             "data_end", data_sent=True) from exc
     if final.code == 421:
         wire.close()
     return final.code, final.text

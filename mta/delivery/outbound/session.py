@@ -18,15 +18,17 @@ Codes: a recorded reply keeps its code and text (evidence, DESIGN.md I2). Code 0
 no usable reply: a network error, a timeout, or a local refusal (TLS policy, AUTH
 without TLS, an address that cannot be sent); the text says which.
 
-``data_sent`` (DESIGN.md I3) is True exactly when the ``354`` reply to DATA was received
-and the client started writing the content: from then on the final dot may have reached
-the server. So a break or timeout while writing the content or waiting for the reply to
-the dot gives ``code=0, data_sent=True``: the ``uncertain`` case (``result.uncertain``).
-A recorded reply at the end of data also has ``data_sent=True`` with its code (a ``451``
-there is a plain deferral). Everything before that, including a failing ``before_data``
-and no reply to DATA itself, has ``data_sent=False``: the message was certainly not
-accepted. ``before_data`` (the journal's "attempt started") runs before the pipelined
-group is written, or once a recipient is accepted without pipelining; never twice.
+``data_sent`` (DESIGN.md I3) is True exactly when the client started writing the final
+dot: from then on the server may have accepted the message. So a break or timeout while
+writing the dot or waiting for the reply to it gives ``code=0, data_sent=True``: the
+``uncertain`` case (``result.uncertain``). A recorded reply at the end of data also has
+``data_sent=True`` with its code (a ``451`` there is a plain deferral). Everything before
+the dot, including a break while the content is written (the server drops an unfinished
+transaction with the connection), a failing ``before_data`` or ``before_dot`` and no
+reply to DATA itself, has ``data_sent=False``: the message was certainly not accepted.
+``before_data`` (the body is read) runs before the pipelined group is written, or once a
+recipient is accepted without pipelining; ``before_dot`` (the journal's "dot pending")
+runs once the content is written, right before the dot; neither runs twice.
 
 TLS policies: ``none`` never starts TLS; ``opportunistic`` starts it when offered,
 without verifying the certificate (RFC 7435); ``required`` fails (code 0, phase
@@ -108,12 +110,16 @@ class OutboundConnection:
         return not self._broken and self._wire is not None and self._wire.is_open
 
     async def send(self, transaction: Transaction, *,
-                   before_data: Callable[[], Awaitable[None]]) -> list[RecipientResult]:
-        """Run one transaction; ``before_data`` is awaited before the content can be sent.
+                   before_data: Callable[[], Awaitable[None]],
+                   before_dot: Callable[[list[str]], Awaitable[None]] | None = None,
+                   ) -> list[RecipientResult]:
+        """Run one transaction; ``before_data`` is awaited before the content can be sent,
+        ``before_dot`` (with the accepted recipients) right before the final dot.
 
         A reused session that turns out closed before anything of this transaction was
         answered (the server timed it out while idle) is replaced by a fresh one, once.
         """
+        dot = before_dot or _nothing_to_record
         results: dict[str, RecipientResult] = {}
         prepared = False
 
@@ -127,16 +133,17 @@ class OutboundConnection:
             if self._broken:
                 raise SessionFailure(0, "connection already failed", "connect")
             try:
-                await self._attempt(transaction, prepare_once, results)
+                await self._attempt(transaction, prepare_once, dot, results)
             except SessionFailure as failure:
                 if not failure.stale:
                     raise
                 self.abort()
                 self._wire, self._broken, self.tls, self.messages_sent = None, False, False, 0
                 results.clear()
-                await self._attempt(transaction, prepare_once, results)
+                await self._attempt(transaction, prepare_once, dot, results)
         except SessionFailure as failure:
-            if failure.phase in _SESSION_PHASES or failure.data_sent or failure.stale:
+            if (failure.phase in _SESSION_PHASES or failure.data_sent or failure.stale
+                    or failure.broken):
                 self.abort()
             for rcpt in transaction.recipients:
                 results.setdefault(rcpt, RecipientResult(
@@ -150,12 +157,13 @@ class OutboundConnection:
 
     async def _attempt(self, transaction: Transaction,
                        before_data: Callable[[], Awaitable[None]],
+                       before_dot: Callable[[list[str]], Awaitable[None]],
                        results: dict[str, RecipientResult]) -> None:
         reused = self._wire is not None
         wire = self._wire if self._wire is not None else await self._open()
         self.messages_sent += 1
-        await run_transaction(wire, transaction, before_data, results, timeouts=self.timeouts,
-                              pipelining=self.pipelining, reset=reused)
+        await run_transaction(wire, transaction, before_data, before_dot, results,
+                              timeouts=self.timeouts, pipelining=self.pipelining, reset=reused)
 
     async def close(self) -> None:
         """QUIT politely when the session is healthy, then close the socket."""
@@ -281,3 +289,7 @@ class OutboundConnection:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
+
+
+async def _nothing_to_record(accepted: list[str]) -> None:
+    """The ``before_dot`` of a caller that keeps no journal."""
