@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mta.delivery.outbound.transaction import RecipientResult, reply_line
-from mta.delivery.owner import owner_prefix
+from mta.delivery.owner import like_literal, owner_prefix
 from mta.delivery.retry import RetryPolicy, classify
 from mta.delivery.settlement import bounce_for, raw_evidence
 from mta.errors import StoreRejected
+from mta.journal.files import lock_file_exists
 from mta.journal.records import ReplyReceived
-from mta.journal.replay import PendingAttempt, adopt, owner_alive
+from mta.journal.replay import PendingAttempt, Unreadable, adopt, owner_alive
 from mta.mail.text import outside_text
 from mta.queue.records import AttemptOutcome, NewMessage, SetAside
 from mta.queue.store import Store
@@ -28,24 +29,32 @@ class RecoveryReport:
     applied: int
     uncertain: int
     released: int
-    #: Attempts whose outcomes the store refused: kept, their deliveries uncertain.
+    #: Attempts whose outcomes the store refused, and journals that could not be read:
+    #: kept, their deliveries uncertain.
     set_aside: int = 0
+    #: Leases whose owner's journal is missing: uncertain.
+    journal_missing: int = 0
 
 
 async def recover(store: Store, journal_dir: Path, node_name: str, policy: RetryPolicy, *,
-                  crash_limit: int = 3, crash_window_s: float = 3600.0,
+                  identity: str, crash_limit: int = 3, crash_window_s: float = 3600.0,
                   reporting_mta: str = "localhost") -> RecoveryReport:
     """Replay dead processes' journals, then requeue what they leased but never sent.
 
     An attempt with replies is applied as the replies say, a failure with its DSN; a
     delivery whose dot was pending without a reply becomes ``uncertain`` (the message may
-    have arrived). A delivery a dead process leased with no attempt journaled was
-    certainly not sent. Journal records are untrusted (I3b): their texts are made safe,
-    and an attempt the store still refuses is set aside, its deliveries uncertain.
+    have arrived). A delivery a dead process leased with no dot pending in its journal
+    was certainly not sent, but only that journal can say so: a lease whose owner's
+    journal is gone, is another one (``identity`` is this directory's, the store knows
+    each owner's) or cannot be read is ``uncertain`` (I3). Journal records are untrusted
+    (I3b): their texts are made safe, and what the store still refuses is set aside.
     """
     adoption = await asyncio.to_thread(adopt, journal_dir)
     applied = uncertain = set_aside = 0
     try:
+        for journal in adoption.unreadable.values():
+            await _set_aside_unreadable(store, journal)
+            set_aside += 1
         attempts: list[PendingAttempt] = [*adoption.pending.replied,
                                           *adoption.pending.unanswered]
         for attempt in attempts:
@@ -71,14 +80,44 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
         adoption.commit()
     finally:
         adoption.close()
-    released = 0
-    for owner, ids in (await store.lease_owners(owner_prefix(node_name) + "%")).items():
-        if not owner_alive(journal_dir, owner):
-            released += len(await store.release_unsent(
-                owner, ids, "lease of a process that died before sending: no attempt "
-                            "was journaled, so the message was certainly not sent",
-                crash_limit=crash_limit, crash_window_s=crash_window_s))
-    return RecoveryReport(applied, uncertain, released, set_aside)
+    released = missing = 0
+    leases = await store.lease_owners(like_literal(owner_prefix(node_name)) + "%")
+    dead = {owner: ids for owner, ids in leases.items() if not owner_alive(journal_dir, owner)}
+    registered = await store.journal_owners(list(dead)) if dead else {}
+    for owner, ids in dead.items():
+        reason = _journal_missing(journal_dir, owner, registered.get(owner), identity)
+        if reason is not None:
+            missing += len(await store.record_outcomes(owner, [AttemptOutcome(
+                delivery_id, "uncertain", None,
+                f"journal missing: {reason}; the message may have been sent")
+                for delivery_id in ids]))
+            continue
+        released += len(await store.release_unsent(
+            owner, ids, "lease of a process that died before its final dot: no dot was "
+                        "pending in its journal, so the message was certainly not sent",
+            crash_limit=crash_limit, crash_window_s=crash_window_s))
+    return RecoveryReport(applied, uncertain, released, set_aside, missing)
+
+
+def _journal_missing(journal_dir: Path, owner: str, registered: str | None,
+                     identity: str) -> str | None:
+    """Why ``owner``'s journal cannot speak for its leases, or None when it can."""
+    if registered is not None and registered != identity:
+        return (f"{journal_dir} is not the journal {owner} wrote to (identity {registered}, "
+                f"found {identity}): was the data directory replaced?")
+    if not lock_file_exists(journal_dir, owner):
+        return f"{journal_dir} holds no journal of {owner}: was it wiped?"
+    return None
+
+
+async def _set_aside_unreadable(store: Store, journal: Unreadable) -> None:
+    """Keep an unreadable journal's bytes and make its owner's leases uncertain."""
+    leases = await store.lease_owners(like_literal(journal.owner))
+    await store.set_aside(SetAside(
+        source="replay", owner=journal.owner, attempt_id="-",
+        delivery_ids=tuple(leases.get(journal.owner, [])),
+        reason=outside_text(f"journal unreadable: {journal.error}"),
+        raw=await asyncio.to_thread(journal.raw)))
 
 
 async def _replayed_bounce(store: Store, attempt: PendingAttempt,

@@ -16,6 +16,7 @@ from mta.delivery.recovery import recover
 from mta.delivery.retry import RetryPolicy
 from mta.delivery.routing import Router
 from mta.delivery.shaping import Shaper, ShapingConfig
+from mta.journal.files import journal_identity
 from mta.journal.writer import Journal
 from mta.queue.store import Store
 
@@ -29,14 +30,17 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
     journal_dir = Path(settings.node.data_dir) / "journal"
     journal_dir.mkdir(parents=True, exist_ok=True)
     owner = process_owner(settings.node.name)
+    identity = await asyncio.to_thread(journal_identity, journal_dir)
     journal = await asyncio.to_thread(Journal.open, journal_dir, owner)
-    report = await recover(store, journal_dir, settings.node.name, policy,
+    # Before anything is claimed: recovery trusts this owner's journal only from here.
+    await store.register_journal_owner(owner, identity)
+    report = await recover(store, journal_dir, settings.node.name, policy, identity=identity,
                            crash_limit=config.crash_loop_limit,
                            crash_window_s=config.crash_loop_window,
                            reporting_mta=settings.ehlo_name)
     log.info("delivery.recovered", owner=owner, applied=report.applied,
              uncertain=report.uncertain, released=report.released,
-             set_aside=report.set_aside)
+             set_aside=report.set_aside, journal_missing=report.journal_missing)
     metrics.records_set_aside.labels("replay").inc(report.set_aside)
     return Deliverer(
         settings=settings, store=store, router=Router(config),

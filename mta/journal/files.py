@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +34,34 @@ def lock_owner(directory: Path, owner: str) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+#: The file naming a journal directory: its identity outlives every owner in it.
+IDENTITY_FILE = "identity"
+
+
+def journal_identity(directory: Path) -> str:
+    """The identity of the journal directory, made (durably) when it has none yet: a
+    wiped or replaced directory gets a new one, so the store can tell (I3)."""
+    path = directory / IDENTITY_FILE
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text(encoding="ascii").strip()
+    directory.mkdir(parents=True, exist_ok=True)
+    identity = uuid.uuid4().hex
+    temporary = directory / f"{IDENTITY_FILE}.tmp"
+    with temporary.open("w", encoding="ascii") as handle:
+        handle.write(identity + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    fsync_directory(directory, os.fsync)
+    return identity
+
+
+def lock_file_exists(directory: Path, owner: str) -> bool:
+    """Whether ``owner`` ever had a journal in ``directory`` (lock files are never
+    deleted; segments are, once applied)."""
+    return (directory / f"{owner}.lock").exists()
 
 
 def fsync_directory(directory: Path, fsync: Callable[[int], None]) -> None:

@@ -8,6 +8,7 @@ apply the same journal, and ``commit`` deletes them once the store holds their o
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,11 @@ from types import TracebackType
 
 from mta.journal.files import fsync_directory, lock_owner, segments_by_owner
 from mta.journal.records import DotPending, JournalCorrupt, ReplyReceived, read_segment
+
+#: Where unreadable segments are kept, inside the journal directory.
+UNREADABLE_DIR = "unreadable"
+#: Bytes of an unreadable journal kept in the store's set-aside record.
+MAX_UNREADABLE_RAW = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -71,14 +77,31 @@ def _merge(results: list[ReplayResult]) -> ReplayResult:
                         tuple(a for r in results for a in r.unanswered))
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """A dead owner's journal that cannot be read: its evidence is missing (I3)."""
+
+    owner: str
+    error: str
+    paths: tuple[Path, ...]
+
+    def raw(self, limit: int = MAX_UNREADABLE_RAW) -> bytes:
+        """The segments' bytes as they are on disk (at most ``limit``), for the operator."""
+        data = b"".join(path.read_bytes() for path in self.paths)
+        return data[:limit]
+
+
 class Adoption:
-    """Dead owners' segments, locked until closed; ``commit`` deletes them."""
+    """Dead owners' segments, locked until closed; ``commit`` deletes them, and moves
+    unreadable ones to ``unreadable/`` (kept for the operator, never read again)."""
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
         self._locks: list[int] = []
         self._paths: list[Path] = []
         results: list[ReplayResult] = []
+        #: Dead owners whose journal could not be read, by owner.
+        self.unreadable: dict[str, Unreadable] = {}
         try:
             for owner in segments_by_owner(directory):
                 fd = lock_owner(directory, owner)
@@ -87,8 +110,12 @@ class Adoption:
                 self._locks.append(fd)
                 # Listed again under the lock: an adopter that ran meanwhile deleted them.
                 paths = [path for _, path in segments_by_owner(directory).get(owner, [])]
+                try:
+                    results.append(replay(owner, paths))
+                except (JournalCorrupt, OSError) as exc:
+                    self.unreadable[owner] = Unreadable(owner, str(exc), tuple(paths))
+                    continue
                 self._paths += paths
-                results.append(replay(owner, paths))
         except BaseException:
             self.close()
             raise
@@ -99,6 +126,14 @@ class Adoption:
         for path in self._paths:
             path.unlink(missing_ok=True)
         self._paths = []
+        if self.unreadable:
+            aside = self._directory / UNREADABLE_DIR
+            aside.mkdir(exist_ok=True)
+            for journal in self.unreadable.values():
+                for path in journal.paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.replace(path, aside / path.name)
+            fsync_directory(aside, os.fsync)
         fsync_directory(self._directory, os.fsync)
 
     def close(self) -> None:

@@ -302,6 +302,24 @@ FROM deliveries
 WHERE state = 'leased' AND lease_owner LIKE $1
 GROUP BY lease_owner;
 
+-- name: journal_owner_register
+-- Record that owner $1 writes its journal to the journal directory with identity $2.
+INSERT INTO journal_owners (owner, journal_id) VALUES ($1, $2)
+ON CONFLICT (owner) DO NOTHING;
+
+-- name: journal_owners_get
+-- The journal identities of the owners in $1 that registered one.
+SELECT owner, journal_id FROM journal_owners WHERE owner = ANY($1::text[]);
+
+-- name: journal_owner_purge
+-- Forget up to $2 owners registered more than $1 seconds ago that hold no lease.
+DELETE FROM journal_owners
+WHERE owner IN (SELECT o.owner FROM journal_owners AS o
+                WHERE o.registered_at < now() - make_interval(secs => $1)
+                  AND NOT EXISTS (SELECT 1 FROM deliveries AS d
+                                  WHERE d.state = 'leased' AND d.lease_owner = o.owner)
+                ORDER BY o.registered_at LIMIT $2);
+
 -- name: message_mark_done
 -- Mark the messages of deliveries $1 done once every delivery of theirs is final.
 UPDATE messages AS m

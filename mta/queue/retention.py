@@ -49,8 +49,10 @@ class Retention:
             messages += done
             if done < self._batch:
                 break
-        if bodies or messages:
-            log.info("retention.purged", bodies=bodies, messages=messages)
+        owners = await self._store.purge_journal_owners(self._metadata_after, self._batch)
+        if bodies or messages or owners:
+            log.info("retention.purged", bodies=bodies, messages=messages,
+                     journal_owners=owners)
         return PurgeCounts(bodies, messages)
 
     async def run(self, stop: asyncio.Event) -> None:

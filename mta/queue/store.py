@@ -325,6 +325,20 @@ class Store:
         rows = await self._run("delivery_lease_owners", "fetch", pattern)
         return {row["lease_owner"]: list(row["ids"]) for row in rows}
 
+    async def register_journal_owner(self, owner: str, journal_id: str) -> None:
+        """Record that ``owner`` writes its journal to the directory ``journal_id``."""
+        await self._run("journal_owner_register", "execute", owner, journal_id)
+
+    async def journal_owners(self, owners: Sequence[str]) -> dict[str, str]:
+        """The registered journal identity of each of ``owners`` that has one."""
+        rows = await self._run("journal_owners_get", "fetch", list(owners))
+        return {row["owner"]: row["journal_id"] for row in rows}
+
+    async def purge_journal_owners(self, older_than_s: float, limit: int) -> int:
+        """Forget owners registered longer ago than ``older_than_s`` that hold no lease."""
+        status = await self._run("journal_owner_purge", "execute", older_than_s, limit)
+        return int(str(status).rsplit(" ", 1)[-1])
+
     async def purge_bodies(self, older_than_s: float, limit: int) -> int:
         """Drop bodies of messages done for longer than ``older_than_s``; returns how many."""
         status = await self._run("message_purge_bodies", "execute", older_than_s, limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import pytest
 from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
-from tests.support.delivery import states_by_id, states_by_recipient
+from tests.support.delivery import last_replies, states_by_id, states_by_recipient
 from tests.support.journal import pending
 from tests.support.nodes import wait_for
 from tests.support.pg import DATABASE, own_postgres
@@ -119,6 +120,40 @@ async def test_sigkill_at_a_named_point_mid_burst(
     await crash_and_recover(tmp_path, db_dsn, sink, make_settings, None, {
         "MTA_FAULT_HOOKS": "1", "MTA_FAULT_KILL_AT": point, "MTA_FAULT_KILL_AFTER": "400",
     })
+
+
+@pytest.mark.slow
+async def test_a_journal_lost_with_its_node_makes_every_lease_it_held_uncertain(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: Callable[..., Settings],
+) -> None:
+    """I3, missing evidence: the node is killed mid-burst and its journal directory
+    deleted (a wiped or replaced disk). Without the journal nothing proves a lease's
+    dot was never written, so every lease the dead process held is uncertain, and
+    nothing is resent blindly."""
+    await preload(db_dsn, make_settings())
+    node = node_for(tmp_path, db_dsn, sink)
+    await node.start()
+    try:
+        await wait_for(lambda: len(sink.transactions) >= 300, timeout=60)
+        node.signal(signal.SIGKILL)
+        assert await node.wait_exit(60) == SIGKILL_STATUS
+        leased = {delivery for delivery, state in (await states_by_id(db_dsn)).items()
+                  if state == "leased"}
+        assert leased, "deliveries were in flight at the kill"
+        shutil.rmtree(tmp_path / "node" / "data" / "journal")
+        await node.start()
+
+        async def settled() -> bool:
+            return all(state in FINAL for state in (await states_by_recipient(db_dsn)).values())
+
+        await wait_for(settled, timeout=120)
+        uncertain = await last_replies(db_dsn, "uncertain")
+        assert set(uncertain) == leased
+        assert all(reply.startswith("journal missing: ") for reply in uncertain.values()), \
+            set(uncertain.values())
+        check_invariants(sink, await states_by_recipient(db_dsn), len(leased))
+    finally:
+        await node.close()
 
 
 @pytest.mark.slow

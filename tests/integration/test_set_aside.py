@@ -79,6 +79,47 @@ async def test_a_journal_record_that_cannot_be_applied_is_set_aside_and_the_node
         await store.close()
 
 
+async def test_an_unreadable_journal_is_set_aside_and_its_leases_become_uncertain(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: Callable[..., Settings],
+) -> None:
+    """A dead process's segment is corrupt in the middle (not a torn last line): the
+    node starts, keeps the bytes, and its leases are uncertain (missing evidence)."""
+    node = NodeProcess.configure(tmp_path / "node", db_dsn, delivery={
+        "enabled": True, "poll_interval": 60.0,
+        "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none"}],
+    })
+    journal_dir = tmp_path / "node" / "data" / "journal"
+    store = await Store.open(db_dsn, make_settings())
+    try:
+        message_id, delivery_id = await leased_delivery(store, DEAD_OWNER)
+        journal = Journal.open(journal_dir, DEAD_OWNER)
+        await journal.append_durable(DotPending("a1", (delivery_id,), str(message_id),
+                                                "mx.example", time.time()))
+        await journal.append_durable(ReplyReceived("a1", delivery_id, 250, "ok", True,
+                                                   time.time()))
+        await journal.close()
+        (segment,) = journal_dir.glob(f"{DEAD_OWNER}.*.jrnl")
+        data = bytearray(segment.read_bytes())
+        data[20] ^= 0x01  # the first line's checksum no longer matches
+        segment.write_bytes(bytes(data))
+
+        await node.start()
+        try:
+            (delivery,) = await store.deliveries(message_id)
+            assert delivery.state == "uncertain"
+            (kept,) = await store.set_aside_records()
+            assert kept.reason.startswith("journal unreadable: ")
+            assert kept.delivery_ids == [delivery_id] and kept.raw == bytes(data)
+            assert (journal_dir / "unreadable" / segment.name).read_bytes() == bytes(data)
+            assert not segment.exists()
+            await submit_tagged(node.smtp_port, "fresh")
+            await sink.wait_for_count(1, timeout=10)
+        finally:
+            await node.close()
+    finally:
+        await store.close()
+
+
 async def test_refused_outcomes_fail_only_their_own_writer_in_a_shared_batch(
     db_dsn: str, make_settings: Callable[..., Settings],
 ) -> None:

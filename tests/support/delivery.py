@@ -48,16 +48,22 @@ async def states_by_id(dsn: str) -> dict[int, str]:
     return {row["id"]: row["state"] for row in rows}
 
 
+async def last_replies(dsn: str, state: str) -> dict[int, str]:
+    """The last evidence of every delivery in ``state``, by delivery id."""
+    rows = await _fetch(dsn, "SELECT id, last_reply FROM deliveries WHERE state = $1", state)
+    return {row["id"]: row["last_reply"] or "" for row in rows}
+
+
 async def state_counts(dsn: str) -> dict[str, int]:
     """How many deliveries the database at ``dsn`` holds in each state."""
     rows = await _fetch(dsn, "SELECT state, count(*) AS n FROM deliveries GROUP BY state")
     return {row["state"]: row["n"] for row in rows}
 
 
-async def _fetch(dsn: str, sql: str) -> list[asyncpg.Record]:
+async def _fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
     """``sql``'s rows, over a connection of the test's own (not the node's pool)."""
     conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetch(sql)
+        return await conn.fetch(sql, *args)
     finally:
         await conn.close()
