@@ -53,6 +53,12 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._delivery_tasks: list[asyncio.Task[None]] = []
         self.deliverer: Deliverer | None = None
+        self._journal_was_up = True
+
+    @property
+    def journal_up(self) -> bool:
+        """The delivery journal takes records (true for a node that does not deliver)."""
+        return self.deliverer is None or self.deliverer.journal.failed is None
 
     def status(self) -> dict[str, Any]:
         """What ``/healthz`` and ``/readyz`` report, from memory only."""
@@ -60,6 +66,7 @@ class Node:
             "node": self.settings.node.name,
             "accepting": self.intake is not None and self.intake.accepting,
             "store_up": self.store_up,
+            "journal_up": self.journal_up,
             "sessions": self.intake.session_count if self.intake else 0,
         }
 
@@ -116,6 +123,11 @@ class Node:
                 log.warning("node.store_up" if up else "node.store_down")
             self.store_up = up
             self.metrics.store_up.set(1 if up else 0)
+            journal_up = self.journal_up
+            if journal_up != self._journal_was_up:
+                log.warning("node.journal_up" if journal_up else "node.journal_down")
+                self._journal_was_up = journal_up
+            self.metrics.journal_up.set(1 if journal_up else 0)
             self.metrics.store_pool_in_use.set(self.store.pool_in_use)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_background.wait(), HEALTH_INTERVAL_S)

@@ -15,7 +15,8 @@ StatusFn = Callable[[], dict[str, Any]]
 
 
 def build_admin_app(metrics: Metrics, status: StatusFn) -> web.Application:
-    """``/metrics``, ``/healthz`` (the loop answers) and ``/readyz`` (accepting, store up)."""
+    """``/metrics``, ``/healthz`` (the loop answers) and ``/readyz`` (accepting, store and
+    journal up)."""
 
     async def metrics_handler(_: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
@@ -26,7 +27,7 @@ def build_admin_app(metrics: Metrics, status: StatusFn) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         state = status()
-        ready = bool(state["accepting"] and state["store_up"])
+        ready = bool(state["accepting"] and state["store_up"] and state["journal_up"])
         return web.json_response({"ready": ready, **state}, status=200 if ready else 503)
 
     app = web.Application()

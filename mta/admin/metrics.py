@@ -43,6 +43,11 @@ class Metrics:
         self.store_up = Gauge(
             "mta_store_up", "1 when the last store health check succeeded.", registry=reg
         )
+        self.journal_up = Gauge(
+            "mta_journal_up", "1 while the delivery journal takes records; 0: it cannot be "
+            "written (a full or failing disk) and delivery pauses.", registry=reg
+        )
+        self.journal_up.set(1)
         self.store_pool_size = Gauge(
             "mta_store_pool_max_connections", "Connections the pool may open (I6).", registry=reg
         )

@@ -36,7 +36,7 @@ from mta.delivery.settlement import Settlement, Settler
 from mta.delivery.shaping import Shaper
 from mta.errors import RoutePermFailure, RouteTempFailure, StoreUnavailable
 from mta.faults import fault_point
-from mta.journal.records import DotPending, ReplyReceived
+from mta.journal.records import DotPending, JournalError, ReplyReceived
 from mta.journal.writer import Journal
 from mta.queue.ids import queue_id
 from mta.queue.records import AttemptOutcome, ClaimedDelivery, Envelope
@@ -107,6 +107,11 @@ class NotSent(Exception):
     """A group failed before anything reached the remote server."""
 
 
+class JournalDown(NotSent):
+    """The journal took no dot-pending record: nothing was sent, and delivery pauses
+    (the leases go back unattempted: no deferral, no attempt counted)."""
+
+
 @dataclass
 class Progress:
     """How far one group's attempt got: decides its outcome if the attempt breaks."""
@@ -116,6 +121,8 @@ class Progress:
     sending: bool = False
     #: "dot pending" is in the journal: the remote may have the message (I3).
     dot_pending: bool = False
+    #: Why the journal refused the dot-pending record (the dot was not written).
+    journal_error: JournalError | None = None
     #: The outcomes were written to the store or held back for it.
     settled: bool = False
 
@@ -175,9 +182,14 @@ class Attempts:
             progress.sending = True
 
         async def before_dot(accepted: list[str]) -> None:
-            await self.journal.append_durable(DotPending(
-                progress.attempt_id, tuple(ids[rcpt] for rcpt in accepted), str(message_id),
-                hop.hosts[0].name if hop.hosts else hop.key, time.time()))
+            try:
+                await self.journal.append_durable(DotPending(
+                    progress.attempt_id, tuple(ids[rcpt] for rcpt in accepted),
+                    str(message_id), hop.hosts[0].name if hop.hosts else hop.key,
+                    time.time()))
+            except JournalError as exc:
+                progress.journal_error = exc
+                raise
             progress.dot_pending = True
             fault_point("delivery.after_dot_pending")
 
@@ -194,6 +206,8 @@ class Attempts:
         if body.unavailable is not None:
             # The body could not be read right before DATA: certainly not sent.
             raise NotSent(f"store unavailable before the attempt ({body.unavailable})")
+        if progress.journal_error is not None:
+            raise JournalDown(f"the journal is down: {progress.journal_error}")
         self.metrics.delivery_attempt_seconds.labels(hop.key).observe(
             time.perf_counter() - sending_since)
         if any(r.code == 0 for r in results):
@@ -232,10 +246,16 @@ class Attempts:
         by_recipient = {r.recipient: r for r in results}
         attempt_id = progress.attempt_id if progress.dot_pending else None
         if attempt_id is not None:
-            await asyncio.gather(*(self.journal.append_durable(ReplyReceived(
-                attempt_id, d.id, by_recipient[d.recipient].code,
-                by_recipient[d.recipient].text, by_recipient[d.recipient].data_sent,
-                time.time())) for d in deliveries))
+            try:
+                await asyncio.gather(*(self.journal.append_durable(ReplyReceived(
+                    attempt_id, d.id, by_recipient[d.recipient].code,
+                    by_recipient[d.recipient].text, by_recipient[d.recipient].data_sent,
+                    time.time())) for d in deliveries))
+            except JournalError as exc:
+                # The store is the record now; should it be down too and the process
+                # die, the dot pending without a reply makes the delivery uncertain.
+                log.warning("delivery.reply_not_journaled", queue_id=queue_id(message.id),
+                            error=str(exc))
             fault_point("delivery.after_reply_journaled")
         age = (datetime.now(UTC) - message.received_at).total_seconds()
         outcomes = [self._outcome(d, by_recipient[d.recipient], age, uncertain_mode)

@@ -23,7 +23,7 @@ import structlog
 from mta.admin.metrics import Metrics
 from mta.concurrency import ByteBudget
 from mta.config import Settings
-from mta.delivery.attempt import Attempts, NotSent, Progress
+from mta.delivery.attempt import Attempts, JournalDown, NotSent, Progress
 from mta.delivery.outbound.cache import ConnectionCache
 from mta.delivery.retry import RetryPolicy
 from mta.delivery.routing import Router
@@ -80,6 +80,8 @@ class Deliverer:
         self._groups: dict[asyncio.Task[None], tuple[Progress, set[int]]] = {}
         #: Groups being sent (or waiting to be) per destination domain.
         self._per_domain: Counter[str] = Counter()
+        #: A group found the journal refusing records: pause a round before claiming.
+        self._journal_trouble = False
 
     async def close(self) -> None:
         """Cancel sends still running (they keep journal records and leases), then close."""
@@ -97,6 +99,10 @@ class Deliverer:
         on claiming for the others while at most ``max_tasks`` groups are outstanding.
         """
         while not stop.is_set():
+            if not self._journal_works():
+                # Pause (I3: no dot without its record), and try the journal again later.
+                await _first_of([], stop, timeout=self.delivery.poll_interval)
+                continue
             if len(self._groups) > self._max_tasks - self.delivery.batch_size:
                 # Wait for room for a whole batch rather than claim a sliver of one.
                 await _first_of(list(self._groups), stop, timeout=None)
@@ -119,6 +125,17 @@ class Deliverer:
         await self._give_back_unstarted()
         if self._groups:
             await asyncio.wait(list(self._groups))
+
+    def _journal_works(self) -> bool:
+        """Whether the journal takes records (resuming it in a new segment after a
+        failure, such as a full disk that has room again)."""
+        trouble, self._journal_trouble = self._journal_trouble, False
+        if self.journal.failed is None:
+            return not trouble
+        if self.journal.resume():
+            log.warning("delivery.journal_resumed")
+            return True
+        return False
 
     async def _give_back_unstarted(self) -> None:
         """At stop: cancel the groups whose attempt has not started and return their
@@ -175,6 +192,12 @@ class Deliverer:
                               deliveries: list[ClaimedDelivery], progress: Progress) -> None:
         try:
             await self.attempts.deliver(message_id, domain, deliveries, progress)
+        except JournalDown as exc:
+            # Nothing was sent and delivery pauses: the leases go back unattempted.
+            log.warning("delivery.journal_down", queue_id=queue_id(message_id), error=str(exc))
+            self._journal_trouble = True
+            with contextlib.suppress(StoreUnavailable):  # else the next start releases them
+                await self.store.give_back(self.owner, [d.id for d in deliveries])
         except NotSent as exc:
             # Nothing was sent: give the leases back (now, or when the store returns).
             log.warning("delivery.not_sent", queue_id=queue_id(message_id), error=str(exc))

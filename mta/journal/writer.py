@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mta.faults import fault_point
+from mta.faults import fault_error, fault_point
 from mta.journal.files import OWNER_NAME, fsync_directory, lock_owner, segments_by_owner
 from mta.journal.records import (
     Applied,
@@ -151,6 +151,7 @@ class Journal:
             self._start_segment()
         view = memoryview(line)
         try:
+            fault_error("journal.write")
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError as exc:
@@ -159,6 +160,47 @@ class Journal:
         self._size += len(line)
         self._written += 1
         self._index(self._segments[-1], record, self._written)
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The write or fsync error that stopped the journal, or None while it works."""
+        return self._failed
+
+    def resume(self) -> bool:
+        """After a failure, go on in a fresh segment; True when appends work again.
+
+        What reached the disk before the failure stays in the failed segment (a torn last
+        line there is tolerated); records written but never synced were never
+        acknowledged, so no one waits for them any more.
+        """
+        if self._failed is None:
+            return True
+        if self._round is not None:
+            return False
+        failed_fd = self._fd
+        try:
+            fault_error("journal.write")
+            self._fd = -1
+            self._start_segment()
+        except OSError:
+            self._fd = failed_fd
+            return False
+        try:
+            fsync_directory(self.directory, self._fsync)
+        except OSError:
+            fresh = self._segments.pop()
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            fresh.path.unlink(missing_ok=True)
+            self._fd = failed_fd
+            return False
+        for fd in [failed_fd, *self._retired]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._retired, self._directory_dirty = [], False
+        self._synced = self._written
+        self._failed = None
+        return True
 
     async def append_durable(self, record: Record) -> None:
         """Write ``record`` and return once it is fsynced, sharing the fsync with others."""
