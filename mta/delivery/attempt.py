@@ -29,8 +29,13 @@ from mta.admin.metrics import Metrics
 from mta.concurrency import ByteBudget
 from mta.config import DeliverySection, UncertainMode
 from mta.delivery.outbound.cache import ConnectionCache
-from mta.delivery.outbound.transaction import SETUP_PHASES, RecipientResult, Transaction
-from mta.delivery.retry import RetryPolicy, classify, next_attempt_delay
+from mta.delivery.outbound.transaction import (
+    SETUP_PHASES,
+    RecipientResult,
+    Source,
+    Transaction,
+)
+from mta.delivery.retry import RetryPolicy, classify, classify_dns, next_attempt_delay
 from mta.delivery.routing import Router
 from mta.delivery.settlement import Settlement, Settler
 from mta.delivery.shaping import Shaper
@@ -157,10 +162,11 @@ class Attempts:
         try:
             hop = await self.router.next_hop(domain)
         except (RoutePermFailure, RouteTempFailure) as exc:
-            permanent = isinstance(exc, RoutePermFailure)
-            code = 550 if permanent else 451
-            results = [RecipientResult(d.recipient, code, f"{code} {exc.evidence}", "connect",
-                                       False) for d in deliveries]
+            # DNS evidence, recorded as DNS evidence: no SMTP server said anything (I2).
+            source: Source = ("dns_permanent" if isinstance(exc, RoutePermFailure)
+                              else "dns_temporary")
+            results = [RecipientResult(d.recipient, 0, exc.evidence, "connect", False, source)
+                       for d in deliveries]
             await self._settle(message, deliveries, results, progress, host=domain)
             return
         suspended = self.shaper.suspended(hop.key)
@@ -169,7 +175,7 @@ class Attempts:
             # temporarily suspended"), rather than hold a task until the cool-off ends.
             results = [RecipientResult(d.recipient, 0,
                                        f"delivery temporarily suspended: {suspended}",
-                                       "connect", False) for d in deliveries]
+                                       "connect", False, "local") for d in deliveries]
             await self._settle(message, deliveries, results, progress, host=hop.key)
             return
         progress.attempt_id = uuid.uuid4().hex
@@ -210,12 +216,13 @@ class Attempts:
             raise JournalDown(f"the journal is down: {progress.journal_error}")
         self.metrics.delivery_attempt_seconds.labels(hop.key).observe(
             time.perf_counter() - sending_since)
-        if any(r.code == 0 for r in results):
+        if any(r.code == 0 and r.source == "smtp" for r in results):
             self.metrics.delivery_timeouts.labels(hop.key).inc()
-        if any(r.code and 200 <= r.code < 500 for r in results):
-            self.shaper.record_success(hop.key)
-        else:
-            self.shaper.record_failure(hop.key, results[0].text if results else "")
+        pushback = destination_pushback(results)
+        if pushback is not None:
+            self.shaper.record_failure(hop.key, pushback)
+        elif any(r.source == "smtp" and r.phase in ("rcpt", "data_end") for r in results):
+            self.shaper.record_success(hop.key)  # the transaction got to its recipients
         await self._settle(message, deliveries, results, progress, host=hop.key,
                            uncertain_mode=hop.uncertain_mode or self.delivery.uncertain_mode)
 
@@ -274,10 +281,31 @@ class Attempts:
 
     def _outcome(self, delivery: ClaimedDelivery, result: RecipientResult, age: float,
                  uncertain_mode: UncertainMode) -> AttemptOutcome:
+        retry_in = next_attempt_delay(self.policy, delivery.attempts + 1, self.rng)
+        if result.source in ("dns_permanent", "dns_temporary"):
+            decision = classify_dns(result.source == "dns_permanent", age=age,
+                                    policy=self.policy)
+            return AttemptOutcome(delivery.id, decision.outcome, None,
+                                  f"DNS: {result.text} ({decision.reason})", retry_in)
         decision = classify(result.code, result.data_sent, age=age, policy=self.policy,
                             uncertain_mode=uncertain_mode,
                             before_mail=result.phase in SETUP_PHASES)
-        retry_in = next_attempt_delay(self.policy, delivery.attempts + 1, self.rng)
         return AttemptOutcome(delivery.id, decision.outcome, result.code or None,
                               f"{result.reply} ({decision.reason}, {result.phase})", retry_in,
                               decision.possible_duplicate)
+
+
+def destination_pushback(results: Sequence[RecipientResult]) -> str | None:
+    """The evidence that a destination is unwell or pushing back, or None (DESIGN.md,
+    Destination feedback): no reply (a failed connection, a timeout, a broken session),
+    a ``421``, or a ``4xx`` to the connection, the greeting, the session's setup, MAIL or
+    the DATA command. A reply about one recipient (RCPT) or one message (the reply to
+    its dot), any ``5xx``, and our own refusals say nothing about its health (Postfix's
+    concurrency feedback counts connection-level trouble only)."""
+    for result in results:
+        if result.source != "smtp":
+            continue
+        code = result.code
+        if code in (0, 421) or (400 <= code < 500 and result.phase not in ("rcpt", "data_end")):
+            return result.reply
+    return None

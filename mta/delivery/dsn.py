@@ -15,7 +15,8 @@ When no DSN is due (``dsn_suppressed``), following RFC 3464 §2 and RFC 3834 §2
 ``Precedence: bulk/list/junk`` does NOT suppress a DSN: newsletters are this system's
 main traffic and their senders rely on bounces to clean their lists.
 
-Addresses must be ASCII (intake refuses others with ``553 5.6.7``). Diagnostics from
+Addresses are mailboxes as intake accepts them (``mta.mail.address``: quoted local parts
+and domain literals too; ASCII only, intake refuses others with ``553 5.6.7``). Diagnostics from
 remote servers may be anything: control characters become spaces, non-ASCII becomes
 backslash escapes, and they are cut at ``MAX_DIAGNOSTIC`` characters, so that every
 line stays within 998 octets.
@@ -38,6 +39,7 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime, make_msgid
 from typing import Literal
 
+from mta.mail.address import is_mailbox
 from mta.mail.headers import header_block
 
 __all__ = ["MAX_DIAGNOSTIC", "FailedRecipient", "build_dsn", "dsn_suppressed"]
@@ -51,8 +53,9 @@ SUBJECT_DELAYED = "Delayed Mail (still being retried)"
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _TYPED = re.compile(r"[A-Za-z][A-Za-z0-9-]*[ \t]*;")
-_ADDRESS = re.compile(r"[!-~]+")
-_HOST = re.compile(r"[A-Za-z0-9.:\[\]-]+")
+_TOKEN = re.compile(r"[!-~]+")
+#: A host name as a node calls itself (``_`` is common in container host names).
+_HOST = re.compile(r"[A-Za-z0-9._:\[\]-]+")
 _NOT_7BIT = re.compile(rb"[^\t\n\x20-\x7e]")
 _REPORT_TYPES = frozenset({
     "delivery-status", "global-delivery-status",
@@ -109,8 +112,8 @@ def build_dsn(
     if not failures:
         raise ValueError("a DSN needs at least one recipient")
     _check_token("reporting_mta", reporting_mta, _HOST)
-    _check_token("original_sender", original_sender, _ADDRESS)
-    _check_token("queue_id", queue_id, _ADDRESS)
+    _check_mailbox("original_sender", original_sender)
+    _check_token("queue_id", queue_id, _TOKEN)
     now = now or datetime.now(UTC)
     _check_aware(now, arrival_date, *(f.last_attempt for f in failures))
 
@@ -134,6 +137,11 @@ def build_dsn(
 def _check_token(name: str, value: str, pattern: re.Pattern[str]) -> None:
     if not pattern.fullmatch(value):
         raise ValueError(f"{name} must be printable ASCII without spaces: {value!r}")
+
+
+def _check_mailbox(name: str, value: str) -> None:
+    if not is_mailbox(value):
+        raise ValueError(f"{name} is not a mailbox: {value!r}")
 
 
 def _check_aware(*moments: datetime) -> None:
@@ -188,7 +196,7 @@ def _status_part(reporting_mta: str, queue_id: str, arrival_date: datetime,
                        ("X-Queue-ID", queue_id),
                        ("Arrival-Date", format_datetime(arrival_date))])]
     for failure in failures:
-        _check_token("recipient", failure.recipient, _ADDRESS)
+        _check_mailbox("recipient", failure.recipient)
         if not _STATUS.fullmatch(failure.status):
             raise ValueError(f"malformed status code: {failure.status!r}")
         if failure.action not in ("failed", "delayed"):

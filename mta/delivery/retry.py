@@ -17,6 +17,7 @@ __all__ = [
     "Decision",
     "RetryPolicy",
     "classify",
+    "classify_dns",
     "next_attempt_delay",
     "status_for",
 ]
@@ -117,6 +118,14 @@ def classify(
     if uncertain_mode == "uncertain":
         return Decision("uncertain", False, f"{what} after end of data")
     return _defer(f"{what} after end of data", age, policy, possible_duplicate=True)
+
+
+def classify_dns(permanent: bool, *, age: float, policy: RetryPolicy) -> Decision:
+    """Classify a routing answer: a permanent DNS answer (NXDOMAIN, null MX) fails, a
+    temporary one (SERVFAIL, a timeout, no usable host) defers until the lifetime ends."""
+    if permanent:
+        return Decision("failed", False, "permanent DNS answer")
+    return _defer("temporary DNS failure", age, policy, possible_duplicate=False)
 
 
 def _defer(reason: str, age: float, policy: RetryPolicy, *, possible_duplicate: bool) -> Decision:

@@ -172,8 +172,9 @@ async def bounce_for(store: Store, message: Envelope, failed: Sequence[Recipient
         original_headers=headers, arrival_date=message.received_at,
         queue_id=queue_id(message.id), now=now,
         failures=[FailedRecipient(
-            recipient=r.recipient, status=status_for(r.code, r.text), action="failed",
-            remote_mta=remote_mta, diagnostic=_diagnostic(r), last_attempt=now)
+            recipient=r.recipient, status=_status(r), action="failed",
+            remote_mta=None if r.source.startswith("dns") else remote_mta,
+            diagnostic=_diagnostic(r), last_attempt=now)
             for r in failed])
     if dsn is None:
         return None
@@ -188,8 +189,23 @@ def raw_evidence(records: Sequence[object]) -> bytes:
     return json.dumps(records, ensure_ascii=True, sort_keys=True).encode("ascii")
 
 
+def _status(result: RecipientResult) -> str:
+    """The RFC 3463 status of a failure: the server's own, or what a DNS answer means
+    (RFC 7505's 5.1.10 for a null MX, 5.1.2 for a domain that does not exist, 4.4.3 for a
+    lookup that kept failing until the lifetime ran out)."""
+    if result.source == "dns_permanent":
+        return "5.1.10" if "null MX" in result.text else "5.1.2"
+    if result.source == "dns_temporary":
+        return "4.4.3"
+    return status_for(result.code, result.text)
+
+
 def _diagnostic(result: RecipientResult) -> str:
-    """The remote reply as a DSN Diagnostic-Code (``smtp; 550 5.1.1 …``)."""
+    """The evidence as a DSN Diagnostic-Code: the remote reply (``smtp; 550 5.1.1 …``), a
+    DNS answer (``X-DNS; …``), or our own words (``X-mta-fleet; …``), never a reply the
+    remote did not send (I2)."""
+    if result.source in ("dns_permanent", "dns_temporary"):
+        return f"X-DNS; {result.text}"
     if not result.code:
         return f"X-mta-fleet; {result.text}"
     return f"smtp; {result.reply}"

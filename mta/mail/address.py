@@ -77,6 +77,14 @@ def parse_path(argument: str, *, allow_null: bool) -> PathArgument:
     return PathArgument(address=address, params=_parse_params(rest))
 
 
+def is_mailbox(address: str) -> bool:
+    """Whether ``address`` is a mailbox as :func:`parse_path` accepts one (the one
+    grammar intake and the DSN builder share)."""
+    match = _MAILBOX.fullmatch(address)
+    return (match is not None and len(match["local"]) <= MAX_LOCAL
+            and len(match["domain"]) <= MAX_DOMAIN and len(address) <= MAX_PATH - 2)
+
+
 def _parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     for word in text.split():

@@ -223,3 +223,25 @@ async def test_a_graceful_stop_gives_back_what_has_not_started_unattempted(
             hung.release()
     assert sorted(d.state for d in found) == ["leased", "queued", "queued"]
     assert all(d.attempts == 0 for d in found)
+
+
+async def test_unknown_users_do_not_suspend_their_destination(
+    make_settings: Callable[..., Settings], sink: Sink,
+) -> None:
+    """A 550 5.1.1 is about one recipient, not the destination (DESIGN.md, Destination
+    feedback): with a window of one, a run of unknown users still gets each its own
+    550, never "delivery temporarily suspended"."""
+    sink.faults = Faults(reject={f"gone{n}@example.com": "550 5.1.1 no such user"
+                                 for n in range(4)})
+    node = await start_node(make_settings(delivery={
+        "enabled": True, "poll_interval": 0.2, "max_connections_per_destination": 1,
+        "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none"}],
+    }))
+    try:
+        sent = [await submit(node, f"gone{n}@example.com", f"g{n}") for n in range(4)]
+        for message_id in sent:
+            await wait_for(lambda m=message_id: _is(node, m, "failed"), timeout=10)
+            (delivery,) = await store_of(node).deliveries(message_id)
+            assert delivery.last_reply_code == 550, delivery.last_reply
+    finally:
+        await node.stop()

@@ -12,6 +12,7 @@ from mta.config import Settings
 from tests.support.admin import metric
 from tests.support.bad_peer import BadPeer, running_bad_peer
 from tests.support.delivery import delivery_states, submit_tagged
+from tests.support.dns import loopback_dns
 from tests.support.intake import store_of
 from tests.support.nodes import NodeHandle, start_node, wait_for
 from tests.support.sink import Faults, Sink
@@ -267,3 +268,34 @@ async def test_a_dsn_returns_at_most_64_kib_of_headers_cut_at_a_whole_line(
         assert fillers and all(len(line) == len("X-Filler-000: ") + 900 for line in fillers)
     finally:
         await node.stop()
+
+
+@pytest.mark.parametrize(("zone", "status"), [
+    ("", "5.1.2"),                                           # NXDOMAIN
+    ("gone.example. 300 IN MX 0 .", "5.1.10"),               # null MX (RFC 7505)
+])
+async def test_a_permanent_dns_answer_fails_with_dns_evidence_never_a_made_up_reply(
+    make_settings: Callable[..., Settings], sink: Sink, zone: str, status: str,
+) -> None:
+    """I2: the store and the DSN say what DNS said; no SMTP server sent a 550."""
+    async with loopback_dns() as dns:
+        dns.set_zone(zone)
+        node = await start_node(make_settings(delivery={
+            "enabled": True, "poll_interval": 60.0, "nameservers": ["127.0.0.1"],
+            "dns_port": dns.port, "dns_timeout": 2.0,
+            "routes": [{"domain": "example.org", "host": "127.0.0.1", "port": sink.port,
+                        "tls": "none"}],
+        }))
+        try:
+            message_id = await submit_tagged(node.port, "dns1", recipients=["u@gone.example"])
+            await wait_for(lambda: _all(node, message_id, "failed"), timeout=10)
+            (delivery,) = await store_of(node).deliveries(message_id)
+            assert delivery.last_reply_code is None
+            assert (delivery.last_reply or "").startswith("DNS: "), delivery.last_reply
+            await wait_for(lambda: _dsn_delivered(sink), timeout=10)
+            (bounce,) = [t for t in sink.transactions if t.mail_from == ""]
+            text = bounce.data.decode()
+            assert "Diagnostic-Code: X-DNS; " in text and "smtp; 550" not in text
+            assert f"Status: {status}" in text and "Remote-MTA" not in text
+        finally:
+            await node.stop()

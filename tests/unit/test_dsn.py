@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from mta.delivery.dsn import MAX_DIAGNOSTIC, FailedRecipient, build_dsn, dsn_suppressed
+from mta.mail.address import parse_path
 
 ARRIVED = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 TRIED = ARRIVED + timedelta(hours=2)
@@ -203,3 +204,36 @@ def test_no_failures_is_refused() -> None:
     with pytest.raises(ValueError):
         build_dsn(reporting_mta="relay1.fleet.test", original_sender="alice@origin.test",
                   original_headers=HEADERS, failures=[], arrival_date=ARRIVED, queue_id="Q1")
+
+
+#: Every form of address intake accepts (RFC 5321 4.1.2 as mta.mail.address parses it).
+ACCEPTED_PATHS = [
+    "<bob@dest.test>",
+    '<"john doe"@dest.test>',
+    '<"a\\"b"@dest.test>',
+    "<!#$%&'*+/=?^_`{|}~-@dest.test>",
+    "<first.last@sub.dest.test>",
+    "<user@[192.0.2.1]>",
+    "<user@[IPv6:2001:db8::1]>",
+    "<@relay.test,@other.test:bob@dest.test>",
+    f"<{'l' * 64}@dest.test>",
+]
+
+
+@pytest.mark.parametrize("path", ACCEPTED_PATHS)
+def test_every_address_form_intake_accepts_can_be_bounced(path: str) -> None:
+    address = parse_path(path, allow_null=False).address
+    raw = build_dsn(reporting_mta="mx_1.fleet.test", original_sender=address,
+                    original_headers=HEADERS, failures=[failure(address)],
+                    arrival_date=ARRIVED, queue_id="Q0001", now=NOW)
+    message = parsed(raw)
+    assert message["To"] == address
+    assert str(status_blocks(message)[1]["Final-Recipient"]) == f"rfc822; {address}"
+
+
+def test_a_dns_failure_is_reported_as_dns_evidence_not_as_an_smtp_reply() -> None:
+    raw = dsn(failure(status="5.1.2", remote_mta=None,
+                      diagnostic="X-DNS; NXDOMAIN: dest.test does not exist"))
+    block = status_blocks(parsed(raw))[1]
+    assert str(block["Diagnostic-Code"]) == "X-DNS; NXDOMAIN: dest.test does not exist"
+    assert block["Remote-MTA"] is None and str(block["Status"]) == "5.1.2"

@@ -26,11 +26,12 @@ class SessionFailure(Exception):
     reused session found closed before this transaction got anywhere."""
 
     def __init__(self, code: int, text: str, phase: Phase, *, data_sent: bool = False,
-                 stale: bool = False, broken: bool = False) -> None:
-        """``broken``: the session is out of step (mid-DATA) and must not be reused."""
+                 stale: bool = False, broken: bool = False, local: bool = False) -> None:
+        """``broken``: the session is out of step (mid-DATA) and must not be reused.
+        ``local``: we refused before anything was sent (the server is not to blame)."""
         super().__init__(text)
         self.code, self.text, self.phase, self.data_sent = code, text, phase, data_sent
-        self.stale, self.broken = stale, broken
+        self.stale, self.broken, self.local = stale, broken, local
 
 
 def no_reply(exc: BaseException, waiting_for: str, timeout: float) -> tuple[int, str]:
@@ -67,14 +68,14 @@ async def run_transaction(wire: Wire, transaction: Transaction,
     try:
         mail = _command("MAIL FROM:", transaction.mail_from)
     except ValueError as exc:
-        raise SessionFailure(0, f"sender not sendable: {exc}", "mail") from exc
+        raise SessionFailure(0, f"sender not sendable: {exc}", "mail", local=True) from exc
     rcpts: list[tuple[str, bytes]] = []
     for rcpt in transaction.recipients:
         try:
             rcpts.append((rcpt, _command("RCPT TO:", rcpt)))
         except ValueError as exc:
             results[rcpt] = RecipientResult(rcpt, 0, f"address not sendable: {exc}",
-                                            "rcpt", False)
+                                            "rcpt", False, "local")
     if not rcpts:
         return
     if pipelining:
@@ -145,12 +146,12 @@ async def _data(wire: Wire, content: bytes | AsyncIterable[bytes], t: DeliverySe
                                        t.data_block_timeout), "data", broken=True) from exc
     except Exception as exc:  # the content source failed
         raise SessionFailure(0, f"not sent: the content source failed mid-data: {exc!r}",
-                             "data", broken=True) from exc
+                             "data", broken=True, local=True) from exc
     try:
         await before_dot()
     except Exception as exc:
         raise SessionFailure(0, f"not sent: the dot-pending record failed: {exc!r}", "data",
-                             broken=True) from exc
+                             broken=True, local=True) from exc
     try:
         wire.write(stuffer.end())
         await wire.drain(t.data_block_timeout)
@@ -178,7 +179,8 @@ async def _before(before_data: Callable[[], Awaitable[None]]) -> None:
     try:
         await before_data()
     except Exception as exc:
-        raise SessionFailure(0, f"not sent: before_data failed: {exc!r}", "data") from exc
+        raise SessionFailure(0, f"not sent: before_data failed: {exc!r}", "data",
+                             local=True) from exc
 
 
 def _write(wire: Wire, data: bytes, phase: Phase, *, stale: bool = False) -> None:

@@ -147,7 +147,8 @@ class OutboundConnection:
                 self.abort()
             for rcpt in transaction.recipients:
                 results.setdefault(rcpt, RecipientResult(
-                    rcpt, failure.code, failure.text, failure.phase, failure.data_sent))
+                    rcpt, failure.code, failure.text, failure.phase, failure.data_sent,
+                    "local" if failure.local else "smtp"))
         except BaseException:  # cancelled mid-session: the session is out of step
             self.abort()
             raise
@@ -240,7 +241,8 @@ class OutboundConnection:
             await self._starttls(smtp)
         if hop.username is not None and hop.password is not None:
             if not self.tls and hop.tls != "none":
-                raise SessionFailure(0, f"AUTH refused locally: no TLS with {self.peer}", "auth")
+                raise SessionFailure(0, f"AUTH refused locally: no TLS with {self.peer}", "auth",
+                                     local=True)
             try:
                 await smtp.login(hop.username, hop.password, timeout=t.mail_timeout)
             except CLIENT_ERRORS as exc:

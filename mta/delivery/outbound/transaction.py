@@ -9,6 +9,12 @@ from typing import Literal
 Phase = Literal["connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data",
                 "data_end"]
 
+#: Where a result's evidence comes from: the remote SMTP server (or its silence: no
+#: reply, a timeout, a broken connection), a refusal of our own before anything was sent,
+#: or a DNS answer (permanent: NXDOMAIN, null MX; temporary: SERVFAIL, a timeout), which
+#: carries no SMTP code at all (I2).
+Source = Literal["smtp", "local", "dns_permanent", "dns_temporary"]
+
 #: Phases of a session's setup, after the TCP connect: replies there are not about mail.
 SETUP_PHASES: frozenset[Phase] = frozenset({"greeting", "ehlo", "starttls", "auth"})
 
@@ -22,6 +28,7 @@ class RecipientResult:
     text: str
     phase: Phase
     data_sent: bool
+    source: Source = "smtp"
 
     @property
     def uncertain(self) -> bool:
