@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -13,9 +14,10 @@ import typer
 from rich.table import Table
 
 from mta.cli.common import ConfigOption, console, fail, load
+from mta.config import Settings
 from mta.errors import StoreUnavailable
 from mta.mail.text import outside_text
-from mta.queue import Store, migrate_dsn
+from mta.queue import Store
 from mta.queue.ids import parse_queue_id, queue_id
 from mta.queue.records import (
     DeliveryEvent,
@@ -23,6 +25,7 @@ from mta.queue.records import (
     DeliveryRecord,
     MessageRecord,
 )
+from mta.queue.server import schema_behind
 
 queue_app = typer.Typer(no_args_is_help=True,
                         help="Inspect the queue and resolve deliveries (every change is audited).")
@@ -39,13 +42,23 @@ IdsArgument = Annotated[list[int], typer.Argument(help="Delivery ids (from the l
 
 
 def _run(config: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
-    """Open the node's store (starting the embedded server if needed) and run ``action``."""
-    from mta.supervisor import open_database
+    """Open the node's store (starting its embedded server if it has one) and run
+    ``action``. Never creates a store and never changes its schema: a data directory
+    without one, or a schema this version does not know yet, is an error that names the
+    config and store it looked at."""
+    from mta.supervisor import embedded_server, open_database
 
     settings = load(config)
+    where = _where(config, settings)
+    if not settings.database.dsn and not embedded_server(settings).initialised():
+        fail(f"no store here: {where} holds no node's embedded store "
+             "(pass the node's --config)")
 
     async def main(dsn: str) -> T:
-        await migrate_dsn(dsn, settings.database.connect_timeout)
+        behind = await schema_behind(dsn, settings.database.connect_timeout)
+        if behind:
+            fail(f"the store's schema lacks migrations {behind} ({where}): "
+                 "run 'mta db migrate' or 'mta serve' first", code=1)
         store = await Store.open(dsn, settings)
         try:
             return await action(store)
@@ -60,6 +73,19 @@ def _run(config: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
             database.close()
     except StoreUnavailable as exc:
         fail(str(exc).splitlines()[0], code=1)
+
+
+def _where(config: Path | None, settings: Settings) -> str:
+    """Which config and store a command looked at, for its output."""
+    source = f"config {config}" if config is not None else "no --config"
+    store = ("database " + settings.database.dsn.rpartition("@")[2] if settings.database.dsn
+             else f"data_dir {Path(settings.node.data_dir).resolve()}")
+    return f"{source}, {store}"
+
+
+def _say_where(config: Path | None) -> None:
+    """Name the config and store a listing read, on stderr (stdout stays the listing)."""
+    print(f"read: {_where(config, load(config))}", file=sys.stderr)
 
 
 def _operator(name: str | None) -> str:
@@ -98,6 +124,7 @@ def list_uncertain(config: ConfigOption = None, limit: LimitOption = 1000) -> No
     """Deliveries whose data may have reached the remote server without a recorded reply."""
     rows = _run(config, lambda store: store.deliveries_in_state("uncertain", limit))
     _print_listing(f"{len(rows)} uncertain", rows, reason=False)
+    _say_where(config)
 
 
 @queue_app.command("held")
@@ -105,6 +132,7 @@ def list_held(config: ConfigOption = None, limit: LimitOption = 1000) -> None:
     """Deliveries held by an operator or by the crash-loop breaker."""
     rows = _run(config, lambda store: store.deliveries_in_state("held", limit))
     _print_listing(f"{len(rows)} held", rows, reason=True)
+    _say_where(config)
 
 
 @queue_app.command("set-aside")
@@ -117,6 +145,7 @@ def list_set_aside(config: ConfigOption = None, limit: LimitOption = 1000) -> No
               outside_text(row.raw, limit=RAW_SHOWN)] for row in rows]
     _print_rows(f"{len(rows)} set aside",
                 ["id", "at", "source", "owner", "attempt", "deliveries", "reason", "raw"], lines)
+    _say_where(config)
 
 
 def _resolve(config: Path | None, ids: list[int], verb: str, state: str,

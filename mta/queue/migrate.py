@@ -34,6 +34,16 @@ def available_migrations() -> list[Migration]:
     return found
 
 
+async def pending_migrations(conn: asyncpg.Connection) -> list[int]:
+    """The shipped migrations this database has not applied (all of them on an empty
+    one); reads only."""
+    try:
+        done = {row["version"] for row in await conn.fetch(query("migrations_applied"))}
+    except asyncpg.UndefinedTableError:
+        done = set()
+    return [m.version for m in available_migrations() if m.version not in done]
+
+
 async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Apply missing migrations; safe when several processes start at once.
 

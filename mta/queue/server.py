@@ -11,7 +11,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from mta.config import ServerLimits
 from mta.errors import StoreUnavailable
-from mta.queue.migrate import migrate
+from mta.queue.migrate import migrate, pending_migrations
 from mta.queue.sql import query
 
 #: Errors that mean "the store refused this data": retrying the same values cannot help.
@@ -69,6 +69,15 @@ async def connect_once(dsn: str, timeout: float) -> asyncpg.Connection:
         return await asyncpg.connect(dsn, timeout=timeout)
     except STORE_ERRORS as exc:
         raise StoreUnavailable(f"cannot connect to the database: {exc}") from exc
+
+
+async def schema_behind(dsn: str, timeout: float = 10.0) -> list[int]:
+    """The migrations the database at ``dsn`` lacks; changes nothing."""
+    conn = await connect_once(dsn, timeout)
+    try:
+        return await pending_migrations(conn)
+    finally:
+        await conn.close()
 
 
 async def migrate_dsn(dsn: str, timeout: float = 10.0) -> list[int]:

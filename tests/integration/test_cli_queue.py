@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+import asyncpg
 
 from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id, queue_id
 from mta.queue.records import AttemptOutcome
+from tests.conftest import dsn_with_database
 from tests.support.process import NodeProcess, run_mta, write_config
 
 
@@ -106,3 +110,48 @@ async def test_held_deliveries_are_listed_with_their_reason_and_released(
     assert released.returncode == 0 and f"released: {delivery.id}" in released.stdout
     assert (await run_mta("queue", "held", "--config", config)).stdout.splitlines()[0] == \
         "# 0 held"
+
+
+async def test_a_read_command_never_creates_a_store_or_changes_a_schema(
+    tmp_path: Path, pg_admin_dsn: str,
+) -> None:
+    """A false all-clear ("# 0 uncertain" from a store made on the spot) is worse than an
+    error: without a store there, or with a schema behind, read commands say so."""
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    result = await run_mta("queue", "uncertain", "--config",
+                           str(write_config(empty / "node.toml",
+                                            {"node": {"data_dir": str(empty / "data")}})))
+    assert result.returncode == 2, result
+    assert "no store here" in result.stderr and str(empty / "data") in result.stderr
+    assert not (empty / "data" / "postgres").exists(), "no store was created"
+
+    bare = f"bare_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {bare}")
+    finally:
+        await conn.close()
+    dsn = dsn_with_database(pg_admin_dsn, bare)
+    config = write_config(tmp_path / "bare.toml", {"database": {"dsn": dsn}})
+    for args in (("uncertain",), ("held",), ("set-aside",)):
+        result = await run_mta("queue", *args, "--config", str(config))
+        assert result.returncode == 1, result
+        assert "lacks migrations" in result.stderr and "mta db migrate" in result.stderr
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+    finally:
+        await conn.close()
+
+
+async def test_listings_say_which_config_and_store_they_read(
+    tmp_path: Path, db_dsn: str,
+) -> None:
+    node = NodeProcess.configure(tmp_path / "node", db_dsn)
+    config = str(write_config(node.config_path, node.sections))
+    listing = await run_mta("queue", "held", "--config", config)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.splitlines()[0] == "# 0 held"
+    assert listing.stderr.startswith(f"read: config {config}, database ")
