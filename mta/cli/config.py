@@ -71,6 +71,12 @@ def config_check(config: ConfigOption = None) -> None:
         f"copies x max_message_size {_human(int(settings.smtp.max_message_size))}"
         f"{delivery} + base)"
     )
+    per_destination = settings.delivery.max_connections_per_destination
+    console.print(
+        f"connections per destination: {per_destination} per process x "
+        f"{settings.node.processes} process(es) -> {per_destination * settings.node.processes} "
+        "for the node"
+    )
     if not settings.database.dsn:
         from mta.supervisor import embedded_server
 

@@ -96,6 +96,9 @@ class SmtpSection(_Section):
     max_commands: PositiveInt = 10_000
     idle_timeout: PositiveFloat = 300.0
     max_sessions: PositiveInt = 500
+    #: Sessions one client address may hold at once (Postfix's
+    #: smtpd_client_connection_count_limit), so one client cannot take every session.
+    max_sessions_per_client: PositiveInt = 50
     data_concurrency: PositiveInt = 16
     max_received_headers: PositiveInt = 50
     auth_failure_limit: PositiveInt = 5

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import ipaddress
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -75,7 +76,9 @@ class Intake:
                           for net in smtp.allowed_networks]
         self._data_slots = asyncio.Semaphore(smtp.data_concurrency)
         self._from_allowed_network = functools.lru_cache(maxsize=4096)(self._network_check)
-        self._sessions: set[SessionHandle] = set()
+        #: Open sessions and the client address of each; sessions per client address.
+        self._sessions: dict[SessionHandle, str] = {}
+        self._per_client: Counter[str] = Counter()
         self._data_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -85,23 +88,31 @@ class Intake:
 
     # --- sessions -------------------------------------------------------------
 
-    def refuse_session(self) -> str | None:
-        """The reply that refuses a new session, or None to greet it."""
+    def refuse_session(self, client_ip: str) -> str | None:
+        """The reply that refuses a new session from ``client_ip``, or None to greet it."""
         if not self.accepting:
             return replies.NOT_ACCEPTING
         if len(self._sessions) >= self.settings.smtp.max_sessions:
             self.metrics.intake_rejected.labels("too_many_sessions").inc()
             return replies.TOO_MANY_SESSIONS
+        if self._per_client[client_ip] >= self.settings.smtp.max_sessions_per_client:
+            self.reject("too_many_sessions_per_client", client_ip)
+            return replies.TOO_MANY_FROM_CLIENT
         return None
 
-    def track(self, session: SessionHandle) -> None:
-        """Count an open session."""
-        self._sessions.add(session)
+    def track(self, session: SessionHandle, client_ip: str) -> None:
+        """Count an open session of ``client_ip``."""
+        self._sessions[session] = client_ip
+        self._per_client[client_ip] += 1
         self.metrics.intake_sessions.set(len(self._sessions))
 
     def untrack(self, session: SessionHandle) -> None:
         """Forget a closed session."""
-        self._sessions.discard(session)
+        client_ip = self._sessions.pop(session, None)
+        if client_ip is not None:
+            self._per_client[client_ip] -= 1
+            if not self._per_client[client_ip]:
+                del self._per_client[client_ip]
         self.metrics.intake_sessions.set(len(self._sessions))
 
     @property

@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import binascii
 import collections
+import re
 import ssl
-from base64 import b64decode
+from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, _AuthMechAttr
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, _AuthMechAttr
 
 from mta import __version__
 from mta.intake import replies
@@ -32,6 +33,8 @@ log = structlog.get_logger(__name__)
 
 #: The command reader's buffer limit: command lines are far shorter (512 octets).
 COMMAND_READER_LIMIT = 16 * 1024
+#: Reader-limit-sized chunks of one overlong AUTH line read before the session is dropped.
+MAX_SKIPPED_CHUNKS = 1024
 IDENT = f"mta-fleet {__version__} ESMTP"
 #: Commands a client may send after the node stopped accepting: none but QUIT.
 _ALWAYS_ALLOWED = frozenset({"QUIT"})
@@ -131,13 +134,13 @@ class IntakeSMTP(SMTP):
             self.transport.close()
 
     async def _handle_client(self) -> None:
-        refusal = self.intake.refuse_session()
+        refusal = self.intake.refuse_session(self.client_ip)
         if refusal is not None:
             await self.push(refusal)
             assert self.transport is not None
             self.transport.close()
             return
-        self.intake.track(self)
+        self.intake.track(self, self.client_ip)
         await super()._handle_client()
 
     async def dispatch(self, name: str, function: Callable[[Any, Any], Awaitable[None]],
@@ -230,7 +233,55 @@ class IntakeSMTP(SMTP):
         if self.intake.credentials and (self.tls_active or not self._auth_require_tls):
             lines.append("250-AUTH PLAIN LOGIN")
         lines.append("250 HELP")
-        await self.push("\r\n".join(lines))
+        await SMTP.push(self, "\r\n".join(lines))  # the EHLO reply carries no codes
+
+    async def push(self, status: Any) -> None:
+        """Send a reply; after EHLO every 2xx, 4xx and 5xx carries an enhanced status
+        code (RFC 2034), aiosmtpd's own replies included."""
+        if isinstance(status, str) and self.session is not None and self.session.extended_smtp:
+            status = with_enhanced_code(status)
+        await super().push(status)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """STARTTLS; refused inside TLS (implicit or started), which it cannot nest."""
+        if self.tls_active:
+            await self.push(replies.ALREADY_TLS)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """An AUTH challenge and the client's base64 answer (bytes), or aiosmtpd's MISSING
+        after a reply that ends the exchange: ``*``, bad base64, or a line over the
+        command reader's limit, which is read to its end and answered ``500 5.5.2`` so
+        the session stays in step. The answer is never logged."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (b64encode(raw) if encode_to_b64 else raw))
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            return MISSING  # the client went away mid-exchange
+        except asyncio.LimitOverrunError as exc:
+            await self._skip_long_line(exc.consumed)
+            await self.push(replies.AUTH_LINE_TOO_LONG)
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        decoded = await self._decode_b64(blob.decode("ascii", "replace"))
+        return MISSING if decoded is None else decoded
+
+    async def _skip_long_line(self, consumed: int) -> None:
+        """Read and drop the rest of a line longer than the reader's limit."""
+        await self._reader.read(consumed)
+        for _ in range(MAX_SKIPPED_CHUNKS):
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)
+        raise ConnectionResetError("endless line during AUTH")
 
     async def smtp_AUTH(self, arg: str) -> None:
         """AUTH, refused while the client is throttled for failures."""
@@ -424,6 +475,22 @@ class IntakeSMTP(SMTP):
                 reply = await self.intake.commit(self._submission(outcome.body))
         self._reset_transaction()
         await self.push(reply)
+
+_HAS_ENHANCED = re.compile(r"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
+
+
+def with_enhanced_code(status: str) -> str:
+    """``status`` with an enhanced status code: ours for aiosmtpd's known replies, else
+    ``X.0.0`` by the reply's class; 1xx and 3xx replies, and those with one, unchanged."""
+    if status[:1] not in ("2", "4", "5") or _HAS_ENHANCED.match(status):
+        return status
+    known = replies.ENHANCED_FOR.get(status)
+    if known is not None:
+        return known
+    if len(status) > 3 and status[3] in " -":
+        return f"{status[:4]}{status[0]}.0.0 {status[4:]}"
+    return f"{status[:3]} {status[0]}.0.0"
+
 
 def _after_keyword(arg: str | None, keyword: str) -> str | None:
     if arg is None or arg[: len(keyword)].upper() != keyword:

@@ -32,9 +32,29 @@ STORE_UNAVAILABLE = "451 4.3.0 Temporary failure: message not stored, try again 
 STORE_FULL = "452 4.3.1 Insufficient system storage, try again later"
 NOT_ACCEPTING = "421 4.3.2 Service not available, closing transmission channel"
 TOO_MANY_SESSIONS = "421 4.3.2 Too many sessions, try again later"
+TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many sessions from your address, try again later"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout exceeded, closing connection"
 TOO_MANY_COMMANDS = "421 4.7.0 Too many commands in this session"
 AUTH_THROTTLED = "421 4.7.0 Too many failed authentications, try again later"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+TLS_NOT_AVAILABLE = "454 4.7.0 TLS not available"
+ALREADY_TLS = "503 5.5.1 TLS already active"
+START_TLS = "220 2.0.0 Ready to start TLS"
+COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
+AUTH_LINE_TOO_LONG = "500 5.5.2 Authentication line too long"
+
+#: aiosmtpd's own replies that lack an enhanced status code (RFC 2034), with ours.
+ENHANCED_FOR = {
+    "220 Ready to start TLS": START_TLS,
+    "454 TLS not available": TLS_NOT_AVAILABLE,
+    "500 Command line too long": COMMAND_TOO_LONG,
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "500 Error: strict ASCII mode": "500 5.5.2 Error: strict ASCII mode",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "501 Not enough value": "501 5.5.2 Not enough value",
+    "501 Too many values": "501 5.5.2 Too many values",
+    "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
+    "221 Bye": "221 2.0.0 Bye",
+}
 INTERNAL_ERROR = "451 4.3.0 Internal error, message not accepted"

@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 
 from mta.config import Settings
-from tests.support.nodes import start_node
+from mta.intake import replies
+from tests.support.nodes import start_node, wait_for
 from tests.support.smtp import RawSMTP
 
 
@@ -57,5 +58,34 @@ async def test_data_beyond_data_concurrency_gets_451_4_3_0_then_recovers(
         assert await store.message_count() == 2
         await holder.close()
         await second.close()
+    finally:
+        await handle.stop()
+
+
+async def test_one_client_address_cannot_hold_every_session(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """``smtp.max_sessions_per_client``: the next session from a full address gets
+    ``421 4.7.0``; other addresses are greeted, and a closed session frees its place."""
+    handle = await start_node(make_settings(smtp={"max_sessions_per_client": 2}))
+    try:
+        held = [await RawSMTP.connect(handle.port) for _ in range(2)]
+        assert all(c.greeting.startswith("220 ") for c in held)
+        refused = await RawSMTP.connect(handle.port)
+        assert refused.greeting == replies.TOO_MANY_FROM_CLIENT
+        await refused.close()
+        other = await RawSMTP.connect(handle.port, source="127.0.0.2")
+        assert other.greeting.startswith("220 "), "another address is not limited"
+        await held[0].cmd("QUIT")
+        await held[0].close()
+
+        async def greeted_again() -> bool:
+            client = await RawSMTP.connect(handle.port)
+            await client.close()
+            return client.greeting.startswith("220 ")
+
+        await wait_for(greeted_again, timeout=5)
+        for client in (held[1], other):
+            await client.close()
     finally:
         await handle.stop()

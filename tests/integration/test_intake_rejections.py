@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from mta.config import Settings
@@ -375,7 +376,7 @@ async def test_starttls_without_a_certificate_and_auth_without_users_are_refused
     node: NodeHandle,
 ) -> None:
     client = await greeted(node.port)
-    assert await client.cmd("STARTTLS") == "454 TLS not available"
+    assert await client.cmd("STARTTLS") == replies.TLS_NOT_AVAILABLE
     assert (await client.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==")).startswith("502 5.5.1 ")
     assert await client.cmd("NOOP") == replies.OK
     await client.close()
@@ -410,3 +411,16 @@ async def test_commands_out_of_sequence_get_503_5_5_1(node: NodeHandle) -> None:
         assert reply.startswith("503 5.5.1 ")
     await client.close()
     assert await store_of(node).message_count() == 1
+
+
+async def test_every_reply_after_ehlo_carries_an_enhanced_status_code(node: NodeHandle) -> None:
+    """RFC 2034: once ENHANCEDSTATUSCODES is offered, aiosmtpd's own replies carry
+    codes too, and an overlong command line leaves the session in step."""
+    client = await greeted(node.port)
+    await client.send(b"NOOP " + b"x" * 20_000 + b"\r\n")
+    assert await client.reply() == replies.COMMAND_TOO_LONG
+    assert await client.cmd("") == "500 5.5.2 Error: bad syntax"
+    assert await client.cmd("STARTTLS") == replies.TLS_NOT_AVAILABLE
+    for command in ("NOOP", "RSET", "VRFY a@b.example", "HELP", "EXPN list", "QUIT"):
+        reply = await client.cmd(command)
+        assert re.match(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}( |$)", reply), (command, reply)

@@ -70,7 +70,7 @@ async def starttls(port: int, context: ssl.SSLContext) -> RawSMTP:
     """A session upgraded with STARTTLS (certificate verified) and greeted again."""
     client = await RawSMTP.connect(port)
     assert "STARTTLS" in capabilities(await client.cmd("EHLO client.test"))
-    assert await client.cmd("STARTTLS") == "220 Ready to start TLS"
+    assert await client.cmd("STARTTLS") == replies.START_TLS
     await client.writer.start_tls(context, server_hostname="127.0.0.1")
     return client
 
@@ -238,4 +238,37 @@ async def test_auth_is_not_offered_after_tls_when_no_users_are_configured(
             "502 5.5.1 "
         )
         assert await client.cmd("MAIL FROM:<alice@example.org>") == replies.NOT_AUTHORISED
+        await client.close()
+
+
+async def test_starttls_inside_tls_is_refused_in_step(
+    tls_settings: Callable[..., Settings], client_context: ssl.SSLContext,
+) -> None:
+    """TLS does not nest: inside a started or implicit TLS session, STARTTLS gets
+    ``503 5.5.1`` and the session goes on."""
+    async with running_node(tls_settings()) as node:
+        started = await starttls(node.port, client_context)
+        await started.cmd("EHLO client.test")
+        assert await started.cmd("STARTTLS") == replies.ALREADY_TLS
+        assert (await started.cmd("NOOP")).startswith("250 2.0.0")
+        await started.close()
+        assert node.tls_port is not None
+        implicit = await RawSMTP.connect(node.tls_port, ssl_context=client_context)
+        await implicit.cmd("EHLO client.test")
+        assert await implicit.cmd("STARTTLS") == replies.ALREADY_TLS
+        await implicit.close()
+
+
+@pytest.mark.parametrize("mechanism", ["AUTH LOGIN", "AUTH PLAIN"])
+async def test_an_endless_auth_line_gets_500_and_the_session_stays_in_step(
+    tls_settings: Callable[..., Settings], client_context: ssl.SSLContext, mechanism: str,
+) -> None:
+    async with running_node(tls_settings()) as node:
+        client = await starttls(node.port, client_context)
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd(mechanism)).startswith("334 ")
+        await client.send(b"A" * 100_000 + b"\r\n")
+        assert await client.reply() == replies.AUTH_LINE_TOO_LONG
+        assert (await client.cmd("NOOP")).startswith("250 2.0.0")
+        assert await client.cmd(f"AUTH PLAIN {plain_credentials(USER, PASSWORD)}") == AUTH_OK
         await client.close()

@@ -17,11 +17,13 @@ class RawSMTP:
 
     @classmethod
     async def connect(cls, port: int, host: str = "127.0.0.1",
-                      ssl_context: ssl.SSLContext | None = None) -> RawSMTP:
-        """Connect and read the greeting."""
+                      ssl_context: ssl.SSLContext | None = None,
+                      source: str | None = None) -> RawSMTP:
+        """Connect (from the loopback address ``source``, if given) and read the greeting."""
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=ssl_context,
                                     server_hostname=host if ssl_context else None,
+                                    local_addr=(source, 0) if source else None,
                                     limit=1 << 20), 10)
         client = cls(reader, writer)
         client.greeting = await client.reply()
