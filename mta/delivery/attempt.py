@@ -182,6 +182,7 @@ class Attempts:
         body = Body(self.store, message, self._sending)
 
         ids = {d.recipient: d.id for d in deliveries}
+        uncertain_mode = hop.uncertain_mode or self.delivery.uncertain_mode
 
         async def before_data() -> None:
             await body.load()
@@ -192,7 +193,7 @@ class Attempts:
                 await self.journal.append_durable(DotPending(
                     progress.attempt_id, tuple(ids[rcpt] for rcpt in accepted),
                     str(message_id), hop.hosts[0].name if hop.hosts else hop.key,
-                    time.time()))
+                    time.time(), uncertain_mode))
             except JournalError as exc:
                 progress.journal_error = exc
                 raise
@@ -224,7 +225,7 @@ class Attempts:
         elif any(r.source == "smtp" and r.phase in ("rcpt", "data_end") for r in results):
             self.shaper.record_success(hop.key)  # the transaction got to its recipients
         await self._settle(message, deliveries, results, progress, host=hop.key,
-                           uncertain_mode=hop.uncertain_mode or self.delivery.uncertain_mode)
+                           uncertain_mode=uncertain_mode)
 
     @contextlib.asynccontextmanager
     async def _renewing(self, ids: list[int]) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mta.config import UncertainMode
 from mta.delivery.outbound.transaction import RecipientResult, reply_line
 from mta.delivery.owner import like_literal, owner_prefix
 from mta.delivery.retry import RetryPolicy, classify
@@ -59,10 +60,9 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
                                           *adoption.pending.unanswered]
         for attempt in attempts:
             try:
-                outcomes = [_replayed(reply, policy) for reply in attempt.replies]
-                outcomes += [AttemptOutcome(delivery_id, "uncertain", None,
-                                            "process died with the final dot pending; "
-                                            "no reply was recorded (journal replay)")
+                mode = _uncertain_mode(attempt.dot.uncertain_mode)
+                outcomes = [_replayed(reply, policy, mode) for reply in attempt.replies]
+                outcomes += [_unanswered(delivery_id, policy, mode)
                              for delivery_id in attempt.missing]
                 bounce = await _replayed_bounce(store, attempt, outcomes, reporting_mta)
                 done = await store.record_outcomes(attempt.owner, outcomes, bounce=bounce)
@@ -138,8 +138,23 @@ async def _replayed_bounce(store: Store, attempt: PendingAttempt,
                             remote_mta=attempt.dot.host, reporting_mta=reporting_mta)
 
 
-def _replayed(reply: ReplyReceived, policy: RetryPolicy) -> AttemptOutcome:
-    decision = classify(reply.code, reply.data_sent, age=0.0, policy=policy)
+def _uncertain_mode(recorded: str) -> UncertainMode:
+    """The route's choice recorded with the dot; anything else reads as ``uncertain``."""
+    return "retry" if recorded == "retry" else "uncertain"
+
+
+def _unanswered(delivery_id: int, policy: RetryPolicy, mode: UncertainMode) -> AttemptOutcome:
+    """A dot pending without a reply: ``uncertain``, or on a ``retry`` route a resend
+    marked ``possible_duplicate`` (README: uncertain_mode)."""
+    reason = "process died with the final dot pending; no reply was recorded (journal replay)"
+    if mode == "retry":
+        return AttemptOutcome(delivery_id, "deferred", None, f"{reason}; resent (retry route)",
+                              policy.minimal_backoff, possible_duplicate=True)
+    return AttemptOutcome(delivery_id, "uncertain", None, reason)
+
+
+def _replayed(reply: ReplyReceived, policy: RetryPolicy, mode: UncertainMode) -> AttemptOutcome:
+    decision = classify(reply.code, reply.data_sent, age=0.0, policy=policy, uncertain_mode=mode)
     return AttemptOutcome(reply.delivery_id, decision.outcome, reply.code or None,
                           f"{reply_line(reply.code, outside_text(reply.text))} "
                           f"({decision.reason}, journal replay)",

@@ -43,6 +43,8 @@ class DotPending:
     message_id: str
     host: str
     at: float
+    #: What a missing reply to this dot makes of the deliveries (the route's choice).
+    uncertain_mode: str = "uncertain"
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,35 @@ async def test_a_message_that_kills_the_node_each_time_is_held_and_the_rest_deli
         assert events[-1].detail.startswith("crash-loop: 3 deaths")
     finally:
         await node.close()
+
+
+async def test_a_retry_route_resends_after_a_crash_with_the_dot_pending_marked(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: object
+) -> None:
+    """``uncertain_mode = "retry"`` holds after a crash too: the replay resends the
+    delivery with its dot pending and marks it ``possible_duplicate``, no operator
+    needed."""
+    node = NodeProcess.configure(tmp_path / "node", db_dsn, delivery={
+        "enabled": True, "poll_interval": 0.5, "minimal_backoff": 0.5,
+        "maximal_backoff": 1.0,
+        "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none",
+                    "uncertain_mode": "retry"}],
+    })
+    settings = make_settings()  # type: ignore[operator]
+    await kill_at(node, "journal.after_append", after=1)
+    try:
+        message_id = await submit_tagged(node.smtp_port, "retry1")
+        assert await node.wait_exit(15) == SIGKILL_STATUS
+        assert await state_of(db_dsn, settings, message_id) == "leased"
+        node.env = {}
+        await node.start()
+        await wait_for(lambda: _is(db_dsn, settings, message_id, "delivered"), timeout=15)
+        store = await Store.open(db_dsn, settings)
+        try:
+            (delivery,) = await store.deliveries(message_id)
+        finally:
+            await store.close()
+        assert delivery.possible_duplicate
+        assert sink.count("retry1@test", "user@example.com") == 1
+    finally:
+        await node.close()
