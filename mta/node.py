@@ -85,6 +85,7 @@ class Node:
             asyncio.create_task(Retention(
                 self.store, body_after_s=self.settings.retention.body_after,
                 metadata_after_s=self.settings.retention.metadata_after,
+                audit_after_s=self.settings.retention.audit_after,
                 batch=self.settings.retention.batch,
                 interval_s=self.settings.retention.interval,
             ).run(self._stop_background), name="retention"),

@@ -135,6 +135,19 @@ def list_held(config: ConfigOption = None, limit: LimitOption = 1000) -> None:
     _say_where(config)
 
 
+@queue_app.command("audit")
+def list_audit(config: ConfigOption = None, limit: LimitOption = 1000) -> None:
+    """The node's audit trail, newest first: every operator action on this store."""
+    rows = _run(config, lambda store: store.audit_records(limit))
+    lines = [[str(row.id), row.at.isoformat(timespec="seconds"), row.node, row.operator,
+              row.action, row.reason, ",".join(map(str, row.requested)),
+              ",".join(map(str, row.changed)) or "-"] for row in rows]
+    _print_rows(f"{len(rows)} audit records",
+                ["id", "at", "node", "operator", "action", "reason", "requested", "changed"],
+                lines)
+    _say_where(config)
+
+
 @queue_app.command("set-aside")
 def list_set_aside(config: ConfigOption = None, limit: LimitOption = 1000) -> None:
     """Records the store refused (DESIGN.md I3b), with their raw evidence, newest first;

@@ -231,6 +231,8 @@ class RetentionSection(_Section):
 
     body_after: Annotated[float, Field(ge=0)] = 86400.0
     metadata_after: Annotated[float, Field(ge=0)] = 7 * 86400.0
+    #: The node's audit trail (operator actions) outlives the messages it names.
+    audit_after: Annotated[float, Field(ge=0)] = 90 * 86400.0
     batch: PositiveInt = 500
     interval: PositiveFloat = 60.0
 

@@ -265,7 +265,8 @@ FROM changed
 RETURNING delivery_id;
 
 -- name: delivery_operator_transition
--- An operator ($4, reason $5) moves deliveries $1 from state $2 to state $3.
+-- An operator ($4, reason $5) moves deliveries $1 from state $2 to state $3, as action
+-- $6 of node $7: in the deliveries' timelines, and in the audit trail with what changed.
 WITH changed AS (
     UPDATE deliveries
     SET state = $3,
@@ -276,10 +277,26 @@ WITH changed AS (
         updated_at = now()
     WHERE id = ANY($1::bigint[]) AND state = $2
     RETURNING id, state
+), events AS (
+    INSERT INTO delivery_events (delivery_id, state, detail, actor)
+    SELECT id, state, $5, $4 FROM changed
+), audited AS (
+    INSERT INTO audit (node, operator, action, reason, requested, changed)
+    SELECT $7, $4, $6, $5, $1::bigint[], coalesce(array_agg(id ORDER BY id), '{}')
+    FROM changed
 )
-INSERT INTO delivery_events (delivery_id, state, detail, actor)
-SELECT id, state, $5, $4 FROM changed
-RETURNING delivery_id;
+SELECT id AS delivery_id FROM changed;
+
+-- name: audit_list
+-- The node's audit trail, newest first, at most $1 records.
+SELECT id, at, node, operator, action, reason, requested, changed
+FROM audit ORDER BY id DESC LIMIT $1;
+
+-- name: audit_purge
+-- Delete up to $2 audit records older than $1 seconds (retention.audit_after).
+DELETE FROM audit
+WHERE id IN (SELECT id FROM audit WHERE at < now() - make_interval(secs => $1)
+             ORDER BY at LIMIT $2);
 
 -- name: delivery_list_in_state
 -- Deliveries in state $1 (oldest change first, at most $2), with their message's envelope.

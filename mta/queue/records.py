@@ -151,6 +151,20 @@ class SetAsideRecord:
 
 
 @dataclass(frozen=True)
+class AuditRecord:
+    """One operator action, as the node's audit trail keeps it."""
+
+    id: int
+    at: datetime
+    node: str
+    operator: str
+    action: str
+    reason: str
+    requested: list[int]
+    changed: list[int]
+
+
+@dataclass(frozen=True)
 class DeliveryListing:
     """A delivery as an operator lists it: envelope, state and last evidence."""
 

@@ -29,8 +29,9 @@ class Retention:
     """Drops bodies, then whole messages, once they have been done long enough."""
 
     def __init__(self, store: Store, *, body_after_s: float, metadata_after_s: float,
-                 batch: int, interval_s: float) -> None:
+                 audit_after_s: float, batch: int, interval_s: float) -> None:
         self._store = store
+        self._audit_after = audit_after_s
         self._body_after = body_after_s
         self._metadata_after = max(metadata_after_s, body_after_s)
         self._batch = batch
@@ -50,9 +51,10 @@ class Retention:
             if done < self._batch:
                 break
         owners = await self._store.purge_journal_owners(self._metadata_after, self._batch)
-        if bodies or messages or owners:
+        audit = await self._store.purge_audit(self._audit_after, self._batch)
+        if bodies or messages or owners or audit:
             log.info("retention.purged", bodies=bodies, messages=messages,
-                     journal_owners=owners)
+                     journal_owners=owners, audit=audit)
         return PurgeCounts(bodies, messages)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -22,6 +22,7 @@ from mta.queue.records import (
     FINAL_STATES,
     PENDING_STATES,
     AttemptOutcome,
+    AuditRecord,
     ClaimedDelivery,
     DeliveryEvent,
     DeliveryListing,
@@ -71,6 +72,7 @@ class Store:
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
         self._db = settings.database
+        self._node = settings.node.name
         self._intake_slots = asyncio.Semaphore(settings.node.intake_db_slots)
 
     @classmethod
@@ -285,30 +287,44 @@ class Store:
         return {row["delivery_id"] for row in rows}
 
     async def _operator_transition(self, ids: Sequence[int], source: str, target: str,
-                                   operator: str, reason: str) -> set[int]:
+                                   operator: str, reason: str, action: str) -> set[int]:
         rows = await self._run("delivery_operator_transition", "fetch", list(ids), source,
-                               target, operator, reason)
+                               target, operator, reason, action, self._node)
         changed = {row["delivery_id"] for row in rows}
         await self._mark_done(changed)
         return changed
 
     async def resend_uncertain(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
         """Queue ``uncertain`` deliveries again; they carry ``possible_duplicate`` from now on."""
-        return await self._operator_transition(ids, "uncertain", "queued", operator, reason)
+        return await self._operator_transition(ids, "uncertain", "queued", operator, reason,
+                                               "resend")
 
     async def mark_uncertain_delivered(self, ids: Sequence[int], operator: str,
                                        reason: str) -> set[int]:
         """Record an operator's word that ``uncertain`` deliveries did arrive."""
-        return await self._operator_transition(ids, "uncertain", "delivered", operator, reason)
+        return await self._operator_transition(ids, "uncertain", "delivered", operator, reason,
+                                               "mark-delivered")
 
     async def hold(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
         """Hold queued or deferred deliveries; nothing sends them until released."""
-        held = await self._operator_transition(ids, "queued", "held", operator, reason)
-        return held | await self._operator_transition(ids, "deferred", "held", operator, reason)
+        held = await self._operator_transition(ids, "queued", "held", operator, reason, "hold")
+        return held | await self._operator_transition(ids, "deferred", "held", operator, reason,
+                                                      "hold")
 
     async def release_held(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
         """Put ``held`` deliveries back in the queue, due now."""
-        return await self._operator_transition(ids, "held", "queued", operator, reason)
+        return await self._operator_transition(ids, "held", "queued", operator, reason,
+                                               "release")
+
+    async def audit_records(self, limit: int = 1000) -> list[AuditRecord]:
+        """The node's audit trail, newest first."""
+        rows = await self._run("audit_list", "fetch", limit)
+        return [AuditRecord(**dict(row)) for row in rows]
+
+    async def purge_audit(self, older_than_s: float, limit: int) -> int:
+        """Delete audit records older than ``older_than_s``; returns how many."""
+        status = await self._run("audit_purge", "execute", older_than_s, limit)
+        return int(str(status).rsplit(" ", 1)[-1])
 
     async def deliveries_in_state(self, state: str, limit: int = 1000) -> list[DeliveryListing]:
         """Deliveries in ``state``, oldest change first."""

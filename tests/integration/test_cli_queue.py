@@ -60,6 +60,16 @@ async def test_uncertain_deliveries_are_listed_resolved_and_audited(
     assert again.returncode == 2
     assert again.stderr.strip() == f"mta: not uncertain, left unchanged: {second}"
 
+    audit = await run_mta("queue", "audit", "--config", config)
+    assert audit.returncode == 0, audit.stderr
+    lines = audit.stdout.splitlines()
+    assert lines[0] == "# 3 audit records", "a refused attempt is audited too"
+    assert lines[2].split("\t")[4:] == ["resend", "x", str(second), "-"]
+    assert lines[3].split("\t")[3:] == ["bob", "mark-delivered", "seen", str(second),
+                                         str(second)]
+    assert lines[4].split("\t")[3:] == ["alice", "resend", "remote lost it", str(first),
+                                         str(first)]
+
     shown = await run_mta("queue", "show", qid, "--config", config)
     assert shown.returncode == 0, shown.stderr
     assert "possible_duplicate" in shown.stdout

@@ -141,15 +141,17 @@ async def test_finished_messages_are_done_then_purged_bodies_first(store: Store)
     assert message is not None and message.done_at is not None
     assert await store.queued_bytes() == queued_before - message.size_bytes
 
-    keep_bodies = Retention(store, body_after_s=3600, metadata_after_s=7200, batch=1,
-                            interval_s=60)
+    keep_bodies = Retention(store, body_after_s=3600, metadata_after_s=7200,
+                            audit_after_s=7200, batch=1, interval_s=60)
     assert (await keep_bodies.run_once()).bodies == 0, "not old enough"
-    purge_now = Retention(store, body_after_s=0, metadata_after_s=3600, batch=1, interval_s=60)
+    purge_now = Retention(store, body_after_s=0, metadata_after_s=3600, audit_after_s=3600,
+                          batch=1, interval_s=60)
     counts = await purge_now.run_once()
     assert (counts.bodies, counts.messages) == (1, 0)
     assert await store.message_content(first.message_id) == (b"", b"")
     assert await store.message(first.message_id) is not None, "metadata stays longer"
-    purge_all = Retention(store, body_after_s=0, metadata_after_s=0, batch=1, interval_s=60)
+    purge_all = Retention(store, body_after_s=0, metadata_after_s=0, audit_after_s=3600,
+                          batch=1, interval_s=60)
     assert (await purge_all.run_once()).messages == 1
     assert await store.message(first.message_id) is None
     assert await store.deliveries(first.message_id) == []
@@ -277,3 +279,30 @@ async def test_a_message_finished_by_two_concurrent_outcome_writes_is_still_mark
         await other.close()
     message = await store.message(first.message_id)
     assert message is not None and message.done_at is not None
+
+
+async def test_operator_actions_outlive_the_messages_they_name(store: Store) -> None:
+    """DESIGN.md, Audit: message retention never cascades into the node's audit trail;
+    its records go only after ``retention.audit_after``."""
+    from mta.queue.retention import Retention
+
+    await enqueue(store, 1)
+    (claimed,) = await store.claim_due("worker-a", 10, 60.0)
+    await store.record_outcomes("worker-a", [AttemptOutcome(claimed.id, "uncertain", None,
+                                                            "lost reply to the dot")])
+    assert await store.mark_uncertain_delivered([claimed.id], "alice", "seen it") == {
+        claimed.id}
+    assert await store.mark_uncertain_delivered([claimed.id, 999], "bob", "again") == set()
+    purge_messages = Retention(store, body_after_s=0, metadata_after_s=0,
+                               audit_after_s=3600, batch=10, interval_s=60)
+    assert (await purge_messages.run_once()).messages == 1
+    assert await store.message(claimed.message_id) is None
+    newest, first = await store.audit_records()
+    assert (first.operator, first.action, first.reason) == ("alice", "mark-delivered", "seen it")
+    assert (first.requested, first.changed, first.node) == ([claimed.id], [claimed.id],
+                                                            "test-node")
+    assert (newest.operator, newest.requested, newest.changed) == ("bob", [claimed.id, 999], [])
+    purge_audit = Retention(store, body_after_s=0, metadata_after_s=0, audit_after_s=0,
+                            batch=10, interval_s=60)
+    await purge_audit.run_once()
+    assert await store.audit_records() == []
