@@ -1,4 +1,10 @@
-"""Structured logs on stdout: JSON when not a terminal. Never bodies or credentials."""
+"""Structured logs on stdout: JSON when not a terminal. Never bodies or credentials.
+
+Every line is one record, written with a single write (a node's processes share
+stdout): structlog's own, and those of the standard library's loggers (aiosmtpd's
+``unrecognised: …`` lines, asyncio's and asyncpg's errors), whose tracebacks go inside
+the record rather than across lines.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +18,18 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """Route structlog (and stdlib logging) to stdout at ``level``."""
+    """Route structlog and stdlib logging to stdout at ``level``, one record a line."""
     json_output = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json_output
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -32,6 +39,15 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stdout)  # one write per record, newline included
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           stamp],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
     # aiosmtpd logs every command (and AUTH lines) at INFO: keep only its warnings.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)

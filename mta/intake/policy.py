@@ -33,6 +33,7 @@ from mta.intake.trace import (
     printable,
     received_header,
 )
+from mta.mail.text import outside_text
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id, queue_id
 
@@ -232,8 +233,15 @@ class Intake:
                  message_id=message_id, auth_user=auth_user)
         return replies.ACCEPTED.format(queue_id=qid)
 
-    async def handle_exception(self, error: Exception) -> str:
-        """aiosmtpd's hook for an unexpected error in a command: never a 250, never a 500."""
+    def client_fault(self, reason: str, error: BaseException) -> str:
+        """A command failed by the client's doing (a failed TLS handshake, a connection it
+        broke): an info-level event with its reason, never a 250."""
+        self.metrics.intake_rejected.labels(reason).inc()
+        log.info("intake.client_fault", reason=reason, error=outside_text(repr(error)))
+        return replies.INTERNAL_ERROR
+
+    def internal_error(self, error: BaseException) -> str:
+        """A command failed by our doing: logged with its traceback, never a 250."""
         log.error("intake.internal_error", error=repr(error), exc_info=error)
         self.metrics.intake_rejected.labels("internal_error").inc()
         return replies.INTERNAL_ERROR

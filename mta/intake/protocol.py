@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, _AuthMechAttr
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, _AuthMechAttr
 
 from mta import __version__
 from mta.intake import replies
@@ -234,6 +234,15 @@ class IntakeSMTP(SMTP):
             lines.append("250-AUTH PLAIN LOGIN")
         lines.append("250 HELP")
         await SMTP.push(self, "\r\n".join(lines))  # the EHLO reply carries no codes
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's hook for an error in a command: a client's fault (a failed TLS
+        handshake, a connection it broke) or ours, each reported as such by the policy."""
+        if isinstance(error, (TLSSetupException, ssl.SSLError)):
+            return self.intake.client_fault("tls_handshake_failed", error)
+        if isinstance(error, (ConnectionError, asyncio.IncompleteReadError)):
+            return self.intake.client_fault("connection_broken", error)
+        return self.intake.internal_error(error)
 
     async def push(self, status: Any) -> None:
         """Send a reply; after EHLO every 2xx, 4xx and 5xx carries an enhanced status

@@ -21,7 +21,8 @@ async def test_two_hundred_sessions_of_ten_messages_store_each_message_once(
     """200 concurrent sessions x 10 messages: 2,000 distinct Message-IDs, each stored once."""
     settings = make_settings(
         node={"intake_db_slots": 32},
-        smtp={"max_sessions": SESSIONS + 10, "data_concurrency": SESSIONS},
+        smtp={"max_sessions": SESSIONS + 10, "max_sessions_per_client": SESSIONS + 10,
+              "data_concurrency": SESSIONS},
         database={"acquire_timeout": 10.0, "commit_timeout": 10.0},
     )
     handle = await start_node(settings)

@@ -4,6 +4,7 @@ and logs never carry message bodies or credentials."""
 from __future__ import annotations
 
 import base64
+import json
 import ssl
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import asyncpg
 import trustme
 
 from mta.intake.auth import hash_password
+from tests.support.nodes import wait_for
 from tests.support.process import NodeProcess, run_mta, write_config
 from tests.support.smtp import RawSMTP
 
@@ -81,3 +83,29 @@ async def test_logs_hold_neither_bodies_nor_passwords(tmp_path: Path, db_dsn: st
     for secret in (password, right, wrong, "BODY-MARKER-7d1c"):
         assert secret not in output, f"{secret!r} appeared in the logs"
     assert "intake.auth_ok" in output and "auth_failed" in output
+
+
+async def test_every_line_on_stdout_is_one_json_record(tmp_path: Path, db_dsn: str) -> None:
+    """Also aiosmtpd's own warnings, which quote what a client sent (``unrecognised: …``):
+    a log shipper gets JSON only, with the client's bytes escaped inside it."""
+    node = NodeProcess.configure(tmp_path / "node", db_dsn, log={"format": "json"})
+    await node.start()
+    try:
+        client = await RawSMTP.connect(node.smtp_port)
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd("FROBNICATE \x01\x1b[31mred")).startswith("500 ")
+        assert (await client.cmd("QUIT")).startswith("221 ")
+        await client.close()
+        await node.wait_logged("node.started")
+
+        def unrecognised_logged() -> bool:
+            return "unrecognised" in node.log_path.read_text(errors="replace")
+
+        await wait_for(unrecognised_logged, timeout=10)
+    finally:
+        await node.close()
+    lines = node.log_path.read_text(errors="replace").splitlines()
+    assert lines
+    for line in lines:
+        record = json.loads(line)
+        assert isinstance(record, dict) and "event" in record, line

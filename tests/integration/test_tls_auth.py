@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from base64 import b64encode
 from collections.abc import Callable
@@ -14,8 +16,9 @@ from mta.config import Settings
 from mta.intake import replies
 from mta.intake.auth import hash_password
 from mta.queue.ids import parse_queue_id
+from tests.support.admin import admin_get
 from tests.support.intake import assert_closed_by_server, running_node, store_of, stored_content
-from tests.support.nodes import NodeHandle
+from tests.support.nodes import NodeHandle, wait_for
 from tests.support.smtp import RawSMTP, queue_id_of
 
 SettingsFactory = Callable[..., Settings]
@@ -272,3 +275,26 @@ async def test_an_endless_auth_line_gets_500_and_the_session_stays_in_step(
         assert (await client.cmd("NOOP")).startswith("250 2.0.0")
         assert await client.cmd(f"AUTH PLAIN {plain_credentials(USER, PASSWORD)}") == AUTH_OK
         await client.close()
+
+
+async def test_a_failed_tls_handshake_is_a_client_fault_not_an_internal_error(
+    tls_settings: Callable[..., Settings],
+) -> None:
+    """A client that answers 220 Ready with garbage: an info-level event with its reason,
+    counted apart from the node's own errors."""
+    async with running_node(tls_settings()) as node:
+        client = await RawSMTP.connect(node.port)
+        await client.cmd("EHLO client.test")
+        assert await client.cmd("STARTTLS") == replies.START_TLS
+        await client.send(b"this is not a TLS ClientHello\r\n" * 20)
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(client.reader.read(), 5)
+        await client.close()
+
+        async def counted() -> bool:
+            _, text = await admin_get(node.admin_port, "/metrics")
+            return 'mta_intake_rejected_total{reason="tls_handshake_failed"} 1.0' in text
+
+        await wait_for(counted, timeout=5)
+        _, text = await admin_get(node.admin_port, "/metrics")
+        assert 'reason="internal_error"' not in text
