@@ -5,7 +5,9 @@
 to its own process at the point's Nth hit (``MTA_FAULT_KILL_AFTER``, default 1).
 ``fault_error("journal.write")`` raises ``OSError(ENOSPC)`` while the file named by
 ``MTA_FAULT_FAIL_WHILE`` exists, when ``MTA_FAULT_FAIL_AT=journal.write`` (a disk that
-fills up and is freed again). The environment is read once, at import, so production
+fills up and is freed again). ``fault_delay("store.delivery_statement")`` gives
+``MTA_FAULT_SLOW_S`` seconds when ``MTA_FAULT_SLOW_AT`` names it (a slow store), else 0.
+The environment is read once, at import, so production
 pays one string comparison per point.
 """
 
@@ -22,6 +24,8 @@ _KILL_AFTER = int(os.environ.get("MTA_FAULT_KILL_AFTER", "1")) if _KILL_AT else 
 _hits = itertools.count(1)
 _FAIL_AT = os.environ.get("MTA_FAULT_FAIL_AT", "") if _ARMED else ""
 _FAIL_WHILE = os.environ.get("MTA_FAULT_FAIL_WHILE", "") if _FAIL_AT else ""
+_SLOW_AT = os.environ.get("MTA_FAULT_SLOW_AT", "") if _ARMED else ""
+_SLOW_S = float(os.environ.get("MTA_FAULT_SLOW_S", "1")) if _SLOW_AT else 0.0
 
 
 def fault_point(name: str) -> None:
@@ -34,3 +38,8 @@ def fault_error(name: str) -> None:
     """Raise ENOSPC at the point ``name`` while a fault test keeps its flag file."""
     if _FAIL_AT and name == _FAIL_AT and os.path.exists(_FAIL_WHILE):
         raise OSError(errno.ENOSPC, f"No space left on device (fault hook at {name})")
+
+
+def fault_delay(name: str) -> float:
+    """Seconds a fault test wants the point ``name`` to take (0: none)."""
+    return _SLOW_S if _SLOW_AT and name == _SLOW_AT else 0.0

@@ -124,6 +124,10 @@ SELECT current_setting('max_connections')::int AS max_connections,
        current_setting('fsync') AS fsync,
        current_setting('synchronous_commit') AS synchronous_commit;
 
+-- name: fault_sleep
+-- A slow store for fault tests (mta.faults.fault_delay): hold the connection $1 seconds.
+SELECT pg_sleep($1);
+
 -- name: ping
 -- A round trip that proves the server answers.
 SELECT 1;

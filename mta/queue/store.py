@@ -10,14 +10,16 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from mta.concurrency import acquire_within
 from mta.config import Settings, connection_budget
+from mta.config.budget import FIXED_CONNECTIONS_PER_PROCESS
 from mta.errors import StoreRejected, StoreUnavailable
+from mta.faults import fault_delay
 from mta.queue.records import (
     FINAL_STATES,
     PENDING_STATES,
@@ -37,6 +39,11 @@ from mta.queue.records import (
 )
 from mta.queue.server import REJECTED_ERRORS, STORE_ERRORS
 from mta.queue.sql import query
+
+#: The roles that share a process's pool, each within its own part of it (I6): intake
+#: commits, delivery's statements (and the store's upkeep), and the fixed two (the NOTIFY
+#: listener and the health check, queue figures and wake-ups).
+Share = Literal["intake", "delivery", "maintenance"]
 
 #: The channel intake notifies and delivery workers listen on.
 NEW_WORK_CHANNEL = "mta_new_work"
@@ -73,7 +80,13 @@ class Store:
         self._pool = pool
         self._db = settings.database
         self._node = settings.node.name
-        self._intake_slots = asyncio.Semaphore(settings.node.intake_db_slots)
+        # I6: each role has its own share of the pool, so delivery under load never
+        # holds the connections intake commits with (nor the health check's).
+        self._shares: dict[Share, asyncio.Semaphore] = {
+            "intake": asyncio.Semaphore(settings.node.intake_db_slots),
+            "delivery": asyncio.Semaphore(settings.node.workers),
+            "maintenance": asyncio.Semaphore(FIXED_CONNECTIONS_PER_PROCESS),
+        }
 
     @classmethod
     async def open(cls, dsn: str, settings: Settings) -> Store:
@@ -116,15 +129,31 @@ class Store:
     @contextlib.asynccontextmanager
     async def intake_slot(self) -> AsyncIterator[None]:
         """Hold one of ``intake_db_slots``; waiting longer than the acquire timeout fails."""
-        if not await acquire_within(self._intake_slots, self._db.acquire_timeout):
-            raise StoreUnavailable("no intake database slot became free in time")
+        async with self._slot("intake"):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, share: Share) -> AsyncIterator[None]:
+        semaphore = self._shares[share]
+        if not await acquire_within(semaphore, self._db.acquire_timeout):
+            raise StoreUnavailable(f"no {share} database slot became free in time")
         try:
             yield
         finally:
-            self._intake_slots.release()
+            semaphore.release()
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
+    async def _connection(self, share: Share) -> AsyncIterator[PoolConnectionProxy[Any]]:
+        """A pool connection of ``share``, within the acquire timeout."""
+        async with self._slot(share), self._pooled() as conn:
+            if share == "delivery":
+                delay = fault_delay("store.delivery_statement")
+                if delay:
+                    await conn.execute(query("fault_sleep"), delay)
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _pooled(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
         try:
             conn = await self._pool.acquire(timeout=self._db.acquire_timeout)
         except STORE_ERRORS as exc:
@@ -143,21 +172,21 @@ class Store:
         finally:
             await self._pool.release(conn)
 
-    async def _run(self, name: str, method: str, *args: Any) -> Any:
-        """Run one named statement with a connection from the pool, within the timeout."""
+    async def _run(self, name: str, method: str, *args: Any,
+                   share: Share = "delivery") -> Any:
+        """Run one named statement on a connection of ``share``, within the timeout."""
         with _unavailable_on_error(name):
-            async with self._connection() as conn:
+            async with self._connection(share) as conn:
                 call = getattr(conn, method)
                 return await call(query(name), *args, timeout=self._db.commit_timeout)
 
     async def enqueue(self, message: NewMessage) -> None:
         """Commit a message and its deliveries durably, or raise ``StoreUnavailable``."""
-        async with self.intake_slot():
-            await self._run("message_insert", "execute", *_insert_args(message))
+        await self._run("message_insert", "execute", *_insert_args(message), share="intake")
 
     async def queue_stats(self) -> QueueStats:
         """Deliveries with work left per state, the due lag and the oldest message's age."""
-        row = await self._run("queue_stats", "fetchrow")
+        row = await self._run("queue_stats", "fetchrow", share="maintenance")
         return QueueStats(
             by_state={state: int(row[state]) for state in PENDING_STATES},
             expired_leases=int(row["expired_leases"]),
@@ -165,11 +194,11 @@ class Store:
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the server answers."""
-        await self._run("ping", "fetchval")
+        await self._run("ping", "fetchval", share="maintenance")
 
     async def queued_bytes(self) -> int:
         """Bytes of messages that still have deliveries to make."""
-        return int(await self._run("message_queued_bytes", "fetchval"))
+        return int(await self._run("message_queued_bytes", "fetchval", share="maintenance"))
 
     async def claim_due(
         self, owner: str, limit: int, lease_seconds: float,
@@ -237,7 +266,7 @@ class Store:
         else:
             timeout = self._db.commit_timeout
             with _unavailable_on_error("delivery_record_outcomes"):
-                async with self._connection() as conn, conn.transaction():
+                async with self._connection("delivery") as conn, conn.transaction():
                     rows = await conn.fetch(query("delivery_record_outcomes"), *args,
                                             timeout=timeout)
                     applied = {row["delivery_id"] for row in rows}
@@ -367,7 +396,7 @@ class Store:
 
     async def notify_new_work(self, source: str) -> None:
         """Wake delivery workers that listen on this store (any process, any node)."""
-        await self._run("deliveries_notify", "execute", source)
+        await self._run("deliveries_notify", "execute", source, share="maintenance")
 
     @contextlib.asynccontextmanager
     async def listening(self, on_new_work: Callable[[], None]
@@ -377,7 +406,7 @@ class Store:
         Yields a function that tells whether the connection is still open, so the caller
         can listen again after the store comes back.
         """
-        async with self._connection() as conn:
+        async with self._connection("maintenance") as conn:
             def callback(*_: object) -> None:
                 on_new_work()
 
