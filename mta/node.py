@@ -25,6 +25,7 @@ from mta.queue import Store
 from mta.queue.records import PENDING_STATES
 from mta.queue.retention import Retention
 from mta.queue.wakeup import Notifier, listen_for_work
+from mta.supervision import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -50,8 +51,8 @@ class Node:
         self._admin: web.AppRunner | None = None
         self._stop_background = asyncio.Event()
         self._stop_delivery = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._delivery_tasks: list[asyncio.Task[None]] = []
+        self._loops = Supervisor(self.metrics, self._stop_background)
+        self._delivery_loops = Supervisor(self.metrics, self._stop_delivery)
         self.deliverer: Deliverer | None = None
         self._journal_was_up = True
 
@@ -68,6 +69,7 @@ class Node:
             "store_up": self.store_up,
             "journal_up": self.journal_up,
             "sessions": self.intake.session_count if self.intake else 0,
+            "failing_tasks": sorted(self._loops.failing | self._delivery_loops.failing),
         }
 
     async def start(self) -> None:
@@ -79,20 +81,17 @@ class Node:
         admission = Admission(self.store, self.settings, self.metrics)
         await admission.run_once()
         self.intake = Intake(self.settings, self.store, self.metrics, admission)
-        self._tasks = [
-            asyncio.create_task(admission.run(self._stop_background), name="admission"),
-            asyncio.create_task(self._health_loop(), name="health"),
-            asyncio.create_task(Retention(
-                self.store, body_after_s=self.settings.retention.body_after,
-                metadata_after_s=self.settings.retention.metadata_after,
-                audit_after_s=self.settings.retention.audit_after,
-                batch=self.settings.retention.batch,
-                interval_s=self.settings.retention.interval,
-            ).run(self._stop_background), name="retention"),
-        ]
+        retention = Retention(
+            self.store, body_after_s=self.settings.retention.body_after,
+            metadata_after_s=self.settings.retention.metadata_after,
+            audit_after_s=self.settings.retention.audit_after,
+            batch=self.settings.retention.batch, interval_s=self.settings.retention.interval)
+        stop = self._stop_background
+        self._loops.start("admission", lambda: admission.run(stop))
+        self._loops.start("health", self._health_loop)
+        self._loops.start("retention", lambda: retention.run(stop))
         if self.reports_queue:
-            self._tasks.append(asyncio.create_task(self._queue_stats_loop(),
-                                                   name="queue-stats"))
+            self._loops.start("queue-stats", self._queue_stats_loop)
         else:
             self.metrics.drop_queue_gauges()
         notifier = Notifier(self.store, self.settings.node.name)
@@ -100,12 +99,10 @@ class Node:
         if self.settings.delivery.enabled:
             self.deliverer = await start_delivery(self.settings, self.store, self.metrics)
             self.intake.on_accepted.append(self.deliverer.wake.set)
-            self._delivery_tasks = [
-                asyncio.create_task(self.deliverer.run(self._stop_delivery), name="delivery")
-            ]
-            self._tasks.append(asyncio.create_task(
-                listen_for_work(self.store, self.deliverer.wake, self._stop_background),
-                name="listener"))
+            deliverer, store = self.deliverer, self.store
+            self._delivery_loops.start("delivery", lambda: deliverer.run(self._stop_delivery))
+            self._loops.start("listener",
+                              lambda: listen_for_work(store, deliverer.wake, stop))
         self._admin = await start_admin(self.sockets["admin"], self.metrics, self.status)
         self._servers = await start_listeners(self.intake, self.settings, self.sockets)
         log.info("node.started", node=self.settings.node.name,
@@ -163,9 +160,9 @@ class Node:
             self.intake.close_sessions()
         await self._stop_deliveries(grace)
         self._stop_background.set()
-        for task in self._tasks:
+        for task in self._loops.tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._loops.tasks, return_exceptions=True)
         if self._admin is not None:
             await self._admin.cleanup()
         if self.store is not None:
@@ -175,11 +172,12 @@ class Node:
     async def _stop_deliveries(self, grace: float) -> None:
         """Let sends in flight finish within ``grace``; the rest keep journal and lease."""
         self._stop_delivery.set()
-        if self._delivery_tasks:
-            _, pending = await asyncio.wait(self._delivery_tasks, timeout=grace)
+        tasks = self._delivery_loops.tasks
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*self._delivery_tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self.deliverer is not None:
             await self.deliverer.close()
 

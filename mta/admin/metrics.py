@@ -43,6 +43,10 @@ class Metrics:
         self.store_up = Gauge(
             "mta_store_up", "1 when the last store health check succeeded.", registry=reg
         )
+        self.task_failures = Counter(
+            "mta_task_failures", "Failures of a background loop (restarted with backoff), "
+            "by task.", ["task"], registry=reg,
+        )
         self.journal_up = Gauge(
             "mta_journal_up", "1 while the delivery journal takes records; 0: it cannot be "
             "written (a full or failing disk) and delivery pauses.", registry=reg

@@ -12,6 +12,7 @@ import structlog
 from mta.admin.metrics import Metrics
 from mta.config import Settings
 from mta.errors import StoreFull, StoreUnavailable
+from mta.faults import fault_error
 from mta.queue import Store
 
 log = structlog.get_logger(__name__)
@@ -59,6 +60,7 @@ class Admission:
 
     async def run_once(self) -> None:
         """Re-read the queued bytes from the store (the last value stays if it is down)."""
+        fault_error("admission.refresh")
         try:
             queued = await self._store.queued_bytes()
         except StoreUnavailable as exc:

@@ -20,7 +20,7 @@ LEVELS = {
     "admin": 2,
     "queue": 3, "journal": 3,
     "intake": 4, "delivery": 4,
-    "node": 5,
+    "node": 5, "supervision": 5,
     "supervisor": 6,
     "fleet": 7,
     "cli": 8, "__main__": 9,
