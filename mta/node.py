@@ -19,9 +19,10 @@ from mta.delivery.deliverer import Deliverer
 from mta.delivery.start import start_delivery
 from mta.errors import StoreUnavailable
 from mta.intake.admission import Admission
-from mta.intake.listener import start_listeners
+from mta.intake.listener import start_listeners, start_unavailable
 from mta.intake.policy import Intake
-from mta.queue import Store
+from mta.queue import Store, migrate_dsn
+from mta.queue.preflight import preflight
 from mta.queue.records import PENDING_STATES
 from mta.queue.retention import Retention
 from mta.queue.wakeup import Notifier, listen_for_work
@@ -30,6 +31,9 @@ from mta.supervision import Supervisor
 log = structlog.get_logger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
+#: Seconds before the first retry of a store that did not answer at start, and at most.
+STORE_RETRY_FIRST_S = 1.0
+STORE_RETRY_MAX_S = 30.0
 
 
 class Node:
@@ -55,6 +59,9 @@ class Node:
         self._delivery_loops = Supervisor(self.metrics, self._stop_delivery)
         self.deliverer: Deliverer | None = None
         self._journal_was_up = True
+        #: An external store that cannot be reached at start is waited for (I7).
+        self.wait_for_store = bool(settings.database.dsn)
+        self._waiting: asyncio.Task[None] | None = None
 
     @property
     def journal_up(self) -> bool:
@@ -73,8 +80,48 @@ class Node:
         }
 
     async def start(self) -> None:
-        """Open the pool, start background loops, the admin server and the listeners."""
-        self.store = await Store.open(self.dsn, self.settings)
+        """Serve admin HTTP, then open the pool and start the loops and the listeners.
+
+        With an external store that cannot be reached, the node does not exit (I7): it
+        serves ``/healthz``, ``/metrics`` (``mta_store_up 0``) and ``/readyz`` (503),
+        answers SMTP with ``421 4.3.2``, and tries the store again with backoff; once it
+        answers, the checks and migrations run and the node starts for real.
+        """
+        self._admin = await start_admin(self.sockets["admin"], self.metrics, self.status)
+        self._loops.start("health", self._health_loop)
+        try:
+            self.store = await Store.open(self.dsn, self.settings)
+        except StoreUnavailable as exc:
+            if not self.wait_for_store:
+                raise
+            log.warning("node.waiting_for_store", error=str(exc).splitlines()[0])
+            self._servers = await start_unavailable(self.sockets)
+            self._waiting = asyncio.create_task(self._start_when_store_answers(),
+                                                name="waiting-for-store")
+            return
+        await self._start_serving()
+
+    async def _start_when_store_answers(self) -> None:
+        """Retry the store with backoff; then check it, migrate, and start serving."""
+        delay = STORE_RETRY_FIRST_S
+        while True:
+            try:
+                await preflight(self.settings, self.dsn, embedded=False)
+                await migrate_dsn(self.dsn, self.settings.database.connect_timeout)
+                self.store = await Store.open(self.dsn, self.settings)
+                break
+            except StoreUnavailable as exc:
+                log.warning("node.store_unreachable", error=str(exc).splitlines()[0],
+                            retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STORE_RETRY_MAX_S)
+        for server in self._servers:
+            server.close()
+        await self._start_serving()
+
+    async def _start_serving(self) -> None:
+        """With the store open: intake, delivery, the background loops and SMTP."""
+        assert self.store is not None
         self.store_up = True
         self.metrics.store_up.set(1)
         self.metrics.store_pool_size.set(self.store.pool_size)
@@ -88,7 +135,6 @@ class Node:
             batch=self.settings.retention.batch, interval_s=self.settings.retention.interval)
         stop = self._stop_background
         self._loops.start("admission", lambda: admission.run(stop))
-        self._loops.start("health", self._health_loop)
         self._loops.start("retention", lambda: retention.run(stop))
         if self.reports_queue:
             self._loops.start("queue-stats", self._queue_stats_loop)
@@ -103,20 +149,18 @@ class Node:
             self._delivery_loops.start("delivery", lambda: deliverer.run(self._stop_delivery))
             self._loops.start("listener",
                               lambda: listen_for_work(store, deliverer.wake, stop))
-        self._admin = await start_admin(self.sockets["admin"], self.metrics, self.status)
         self._servers = await start_listeners(self.intake, self.settings, self.sockets)
         log.info("node.started", node=self.settings.node.name,
                  listen=self.settings.smtp.listen, pool=self.store.pool_size)
 
     async def _health_loop(self) -> None:
-        assert self.store is not None
         while not self._stop_background.is_set():
             self.metrics.heartbeat.set(time.time())
-            try:
-                await self.store.ping()  # bounded by the acquire and statement timeouts
-                up = True
-            except StoreUnavailable:
-                up = False
+            up = False
+            if self.store is not None:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.ping()  # bounded by the acquire and statement timeouts
+                    up = True
             if up != self.store_up:
                 log.warning("node.store_up" if up else "node.store_down")
             self.store_up = up
@@ -126,7 +170,8 @@ class Node:
                 log.warning("node.journal_up" if journal_up else "node.journal_down")
                 self._journal_was_up = journal_up
             self.metrics.journal_up.set(1 if journal_up else 0)
-            self.metrics.store_pool_in_use.set(self.store.pool_in_use)
+            if self.store is not None:
+                self.metrics.store_pool_in_use.set(self.store.pool_in_use)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_background.wait(), HEALTH_INTERVAL_S)
 
@@ -150,6 +195,10 @@ class Node:
     async def stop(self) -> None:
         """DESIGN.md's shutdown: stop accepting, let DATA in flight commit, close, exit."""
         grace = self.settings.smtp.shutdown_grace
+        if self._waiting is not None:
+            self._waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._waiting
         for server in self._servers:
             server.close()
         if self.intake is not None:

@@ -18,6 +18,7 @@ from typing import TextIO
 import structlog
 
 from mta.config import Settings, connection_budget
+from mta.errors import StoreUnavailable
 from mta.intake.listener import bind_listeners, process_sockets
 from mta.node import Node
 from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
@@ -119,7 +120,14 @@ def serve(settings: Settings) -> int:
     """Start the store, check, migrate, bind, and run ``node.processes`` processes."""
     database = open_database(settings)
     try:
-        asyncio.run(prepare(settings, database))
+        try:
+            asyncio.run(prepare(settings, database))
+        except StoreUnavailable as exc:
+            if not settings.database.dsn:
+                raise
+            # I7: an external store that is down at start is waited for by the node's
+            # processes (they check and migrate once it answers), not a reason to exit.
+            log.warning("node.store_unreachable_at_start", error=str(exc).splitlines()[0])
         sockets = bind_listeners(settings)
         if settings.node.processes == 1:
             run_process(settings, database.dsn, sockets, 0)

@@ -6,8 +6,10 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Mapping
+from typing import cast
 
 from mta.config import Settings, parse_host_port
+from mta.intake import replies
 from mta.intake.policy import Intake
 from mta.intake.protocol import IntakeSMTP
 
@@ -70,6 +72,32 @@ def process_sockets(sockets: Mapping[str, socket.socket], index: int) -> dict[st
         elif key.startswith("admin-"):
             sock.close()
     return mine
+
+
+async def start_unavailable(sockets: Mapping[str, socket.socket]) -> list[asyncio.Server]:
+    """Answer every SMTP connection ``421 4.3.2`` and close it (implicit TLS ones are
+    closed at once), on copies of the bound sockets: closing these servers leaves the
+    sockets to the real listeners."""
+    loop = asyncio.get_running_loop()
+    servers = [await loop.create_server(lambda: _Unavailable(greet=True),
+                                        sock=sockets["plain"].dup())]
+    if "tls" in sockets:
+        servers.append(await loop.create_server(lambda: _Unavailable(greet=False),
+                                                sock=sockets["tls"].dup()))
+    return servers
+
+
+class _Unavailable(asyncio.Protocol):
+    """The whole SMTP service of a node whose store has not answered yet."""
+
+    def __init__(self, *, greet: bool) -> None:
+        self._greet = greet
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        writer = cast(asyncio.WriteTransport, transport)  # uvloop's are not subclasses
+        if self._greet:
+            writer.write(replies.STORE_NOT_READY.encode("ascii") + b"\r\n")
+        writer.close()
 
 
 async def start_listeners(intake: Intake, settings: Settings,
