@@ -21,7 +21,7 @@ from mta.errors import StoreUnavailable
 from mta.intake.admission import Admission
 from mta.intake.listener import start_listeners, start_unavailable
 from mta.intake.policy import Intake
-from mta.queue import Store, migrate_dsn
+from mta.queue import EmbeddedPostgres, Store, migrate_dsn
 from mta.queue.preflight import preflight
 from mta.queue.records import PENDING_STATES
 from mta.queue.retention import Retention
@@ -40,9 +40,12 @@ class Node:
     """Composes one node process. ``start`` it, ``stop`` it, or ``run`` until a signal."""
 
     def __init__(self, settings: Settings, dsn: str, sockets: Mapping[str, socket.socket],
-                 *, reports_queue: bool = True) -> None:
+                 *, reports_queue: bool = True, embedded: EmbeddedPostgres | None = None) -> None:
         """``reports_queue``: this process exports the store-wide queue gauges (one
-        process per node does, so that summing over processes counts the queue once)."""
+        process per node does, so that summing over processes counts the queue once).
+        ``embedded``: the node's embedded server, which this process restarts when it
+        dies (one process per node does)."""
+        self.embedded = embedded
         self.settings = settings
         self.dsn = dsn
         self.sockets = sockets
@@ -89,6 +92,8 @@ class Node:
         """
         self._admin = await start_admin(self.sockets["admin"], self.metrics, self.status)
         self._loops.start("health", self._health_loop)
+        if self.embedded is not None:
+            self._loops.start("embedded-store", self._embedded_store_loop)
         try:
             self.store = await Store.open(self.dsn, self.settings)
         except StoreUnavailable as exc:
@@ -152,6 +157,28 @@ class Node:
         self._servers = await start_listeners(self.intake, self.settings, self.sockets)
         log.info("node.started", node=self.settings.node.name,
                  listen=self.settings.smtp.listen, pool=self.store.pool_size)
+
+    async def _embedded_store_loop(self) -> None:
+        """Start the node's embedded server again whenever it is found dead (a crash, an
+        OOM kill), with backoff while it will not start; each restart is counted."""
+        assert self.embedded is not None
+        server, delay = self.embedded, STORE_RETRY_FIRST_S
+        while not self._stop_background.is_set():
+            wait = HEALTH_INTERVAL_S
+            if server.postmaster_pid() is None:
+                log.warning("node.embedded_store_died", data_dir=str(server.base_dir))
+                try:
+                    await asyncio.to_thread(server.start)
+                except StoreUnavailable as exc:
+                    log.warning("node.embedded_store_restart_failed",
+                                error=str(exc).splitlines()[0], retry_in_s=delay)
+                    wait, delay = delay, min(delay * 2, STORE_RETRY_MAX_S)
+                else:
+                    self.metrics.embedded_store_restarts.inc()
+                    log.warning("node.embedded_store_restarted", pid=server.postmaster_pid())
+                    delay = STORE_RETRY_FIRST_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_background.wait(), wait)
 
     async def _health_loop(self) -> None:
         while not self._stop_background.is_set():

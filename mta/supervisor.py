@@ -53,14 +53,20 @@ def embedded_server(settings: Settings) -> EmbeddedPostgres:
     )
 
 
-def open_database(settings: Settings) -> Database:
-    """The configured DSN, or the embedded server in the data directory (started now)."""
+def open_database(settings: Settings, *, adopt: bool = False) -> Database:
+    """The configured DSN, or the embedded server in the data directory (started now).
+
+    A server that already runs is stopped at the end only when ``adopt``: ``mta serve``
+    owns its node's server, also one a crashed node left running; a CLI command that
+    found it running leaves it to the node."""
     if settings.database.dsn:
         return Database(settings.database.dsn, None)
     server = embedded_server(settings)
     was_running = server.postmaster_pid() is not None
     dsn = server.start()
-    return Database(dsn, None if was_running else server)
+    if was_running and adopt:
+        log.info("node.embedded_store_adopted", pid=server.postmaster_pid())
+    return Database(dsn, server if adopt or not was_running else None)
 
 
 async def prepare(settings: Settings, database: Database) -> PreflightReport:
@@ -98,14 +104,17 @@ def dump_tasks(out: TextIO) -> None:
     out.flush()
 
 
-def run_process(settings: Settings, dsn: str, sockets: Mapping[str, socket.socket],
+def run_process(settings: Settings, database: Database, sockets: Mapping[str, socket.socket],
                 index: int) -> None:
-    """Run one node process's event loop until SIGTERM (uvloop when available)."""
+    """Run one node process's event loop until SIGTERM (uvloop when available). The first
+    process keeps the node's embedded server running."""
 
     async def main() -> None:
         stop = asyncio.Event()
         _install_signal_handlers(asyncio.get_running_loop(), stop)
-        node = Node(settings, dsn, process_sockets(sockets, index), reports_queue=index == 0)
+        node = Node(settings, database.dsn, process_sockets(sockets, index),
+                    reports_queue=index == 0,
+                    embedded=database.embedded if index == 0 else None)
         await node.run(stop)
 
     try:
@@ -118,7 +127,7 @@ def run_process(settings: Settings, dsn: str, sockets: Mapping[str, socket.socke
 
 def serve(settings: Settings) -> int:
     """Start the store, check, migrate, bind, and run ``node.processes`` processes."""
-    database = open_database(settings)
+    database = open_database(settings, adopt=True)
     try:
         try:
             asyncio.run(prepare(settings, database))
@@ -130,9 +139,9 @@ def serve(settings: Settings) -> int:
             log.warning("node.store_unreachable_at_start", error=str(exc).splitlines()[0])
         sockets = bind_listeners(settings)
         if settings.node.processes == 1:
-            run_process(settings, database.dsn, sockets, 0)
+            run_process(settings, database, sockets, 0)
             return 0
-        return _run_children(settings, database.dsn, sockets)
+        return _run_children(settings, database, sockets)
     finally:
         database.close()
 
@@ -148,7 +157,8 @@ def _die_with(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _run_children(settings: Settings, dsn: str, sockets: Mapping[str, socket.socket]) -> int:
+def _run_children(settings: Settings, database: Database,
+                  sockets: Mapping[str, socket.socket]) -> int:
     """Fork one child per process; forward SIGTERM/SIGINT/SIGUSR1; stop all if one dies."""
     children: dict[int, int] = {}
     supervisor = os.getpid()
@@ -158,7 +168,7 @@ def _run_children(settings: Settings, dsn: str, sockets: Mapping[str, socket.soc
             code = 0
             try:
                 _die_with(supervisor)
-                run_process(settings, dsn, sockets, index)
+                run_process(settings, database, sockets, index)
             except BaseException:
                 log.exception("node.process_crashed", index=index)
                 code = 1

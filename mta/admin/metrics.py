@@ -43,6 +43,10 @@ class Metrics:
         self.store_up = Gauge(
             "mta_store_up", "1 when the last store health check succeeded.", registry=reg
         )
+        self.embedded_store_restarts = Counter(
+            "mta_embedded_store_restarts", "Times the node started its embedded PostgreSQL "
+            "again after finding it dead.", registry=reg,
+        )
         self.task_failures = Counter(
             "mta_task_failures", "Failures of a background loop (restarted with backoff), "
             "by task.", ["task"], registry=reg,
