@@ -37,6 +37,8 @@ from mta.queue.store import Store
 
 log = structlog.get_logger(__name__)
 
+#: Suspects of the crash-loop breaker worked through alone at one start, at most.
+MAX_SUSPECTS_PER_START = 1000
 #: Seconds the claim loop waits after an unexpected error before it claims again.
 ROUND_RETRY_S = 1.0
 #: Groups in hand at once, in claim batches: the loop claims while fewer are outstanding.
@@ -98,6 +100,7 @@ class Deliverer:
         Sends run as tasks, so a slow destination holds only its own slots: the loop goes
         on claiming for the others while at most ``max_tasks`` groups are outstanding.
         """
+        await self._work_through_suspects(stop)
         while not stop.is_set():
             if not self._journal_works():
                 # Pause (I3: no dot without its record), and try the journal again later.
@@ -125,6 +128,31 @@ class Deliverer:
         await self._give_back_unstarted()
         if self._groups:
             await asyncio.wait(list(self._groups))
+
+    async def _work_through_suspects(self, stop: asyncio.Event) -> None:
+        """The crash-loop breaker (DESIGN.md): before other work, send each suspect (a
+        delivery in flight at ``crash_loop_limit - 1`` deaths) alone, one at a time. A
+        death now is pinned on the one in flight, which recovery then holds; one that
+        comes through is cleared, and the others go back to work."""
+        crashes = max(1, self.delivery.crash_loop_limit - 1)
+        for _ in range(MAX_SUSPECTS_PER_START):
+            if stop.is_set():
+                return
+            try:
+                suspect = await self.store.claim_suspect(
+                    self.owner, self.delivery.lease_seconds, crashes,
+                    self.delivery.crash_loop_window)
+            except StoreUnavailable:
+                return  # the claim loop deals with the store
+            if suspect is None:
+                return
+            log.warning("delivery.crash_suspect_alone", delivery=suspect.id,
+                        queue_id=queue_id(suspect.message_id))
+            progress = Progress()
+            await self._deliver_logged(suspect.message_id, suspect.next_hop, [suspect],
+                                       progress)
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.exonerate(suspect.id)
 
     def _journal_works(self) -> bool:
         """Whether the journal takes records (resuming it in a new segment after a

@@ -115,6 +115,30 @@ WHERE d.id = ANY(ARRAY(SELECT id FROM first UNION SELECT id FROM siblings))
 RETURNING d.id, d.message_id, d.recipient, d.next_hop, d.attempts,
           m.mail_from, m.received_at, m.message_id_header, m.size_bytes;
 
+-- name: delivery_claim_suspect
+-- Lease to owner $1 for $2 seconds one queued or deferred suspect of the crash-loop
+-- breaker (in flight at $3 or more process deaths within the last $4 seconds), alone:
+-- without its siblings. Its message's envelope comes with it.
+WITH suspect AS (
+    SELECT id FROM deliveries
+    WHERE crash_count >= $3 AND last_crash_at > now() - make_interval(secs => $4)
+      AND crash_count > 0 AND state IN ('queued', 'deferred')
+    ORDER BY last_crash_at, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries AS d
+SET state = 'leased', lease_owner = $1,
+    lease_expires_at = now() + make_interval(secs => $2), updated_at = now()
+FROM messages AS m
+WHERE d.id = (SELECT id FROM suspect) AND m.id = d.message_id
+RETURNING d.id, d.message_id, d.recipient, d.next_hop, d.attempts,
+          m.mail_from, m.received_at, m.message_id_header, m.size_bytes;
+
+-- name: delivery_exonerate
+-- A suspect whose attempt ran alone without the process dying is no suspect any more.
+UPDATE deliveries SET crash_count = 0 WHERE id = $1;
+
 -- name: server_limits
 -- The server's connection limits, connections in use, and durability settings.
 SELECT current_setting('max_connections')::int AS max_connections,
@@ -238,7 +262,9 @@ RETURNING id;
 
 -- name: delivery_release_unsent
 -- Requeue deliveries leased to dead owner $1 ($2) that were certainly not sent ($3: why).
--- Each counts as a crash in flight; the $4th within $5 seconds holds it ('crash-loop').
+-- Each counts as a crash in flight; the $4th within $5 seconds holds it ('crash-loop'),
+-- but only when it was alone in flight ($6): a death is pinned on it, not on whatever
+-- happened to be in flight beside it.
 WITH counted AS (
     SELECT id,
            CASE WHEN last_crash_at > now() - make_interval(secs => $5)
@@ -248,8 +274,8 @@ WITH counted AS (
     FOR UPDATE
 ), changed AS (
     UPDATE deliveries AS d
-    SET state = CASE WHEN c.crashes >= $4 THEN 'held' ELSE 'queued' END,
-        hold_reason = CASE WHEN c.crashes >= $4 THEN 'crash-loop' END,
+    SET state = CASE WHEN c.crashes >= $4 AND $6 THEN 'held' ELSE 'queued' END,
+        hold_reason = CASE WHEN c.crashes >= $4 AND $6 THEN 'crash-loop' END,
         crash_count = c.crashes,
         last_crash_at = now(),
         lease_owner = NULL, lease_expires_at = NULL,
@@ -261,8 +287,8 @@ WITH counted AS (
 INSERT INTO delivery_events (delivery_id, state, detail, actor)
 SELECT id, state,
        CASE WHEN state = 'held'
-            THEN format('crash-loop: %s deaths with this delivery in flight; %s', crash_count,
-                        $3::text)
+            THEN format('crash-loop: %s deaths with this delivery in flight, alone at the '
+                        'last; %s', crash_count, $3::text)
             ELSE $3::text END,
        $1
 FROM changed

@@ -65,6 +65,13 @@ def _unavailable_on_error(name: str) -> Iterator[None]:
         raise StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
 
 
+def _claimed(row: asyncpg.Record) -> ClaimedDelivery:
+    return ClaimedDelivery(
+        row["id"], row["message_id"], row["recipient"], row["next_hop"], row["attempts"],
+        Envelope(row["message_id"], row["mail_from"], row["received_at"],
+                 row["message_id_header"], row["size_bytes"]))
+
+
 def _insert_args(message: NewMessage) -> tuple[Any, ...]:
     """The parameters of ``message_insert`` for ``message``."""
     return (message.id, message.mail_from, len(message.trace_headers) + len(message.body),
@@ -209,10 +216,19 @@ class Store:
         (so a claim may return more than ``limit``). Locked rows are skipped."""
         rows = await self._run("delivery_claim_due", "fetch", owner, limit, lease_seconds,
                                list(skip_next_hops))
-        return [ClaimedDelivery(
-            row["id"], row["message_id"], row["recipient"], row["next_hop"], row["attempts"],
-            Envelope(row["message_id"], row["mail_from"], row["received_at"],
-                     row["message_id_header"], row["size_bytes"])) for row in rows]
+        return [_claimed(row) for row in rows]
+
+    async def claim_suspect(self, owner: str, lease_seconds: float, crashes: int,
+                            window_s: float) -> ClaimedDelivery | None:
+        """Lease one due suspect of the crash-loop breaker to ``owner``, alone: a
+        delivery in flight at ``crashes`` or more deaths within ``window_s``."""
+        rows = await self._run("delivery_claim_suspect", "fetch", owner, lease_seconds,
+                               crashes, window_s)
+        return _claimed(rows[0]) if rows else None
+
+    async def exonerate(self, delivery_id: int) -> None:
+        """Clear a suspect whose attempt ran alone without a death."""
+        await self._run("delivery_exonerate", "execute", delivery_id)
 
     async def message(self, message_id: uuid.UUID) -> MessageRecord | None:
         """One message's envelope and metadata, or None."""
@@ -309,10 +325,11 @@ class Store:
         """Requeue deliveries a dead ``owner`` leased but certainly never sent.
 
         Each release counts a death with the delivery in flight; the ``crash_limit``-th
-        within ``crash_window_s`` holds it with the reason ``crash-loop`` instead.
+        within ``crash_window_s`` holds it with the reason ``crash-loop`` instead, when it
+        was the owner's only lease (alone in flight: the death is pinned on it).
         """
         rows = await self._run("delivery_release_unsent", "fetch", owner, list(delivery_ids),
-                               reason, crash_limit, crash_window_s)
+                               reason, crash_limit, crash_window_s, len(delivery_ids) == 1)
         return {row["delivery_id"] for row in rows}
 
     async def _operator_transition(self, ids: Sequence[int], source: str, target: str,

@@ -29,10 +29,10 @@ SIGKILL_STATUS = -9
 FINAL = ("delivered", "uncertain")
 
 
-async def preload(db_dsn: str, settings: Settings) -> None:
+async def preload(db_dsn: str, settings: Settings, deliveries: int = DELIVERIES) -> None:
     store = await Store.open(db_dsn, settings)
     try:
-        for n in range(DELIVERIES):
+        for n in range(deliveries):
             await store.enqueue(NewMessage(
                 id=new_message_id(), mail_from="app@example.org",
                 recipients=[f"r{n}@example.com"], trace_headers=b"",
@@ -206,3 +206,48 @@ async def test_postgres_killed_mid_burst_recovers_without_loss_or_duplicates(
                        for rcpt in t.recipients)
     assert len(received) == DELIVERIES
     assert max(received.values()) == 1, "no message was sent twice"
+
+
+@pytest.mark.slow
+async def test_kills_from_outside_hold_only_what_was_alone_in_flight_at_the_last_death(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: Callable[..., Settings],
+) -> None:
+    """The crash-loop breaker narrows (DESIGN.md): five SIGKILLs from outside during a
+    burst. From what was in flight at each kill, and what the journal proves, the test
+    works out which deliveries were alone in flight at their ``crash_loop_limit``-th
+    death; exactly those are held (normally none), and nothing else."""
+    limit = 3
+    journal = tmp_path / "node" / "data" / "journal"
+    # Fewer than a start leases at once: what a death leaves is in flight again at the
+    # next one, so deaths pile up on the same deliveries.
+    await preload(db_dsn, make_settings(), deliveries=150)
+    node = node_for(tmp_path, db_dsn, sink)
+    deaths: Counter[int] = Counter()
+    expected_held: set[int] = set()
+    await node.start()
+    try:
+        for kill in range(5):
+            target = len(sink.transactions) + 1
+            await wait_for(lambda n=target: len(sink.transactions) >= n, timeout=60)
+            node.signal(signal.SIGKILL)
+            assert await node.wait_exit(60) == SIGKILL_STATUS
+            leased = {d for d, s in (await states_by_id(db_dsn)).items() if s == "leased"}
+            assert leased or kill > 0, "deliveries were in flight at the first kill"
+            proven = {d for attempt in [*pending(journal).replied, *pending(journal).unanswered]
+                      for d in attempt.dot.delivery_ids}
+            released = leased - proven  # what recovery requeues as certainly not sent
+            for delivery in released:
+                deaths[delivery] += 1
+                if len(released) == 1 and deaths[delivery] >= limit:
+                    expected_held.add(delivery)
+            await node.start()
+
+        async def settled() -> bool:
+            return all(s in (*FINAL, "held") for s in (await states_by_id(db_dsn)).values())
+
+        await wait_for(settled, timeout=120)
+        final = await states_by_id(db_dsn)
+        assert {d for d, s in final.items() if s == "held"} == expected_held
+        assert max(deaths.values()) >= limit, "deliveries were in flight at several deaths"
+    finally:
+        await node.close()
