@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mta.config import Settings
 from mta.queue import Store
-from tests.support.delivery import only_state, submit_tagged
+from tests.support.delivery import state_of, submit_tagged
 from tests.support.nodes import wait_for
 from tests.support.process import NodeProcess
 from tests.support.sink import Faults, Sink
@@ -21,14 +21,6 @@ def delivering_node(tmp_path: Path, db_dsn: str, sink: Sink) -> NodeProcess:
         "enabled": True, "poll_interval": 60.0,
         "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none"}],
     })
-
-
-async def state_of(db_dsn: str, settings: Settings, message_id: uuid.UUID) -> str:
-    store = await Store.open(db_dsn, settings)
-    try:
-        return await only_state(store, message_id)
-    finally:
-        await store.close()
 
 
 async def kill_at(node: NodeProcess, point: str, after: int) -> None:

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from mta.config import Settings
-from mta.queue import Store
 from mta.queue.ids import queue_id
 from tests.support.bad_peer import BadPeer, running_bad_peer
-from tests.support.delivery import only_state, submit_tagged
+from tests.support.delivery import state_of, submit_tagged
 from tests.support.nodes import free_port, wait_for
 from tests.support.process import NodeProcess, run_mta
 from tests.support.sink import Sink
@@ -42,14 +41,6 @@ def node_for(tmp_path: Path, db_dsn: str, peer_port: int, sink: Sink) -> NodePro
             {"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none"},
         ],
     })
-
-
-async def state_of(db_dsn: str, settings: Settings, message_id: uuid.UUID) -> str:
-    store = await Store.open(db_dsn, settings)
-    try:
-        return await only_state(store, message_id)
-    finally:
-        await store.close()
 
 
 async def assert_recovered(node: NodeProcess, db_dsn: str, settings: Settings,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from mta.config import Settings
 from mta.queue import Store
 from mta.queue.ids import parse_queue_id
 from tests.support.smtp import RawSMTP, queue_id_of
@@ -34,6 +35,15 @@ async def only_state(store: Store, message_id: uuid.UUID) -> str:
     """The state of a message's one delivery."""
     (delivery,) = await store.deliveries(message_id)
     return delivery.state
+
+
+async def state_of(dsn: str, settings: Settings, message_id: uuid.UUID) -> str:
+    """The state of a message's one delivery, read through a store of the test's own."""
+    store = await Store.open(dsn, settings)
+    try:
+        return await only_state(store, message_id)
+    finally:
+        await store.close()
 
 
 async def states_by_recipient(dsn: str) -> dict[str, str]:
