@@ -47,15 +47,20 @@ def journal_identity(directory: Path) -> str:
     with contextlib.suppress(FileNotFoundError):
         return path.read_text(encoding="ascii").strip()
     directory.mkdir(parents=True, exist_ok=True)
-    identity = uuid.uuid4().hex
-    temporary = directory / f"{IDENTITY_FILE}.tmp"
-    with temporary.open("w", encoding="ascii") as handle:
-        handle.write(identity + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    # Several processes of a node may start at once: each writes a candidate of its own,
+    # and the first to link it into place wins; the others read the winner's.
+    temporary = directory / f"{IDENTITY_FILE}.{os.getpid()}.{uuid.uuid4().hex}"
+    try:
+        with temporary.open("w", encoding="ascii") as handle:
+            handle.write(uuid.uuid4().hex + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     fsync_directory(directory, os.fsync)
-    return identity
+    return path.read_text(encoding="ascii").strip()
 
 
 def lock_file_exists(directory: Path, owner: str) -> bool:

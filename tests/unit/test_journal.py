@@ -225,3 +225,15 @@ def test_foreign_lock_holder_counts_as_alive(tmp_path: Path) -> None:
 def test_owner_names_cannot_escape_the_naming_scheme(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         Journal.open(tmp_path, "a.b")
+
+
+def test_processes_starting_at_once_agree_on_the_journal_identity(tmp_path: Path) -> None:
+    """A node's processes start together: one identity for the directory, whoever wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mta.journal.files import journal_identity
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = set(pool.map(lambda _: journal_identity(tmp_path / "journal"), range(32)))
+    assert len(found) == 1
+    assert [p.name for p in (tmp_path / "journal").iterdir()] == ["identity"]
