@@ -200,6 +200,7 @@ async def test_postgres_killed_mid_burst_recovers_without_loss_or_duplicates(
             finally:
                 await conn.close()
             assert not_done == 0, "every message is marked done, so retention will purge it"
+            assert node.events(), "every line logged while the store was down is JSON"
         finally:
             await node.close()
     received = Counter(rcpt.lower() for t in sink.transactions if t.received

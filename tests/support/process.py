@@ -153,18 +153,17 @@ class NodeProcess:
 
     def events(self) -> list[dict[str, Any]]:
         """The JSON log records of the current run so far. A whole line that is not one
-        record fails the test: the node's processes share stdout, and interleaved lines
-        are a bug (an operator's log shipper would drop them)."""
+        record fails the test: the node's processes share stdout, interleaved lines are
+        a bug, and so is any line that is not JSON (an operator's log shipper would drop
+        it)."""
         records = []
         text = self.log_path.read_text(errors="replace")
         complete, _, _ = text.rpartition("\n")  # the last line may be being written
         for line in complete.splitlines():
-            if line.startswith("{"):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise AssertionError(f"a log line is not one JSON record: {line!r}"
-                                         ) from None
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise AssertionError(f"a log line is not one JSON record: {line!r}") from None
         return records
 
     def logged(self, event: str) -> bool:
