@@ -9,8 +9,10 @@ from pathlib import Path
 import asyncpg
 
 from tests.support.admin import admin_get, healthz, metric
+from tests.support.delivery import submit_tagged
 from tests.support.nodes import wait_for
 from tests.support.process import NodeProcess
+from tests.support.sink import Sink
 from tests.support.smtp import RawSMTP
 
 PROCESSES = 2
@@ -149,3 +151,40 @@ async def test_a_busy_admin_port_stops_the_node_before_any_process_starts(
     err = node.stderr_text()
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert f"cannot start: Address already in use ({busy})" in err, err
+
+
+async def test_two_delivering_processes_share_one_journal_directory_and_deliver_once(
+    tmp_path: Path, db_dsn: str, sink: Sink,
+) -> None:
+    """Both processes start at once on one journal directory (one identity for it, each
+    its own owner in the store) and every message is delivered once, whichever sends it.
+    Then a SIGKILL of the node and a restart: what was in flight is settled from the
+    journal, nothing is called missing."""
+    node = NodeProcess.configure(tmp_path / "node", db_dsn, node={"processes": PROCESSES},
+                                 delivery={"enabled": True, "poll_interval": 0.5,
+                                           "routes": [{"domain": "*", "host": "127.0.0.1",
+                                                       "port": sink.port, "tls": "none"}]})
+    await node.start()
+    try:
+        for n in range(20):
+            await submit_tagged(node.smtp_port, f"p{n}")
+        await sink.wait_for_count(20, timeout=30)
+        node.signal(signal.SIGKILL)
+        await node.wait_exit(30)
+        await node.start()
+        for n in range(20, 30):
+            await submit_tagged(node.smtp_port, f"p{n}")
+        await sink.wait_for_count(30, timeout=30)
+        identity = (tmp_path / "node" / "data" / "journal" / "identity").read_text().strip()
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            owners = await conn.fetch("SELECT journal_id FROM journal_owners")
+            missing = await conn.fetchval(
+                "SELECT count(*) FROM deliveries WHERE last_reply LIKE 'journal missing%'")
+        finally:
+            await conn.close()
+        assert len(owners) == 2 * PROCESSES and {o["journal_id"] for o in owners} == {identity}
+        assert missing == 0
+        assert all(sink.count(f"p{n}@test", "user@example.com") == 1 for n in range(30))
+    finally:
+        await node.close()
