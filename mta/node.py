@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -23,7 +25,7 @@ from mta.intake.listener import start_listeners, start_unavailable
 from mta.intake.policy import Intake
 from mta.queue import EmbeddedPostgres, Store, migrate_dsn
 from mta.queue.preflight import preflight
-from mta.queue.records import PENDING_STATES
+from mta.queue.records import PENDING_STATES, NodeModeName
 from mta.queue.retention import Retention
 from mta.queue.wakeup import Notifier, listen_for_work
 from mta.supervision import Supervisor
@@ -31,6 +33,8 @@ from mta.supervision import Supervisor
 log = structlog.get_logger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
+#: The state file in the data directory that mirrors the node's mode (I8).
+MODE_FILE = "mode"
 #: Seconds before the first retry of a store that did not answer at start, and at most.
 STORE_RETRY_FIRST_S = 1.0
 STORE_RETRY_MAX_S = 30.0
@@ -62,6 +66,8 @@ class Node:
         self._delivery_loops = Supervisor(self.metrics, self._stop_delivery)
         self.deliverer: Deliverer | None = None
         self._journal_was_up = True
+        #: The node's mode: from its store, else its state file, else isolated (I8).
+        self.mode: NodeModeName = read_mode_file(self._mode_file) or "isolated"
         #: An external store that cannot be reached at start is waited for (I7).
         self.wait_for_store = bool(settings.database.dsn)
         self._waiting: asyncio.Task[None] | None = None
@@ -80,6 +86,7 @@ class Node:
             "journal_up": self.journal_up,
             "sessions": self.intake.session_count if self.intake else 0,
             "failing_tasks": sorted(self._loops.failing | self._delivery_loops.failing),
+            "mode": self.mode,
         }
 
     async def start(self) -> None:
@@ -124,6 +131,31 @@ class Node:
             server.close()
         await self._start_serving()
 
+    @property
+    def _mode_file(self) -> Path:
+        return Path(self.settings.node.data_dir) / MODE_FILE
+
+    async def _follow_mode(self) -> None:
+        """Read the mode from the store (authoritative) and apply it; mirror it in the
+        state file. Unreachable: the mode stays as it was."""
+        assert self.store is not None
+        with contextlib.suppress(StoreUnavailable):
+            found = await self.store.node_mode(self.settings.node.name)
+            self._apply_mode(found.mode if found is not None else "active")
+
+    def _apply_mode(self, mode: NodeModeName) -> None:
+        if mode != self.mode:
+            log.warning("node.mode", mode=mode, was=self.mode)
+        self.mode = mode
+        if self.intake is not None:
+            self.intake.mode = mode
+        if self.deliverer is not None:
+            self.deliverer.isolated = mode == "isolated"
+        for name in ("active", "draining", "isolated"):
+            self.metrics.node_mode.labels(name).set(1 if name == mode else 0)
+        if read_mode_file(self._mode_file) != mode:
+            write_mode_file(self._mode_file, mode)
+
     async def _start_serving(self) -> None:
         """With the store open: intake, delivery, the background loops and SMTP."""
         assert self.store is not None
@@ -133,6 +165,7 @@ class Node:
         admission = Admission(self.store, self.settings, self.metrics)
         await admission.run_once()
         self.intake = Intake(self.settings, self.store, self.metrics, admission)
+        await self._follow_mode()  # before anything is claimed or accepted (I8)
         retention = Retention(
             self.store, body_after_s=self.settings.retention.body_after,
             metadata_after_s=self.settings.retention.metadata_after,
@@ -149,6 +182,7 @@ class Node:
         self.intake.on_accepted.append(notifier.poke)
         if self.settings.delivery.enabled:
             self.deliverer = await start_delivery(self.settings, self.store, self.metrics)
+            self._apply_mode(self.mode)
             self.intake.on_accepted.append(self.deliverer.wake.set)
             deliverer, store = self.deliverer, self.store
             self._delivery_loops.start("delivery", lambda: deliverer.run(self._stop_delivery))
@@ -199,6 +233,8 @@ class Node:
             self.metrics.journal_up.set(1 if journal_up else 0)
             if self.store is not None:
                 self.metrics.store_pool_in_use.set(self.store.pool_in_use)
+                if self.intake is not None and up:
+                    await self._follow_mode()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_background.wait(), HEALTH_INTERVAL_S)
 
@@ -264,3 +300,26 @@ class Node:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def read_mode_file(path: Path) -> NodeModeName | None:
+    """The mode the state file mirrors, or None without a readable one."""
+    with contextlib.suppress(OSError):
+        text = path.read_text(encoding="ascii").strip()
+        if text == "active":
+            return "active"
+        if text == "draining":
+            return "draining"
+        if text == "isolated":
+            return "isolated"
+    return None
+
+
+def write_mode_file(path: Path, mode: NodeModeName) -> None:
+    """Mirror ``mode`` durably in the state file (atomically: a new file, renamed)."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}")
+    with temporary.open("w", encoding="ascii") as handle:
+        handle.write(mode + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

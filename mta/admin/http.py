@@ -28,7 +28,7 @@ def build_admin_app(metrics: Metrics, status: StatusFn) -> web.Application:
     async def readyz(_: web.Request) -> web.Response:
         state = status()
         ready = bool(state["accepting"] and state["store_up"] and state["journal_up"]
-                     and not state["failing_tasks"])
+                     and not state["failing_tasks"] and state["mode"] == "active")
         return web.json_response({"ready": ready, **state}, status=200 if ready else 503)
 
     app = web.Application()

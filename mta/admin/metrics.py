@@ -47,6 +47,14 @@ class Metrics:
             "mta_embedded_store_restarts", "Times the node started its embedded PostgreSQL "
             "again after finding it dead.", registry=reg,
         )
+        self.node_mode = Gauge(
+            "mta_node_mode", "The node's mode: 1 for the current one (active, draining, "
+            "isolated).", ["mode"], registry=reg,
+        )
+        self.delivery_paused_rounds = Counter(
+            "mta_delivery_paused_rounds", "Claim rounds passed over, by reason (isolated).",
+            ["reason"], registry=reg,
+        )
         self.task_failures = Counter(
             "mta_task_failures", "Failures of a background loop (restarted with backoff), "
             "by task.", ["task"], registry=reg,

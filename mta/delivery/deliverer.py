@@ -84,6 +84,9 @@ class Deliverer:
         self._per_domain: Counter[str] = Counter()
         #: A group found the journal refusing records: pause a round before claiming.
         self._journal_trouble = False
+        #: Set by the node while its mode is isolated: nothing is claimed.
+        self.isolated = False
+        self._metrics = metrics
 
     async def close(self) -> None:
         """Cancel sends still running (they keep journal records and leases), then close."""
@@ -100,8 +103,17 @@ class Deliverer:
         Sends run as tasks, so a slow destination holds only its own slots: the loop goes
         on claiming for the others while at most ``max_tasks`` groups are outstanding.
         """
-        await self._work_through_suspects(stop)
+        suspects_done = False
         while not stop.is_set():
+            if self.isolated:
+                # An isolated node delivers nothing (I8); its mail stays as it is.
+                self._metrics.delivery_paused_rounds.labels("isolated").inc()
+                await _first_of([], stop, self.wake, timeout=self.delivery.poll_interval)
+                self.wake.clear()
+                continue
+            if not suspects_done:
+                await self._work_through_suspects(stop)
+                suspects_done = True
             if not self._journal_works():
                 # Pause (I3: no dot without its record), and try the journal again later.
                 await _first_of([], stop, timeout=self.delivery.poll_interval)

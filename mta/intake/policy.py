@@ -84,15 +84,27 @@ class Intake:
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepting = True
+        #: The node's mode (DESIGN.md, Node modes): only an active node takes new mail.
+        self.mode = "active"
         #: Called after every commit (the node wakes its delivery workers with it).
         self.on_accepted: list[Callable[[], None]] = []
 
     # --- sessions -------------------------------------------------------------
 
+    def refuse_mail(self) -> str | None:
+        """The reply that refuses new mail on this node (draining or isolated), or None."""
+        if self.mode == "active":
+            return None
+        self.metrics.intake_rejected.labels(f"node_{self.mode}").inc()
+        return replies.NODE_NOT_ACTIVE.format(mode=self.mode)
+
     def refuse_session(self, client_ip: str) -> str | None:
         """The reply that refuses a new session from ``client_ip``, or None to greet it."""
         if not self.accepting:
             return replies.NOT_ACCEPTING
+        refusal = self.refuse_mail()
+        if refusal is not None:
+            return refusal
         if len(self._sessions) >= self.settings.smtp.max_sessions:
             self.metrics.intake_rejected.labels("too_many_sessions").inc()
             return replies.TOO_MANY_SESSIONS

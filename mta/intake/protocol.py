@@ -347,6 +347,10 @@ class IntakeSMTP(SMTP):
         if await self.check_helo_needed():
             return
         assert self.session is not None and self.envelope is not None
+        refusal = self.intake.refuse_mail()
+        if refusal is not None:
+            await self._close_with(refusal)
+            return
         if not self._may_submit():
             self._reject("not_authenticated")
             await self.push(replies.NOT_AUTHORISED)

@@ -32,6 +32,7 @@ STORE_UNAVAILABLE = "451 4.3.0 Temporary failure: message not stored, try again 
 STORE_FULL = "452 4.3.1 Insufficient system storage, try again later"
 NOT_ACCEPTING = "421 4.3.2 Service not available, closing transmission channel"
 TOO_MANY_SESSIONS = "421 4.3.2 Too many sessions, try again later"
+NODE_NOT_ACTIVE = "421 4.3.2 This node takes no new mail ({mode}), try another server"
 STORE_NOT_READY = "421 4.3.2 Service not available: the store is not reachable yet"
 TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many sessions from your address, try again later"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout exceeded, closing connection"

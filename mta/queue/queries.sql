@@ -317,6 +317,24 @@ WITH changed AS (
 )
 SELECT id AS delivery_id FROM changed;
 
+-- name: node_mode_get
+-- Node $1's mode, if one was ever set.
+SELECT mode, reason, changed_by, changed_at FROM node_mode WHERE node = $1;
+
+-- name: node_mode_set
+-- Set node $1's mode to $2 (by $4, reason $3), audited as action 'mode:' || $2.
+WITH changed AS (
+    INSERT INTO node_mode (node, mode, reason, changed_by) VALUES ($1, $2, $3, $4)
+    ON CONFLICT (node) DO UPDATE
+    SET mode = EXCLUDED.mode, reason = EXCLUDED.reason, changed_by = EXCLUDED.changed_by,
+        changed_at = now()
+    RETURNING mode, reason, changed_by, changed_at
+), audited AS (
+    INSERT INTO audit (node, operator, action, reason, requested, changed)
+    VALUES ($1, $4, 'mode:' || $2, $3, '{}', '{}')
+)
+SELECT mode, reason, changed_by, changed_at FROM changed;
+
 -- name: audit_list
 -- The node's audit trail, newest first, at most $1 records.
 SELECT id, at, node, operator, action, reason, requested, changed

@@ -150,6 +150,20 @@ class SetAsideRecord:
     raw: bytes
 
 
+#: A node's operating mode (DESIGN.md, Node modes).
+NodeModeName = Literal["active", "draining", "isolated"]
+
+
+@dataclass(frozen=True)
+class NodeMode:
+    """A node's mode, why, by whom and since when."""
+
+    mode: NodeModeName
+    reason: str
+    changed_by: str
+    changed_at: datetime
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     """One operator action, as the node's audit trail keeps it."""

@@ -32,6 +32,8 @@ from mta.queue.records import (
     Envelope,
     MessageRecord,
     NewMessage,
+    NodeMode,
+    NodeModeName,
     QueueStats,
     SetAside,
     SetAsideRecord,
@@ -361,6 +363,17 @@ class Store:
         """Put ``held`` deliveries back in the queue, due now."""
         return await self._operator_transition(ids, "held", "queued", operator, reason,
                                                "release")
+
+    async def node_mode(self, node: str) -> NodeMode | None:
+        """``node``'s mode in this store, or None when none was ever set (active)."""
+        row = await self._run("node_mode_get", "fetchrow", node, share="maintenance")
+        return NodeMode(**dict(row)) if row is not None else None
+
+    async def set_node_mode(self, node: str, mode: NodeModeName, reason: str,
+                            operator: str) -> NodeMode:
+        """Set ``node``'s mode (the node follows its store), audited."""
+        row = await self._run("node_mode_set", "fetchrow", node, mode, reason, operator)
+        return NodeMode(**dict(row))
 
     async def audit_records(self, limit: int = 1000) -> list[AuditRecord]:
         """The node's audit trail, newest first."""
