@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -97,7 +98,8 @@ class Node:
         answers SMTP with ``421 4.3.2``, and tries the store again with backoff; once it
         answers, the checks and migrations run and the node starts for real.
         """
-        self._admin = await start_admin(self.sockets["admin"], self.metrics, self.status)
+        self._admin = await start_admin(self.sockets["admin"], self.metrics, self,
+                                        self.settings.admin.tokens())
         self._loops.start("health", self._health_loop)
         if self.embedded is not None:
             self._loops.start("embedded-store", self._embedded_store_loop)
@@ -130,6 +132,35 @@ class Node:
         for server in self._servers:
             server.close()
         await self._start_serving()
+
+    async def state(self) -> dict[str, Any]:
+        """``GET /v1/state``: the mode, why, by whom and since when (from the store when
+        it answers, else the mode this process follows)."""
+        found = None
+        if self.store is not None:
+            with contextlib.suppress(StoreUnavailable):
+                found = await self.store.node_mode(self.settings.node.name)
+        if found is None:
+            return {"mode": self.mode, "reason": None, "by": None, "at": None}
+        return {"mode": found.mode, "reason": found.reason, "by": found.changed_by,
+                "at": found.changed_at.isoformat()}
+
+    async def set_state(self, mode: str, reason: str, by: str) -> dict[str, Any]:
+        """``POST /v1/state``: the mode goes into the store (audited), then applies here
+        at once (the node's other processes follow within a second)."""
+        if self.store is None:
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": "the store is not reachable yet"}),
+                content_type="application/json")
+        try:
+            changed = await self.store.set_node_mode(
+                self.settings.node.name, cast(NodeModeName, mode), reason, by)
+        except StoreUnavailable as exc:
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": f"the store is not reachable: {exc}"}),
+                content_type="application/json") from exc
+        self._apply_mode(changed.mode)
+        return await self.state()
 
     @property
     def _mode_file(self) -> Path:

@@ -1,46 +1,121 @@
-"""The admin HTTP server: metrics and health from process memory (I7)."""
+"""The admin HTTP server: health and metrics from process memory (I7), and the node's API.
+
+``/metrics``, ``/healthz`` and ``/readyz`` are open (Prometheus, load balancers).
+``/v1/*`` needs ``Authorization: Bearer <token>`` with one of ``admin.token`` (several may
+be listed, so a token can be rotated without downtime): a missing token gets 401, a wrong
+one 403 (compared in constant time), and a node with no token configured answers 403.
+"""
 
 from __future__ import annotations
 
+import hmac
+import json
 import socket
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mta.admin.metrics import Metrics
 
-StatusFn = Callable[[], dict[str, Any]]
+#: The modes ``POST /v1/state`` takes.
+MODES = ("active", "draining", "isolated")
 
 
-def build_admin_app(metrics: Metrics, status: StatusFn) -> web.Application:
-    """``/metrics``, ``/healthz`` (the loop answers) and ``/readyz`` (accepting, store and
-    journal up)."""
+class AdminTarget(Protocol):
+    """What the admin server asks of its node."""
+
+    def status(self) -> dict[str, Any]:
+        """What ``/healthz`` and ``/readyz`` report, from memory only."""
+
+    async def state(self) -> dict[str, Any]:
+        """The node's mode, why, by whom and since when."""
+
+    async def set_state(self, mode: str, reason: str, by: str) -> dict[str, Any]:
+        """Set the node's mode (in its store, audited) and return the new state."""
+
+
+def build_admin_app(metrics: Metrics, node: AdminTarget,
+                    tokens: Sequence[str] = ()) -> web.Application:
+    """The admin routes; see the module docstring."""
 
     async def metrics_handler(_: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", **status()})
+        return web.json_response({"status": "ok", **node.status()})
 
     async def readyz(_: web.Request) -> web.Response:
-        state = status()
+        state = node.status()
         ready = bool(state["accepting"] and state["store_up"] and state["journal_up"]
                      and not state["failing_tasks"] and state["mode"] == "active")
         return web.json_response({"ready": ready, **state}, status=200 if ready else 503)
 
-    app = web.Application()
+    async def get_state(_: web.Request) -> web.Response:
+        return web.json_response(await node.state())
+
+    async def post_state(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the body must be a JSON object")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        mode, reason, by = body.get("mode"), body.get("reason"), body.get("by")
+        if mode not in MODES:
+            return _error(400, f"mode must be one of {', '.join(MODES)}")
+        if not isinstance(reason, str) or not reason.strip():
+            return _error(400, "reason is required (it goes into the audit trail)")
+        if not isinstance(by, str) or not by.strip():
+            return _error(400, "by is required: who asks (it goes into the audit trail)")
+        return web.json_response(await node.set_state(mode, reason.strip(), by.strip()))
+
+    app = web.Application(middlewares=[_bearer(tokens, metrics)])
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/state", get_state)
+    app.router.add_post("/v1/state", post_state)
     return app
 
 
-async def start_admin(sock: socket.socket, metrics: Metrics, status: StatusFn) -> web.AppRunner:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _bearer(tokens: Sequence[str], metrics: Metrics) -> Any:
+    """Middleware: ``/v1/*`` only with one of ``tokens`` (401 missing, 403 wrong or none)."""
+    known = [token.encode() for token in tokens if token]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not offered.strip():
+            metrics.admin_auth_failures.labels("missing").inc()
+            return _error(401, "a bearer token is required",
+                          headers={"WWW-Authenticate": "Bearer"})
+        given = offered.strip().encode()
+        matches = [hmac.compare_digest(given, token) for token in known]  # all, always
+        if not any(matches):
+            metrics.admin_auth_failures.labels("wrong" if known else "none_configured").inc()
+            return _error(403, "the token is not accepted" if known
+                          else "no admin token is configured on this node")
+        return await handler(request)
+
+    return check
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+async def start_admin(sock: socket.socket, metrics: Metrics, node: AdminTarget,
+                      tokens: Sequence[str] = ()) -> web.AppRunner:
     """Serve the admin app on an already-bound socket; returns the runner to clean up."""
-    runner = web.AppRunner(build_admin_app(metrics, status), access_log=None)
+    runner = web.AppRunner(build_admin_app(metrics, node, tokens), access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner

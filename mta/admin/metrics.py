@@ -55,6 +55,12 @@ class Metrics:
             "mta_delivery_paused_rounds", "Claim rounds passed over, by reason (isolated).",
             ["reason"], registry=reg,
         )
+        self.admin_auth_failures = Counter(
+            "mta_admin_auth_failures", "Admin API requests refused: no token, a wrong one, "
+            "or none configured.", ["reason"], registry=reg,
+        )
+        for reason in ("missing", "wrong", "none_configured"):
+            self.admin_auth_failures.labels(reason)
         self.task_failures = Counter(
             "mta_task_failures", "Failures of a background loop (restarted with backoff), "
             "by task.", ["task"], registry=reg,

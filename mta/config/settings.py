@@ -238,9 +238,33 @@ class RetentionSection(_Section):
 
 
 class AdminSection(_Section):
-    """The admin HTTP listener (metrics and health)."""
+    """The admin HTTP listener (metrics and health) and its API's bearer tokens."""
 
     listen: str = "127.0.0.1:9325"
+    #: Tokens ``/v1/*`` accepts; several, so that one can be rotated without downtime.
+    token: tuple[str, ...] = ()
+    #: A file with more tokens, one per line (kept out of the config file).
+    token_file: Path | None = None
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: object) -> object:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file_readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    def tokens(self) -> tuple[str, ...]:
+        """Every accepted token: ``token`` and the lines of ``token_file``."""
+        listed = tuple(t for t in self.token if t)
+        if self.token_file is None:
+            return listed
+        lines = self.token_file.read_text(encoding="utf-8").splitlines()
+        return listed + tuple(line.strip() for line in lines if line.strip())
 
     @field_validator("listen")
     @classmethod
