@@ -38,6 +38,8 @@ def _settings_table(settings: Settings) -> Table:
         for key, value in values.items():
             if section == "database" and key == "dsn":
                 value = _mask_dsn(value) or "(embedded)"
+            elif section == "admin" and key == "token":
+                value = f"({len(value)} token(s), not shown)"
             table.add_row(f"{section}.{key}", str(value))
     table.add_row("users", ", ".join(user["name"] for user in users) or "(none)")
     return table

@@ -46,9 +46,13 @@ dsn = "{db_dsn}"
 [smtp]
 data_concurrency = 2
 max_message_size = "1MiB"
+[admin]
+token = "s3cret-admin-token"
 """)
     result = mta("config", "check", "--config", str(path))
     assert result.returncode == 0, result.stderr
+    assert "s3cret-admin-token" not in result.stdout, "admin tokens are never printed"
+    assert "(1 token(s), not shown)" in result.stdout
     assert "pool 9 per process" in result.stdout
     assert "2 process(es) -> 18 connections" in result.stdout
     assert "memory bound per process" in result.stdout
