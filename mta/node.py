@@ -69,6 +69,9 @@ class Node:
         self._journal_was_up = True
         #: The node's mode: from its store, else its state file, else isolated (I8).
         self.mode: NodeModeName = read_mode_file(self._mode_file) or "isolated"
+        #: Set by a NOTIFY on the mode channel; the health loop also polls the store.
+        self._mode_changed = asyncio.Event()
+        self._mode_read_at = 0.0
         #: An external store that cannot be reached at start is waited for (I7).
         self.wait_for_store = bool(settings.database.dsn)
         self._waiting: asyncio.Task[None] | None = None
@@ -215,10 +218,12 @@ class Node:
             self.deliverer = await start_delivery(self.settings, self.store, self.metrics)
             self._apply_mode(self.mode)
             self.intake.on_accepted.append(self.deliverer.wake.set)
-            deliverer, store = self.deliverer, self.store
+            deliverer = self.deliverer
             self._delivery_loops.start("delivery", lambda: deliverer.run(self._stop_delivery))
-            self._loops.start("listener",
-                              lambda: listen_for_work(store, deliverer.wake, stop))
+        store = self.store
+        wake = self.deliverer.wake if self.deliverer is not None else asyncio.Event()
+        self._loops.start("listener",
+                          lambda: listen_for_work(store, wake, stop, self._mode_changed))
         self._servers = await start_listeners(self.intake, self.settings, self.sockets)
         log.info("node.started", node=self.settings.node.name,
                  listen=self.settings.smtp.listen, pool=self.store.pool_size)
@@ -264,10 +269,15 @@ class Node:
             self.metrics.journal_up.set(1 if journal_up else 0)
             if self.store is not None:
                 self.metrics.store_pool_in_use.set(self.store.pool_in_use)
-                if self.intake is not None and up:
+                hinted = self._mode_changed.is_set()
+                self._mode_changed.clear()  # else a hint while the store is down would spin
+                due = time.monotonic() >= self._mode_read_at + self.settings.node.mode_poll
+                if self.intake is not None and up and (hinted or due):
+                    self._mode_read_at = time.monotonic()
                     await self._follow_mode()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_background.wait(), HEALTH_INTERVAL_S)
+                await asyncio.wait_for(_either(self._stop_background, self._mode_changed),
+                                       HEALTH_INTERVAL_S)
 
     async def _queue_stats_loop(self) -> None:
         """Refresh the queue gauges; while the store is down they keep their last values."""
@@ -354,3 +364,13 @@ def write_mode_file(path: Path, mode: NodeModeName) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
+    """Return once either event is set."""
+    waiters = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -50,6 +50,9 @@ class NodeSection(_Section):
     processes: PositiveInt = 1
     workers: PositiveInt = 8
     intake_db_slots: PositiveInt = 8
+    #: Seconds between reads of the node's mode from its store, the fallback to the
+    #: NOTIFY that announces a change at once.
+    mode_poll: PositiveFloat = 5.0
 
 
 class DatabaseSection(_Section):

@@ -322,7 +322,8 @@ SELECT id AS delivery_id FROM changed;
 SELECT mode, reason, changed_by, changed_at FROM node_mode WHERE node = $1;
 
 -- name: node_mode_set
--- Set node $1's mode to $2 (by $4, reason $3), audited as action 'mode:' || $2.
+-- Set node $1's mode to $2 (by $4, reason $3), audited as action 'mode:' || $2; the
+-- node's processes hear of it on the mta_node_mode channel.
 WITH changed AS (
     INSERT INTO node_mode (node, mode, reason, changed_by) VALUES ($1, $2, $3, $4)
     ON CONFLICT (node) DO UPDATE
@@ -333,7 +334,8 @@ WITH changed AS (
     INSERT INTO audit (node, operator, action, reason, requested, changed)
     VALUES ($1, $4, 'mode:' || $2, $3, '{}', '{}')
 )
-SELECT mode, reason, changed_by, changed_at FROM changed;
+SELECT mode, reason, changed_by, changed_at
+FROM changed, (SELECT pg_notify('mta_node_mode', $1)) AS notified;
 
 -- name: audit_list
 -- The node's audit trail, newest first, at most $1 records.

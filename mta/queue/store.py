@@ -49,6 +49,8 @@ Share = Literal["intake", "delivery", "maintenance"]
 
 #: The channel intake notifies and delivery workers listen on.
 NEW_WORK_CHANNEL = "mta_new_work"
+#: The channel a mode change is announced on (the payload is the node's name).
+NODE_MODE_CHANNEL = "mta_node_mode"
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:
@@ -429,9 +431,11 @@ class Store:
         await self._run("deliveries_notify", "execute", source, share="maintenance")
 
     @contextlib.asynccontextmanager
-    async def listening(self, on_new_work: Callable[[], None]
+    async def listening(self, on_new_work: Callable[[], None],
+                        on_mode_change: Callable[[], None]
                         ) -> AsyncIterator[Callable[[], bool]]:
-        """Hold one pool connection (a fixed one of the budget) listening for new work.
+        """Hold one pool connection (a fixed one of the budget) listening for new work
+        and for mode changes.
 
         Yields a function that tells whether the connection is still open, so the caller
         can listen again after the store comes back.
@@ -440,8 +444,12 @@ class Store:
             def callback(*_: object) -> None:
                 on_new_work()
 
+            def mode_callback(*_: object) -> None:
+                on_mode_change()
+
             try:
                 await conn.add_listener(NEW_WORK_CHANNEL, callback)
+                await conn.add_listener(NODE_MODE_CHANNEL, mode_callback)
             except STORE_ERRORS as exc:
                 raise StoreUnavailable(f"cannot listen: {exc}") from exc
             def is_open() -> bool:
@@ -456,3 +464,4 @@ class Store:
                 if is_open():
                     with contextlib.suppress(*STORE_ERRORS):
                         await conn.remove_listener(NEW_WORK_CHANNEL, callback)
+                        await conn.remove_listener(NODE_MODE_CHANNEL, mode_callback)

@@ -44,12 +44,15 @@ class Notifier:
             await asyncio.sleep(NOTIFY_MIN_INTERVAL_S)
 
 
-async def listen_for_work(store: Store, wake: asyncio.Event, stop: asyncio.Event) -> None:
-    """Set ``wake`` on every NOTIFY; listen again whenever the connection is lost."""
+async def listen_for_work(store: Store, wake: asyncio.Event, stop: asyncio.Event,
+                          mode_changed: asyncio.Event) -> None:
+    """Set ``wake`` on every new-work NOTIFY and ``mode_changed`` on every mode change;
+    listen again whenever the connection is lost."""
     while not stop.is_set():
         try:
-            async with store.listening(wake.set) as is_open:
+            async with store.listening(wake.set, mode_changed.set) as is_open:
                 wake.set()  # work may have arrived while nobody listened
+                mode_changed.set()  # and the mode may have changed
                 while is_open() and not stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), LISTENER_CHECK_S)

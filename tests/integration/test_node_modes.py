@@ -88,3 +88,24 @@ async def test_an_isolated_node_delivers_nothing_across_a_restart_until_activate
     finally:
         await node.close()
         await store.close()
+
+
+async def test_a_mode_change_reaches_the_node_through_notify_before_any_poll(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: Callable[..., Settings],
+) -> None:
+    """With a poll of a minute, only the NOTIFY can bring the change in time."""
+    store = await Store.open(db_dsn, make_settings())
+    node = NodeProcess.configure(tmp_path / "node", db_dsn, node={"mode_poll": 60.0})
+    try:
+        await node.start()
+        assert (await admin_get(node.admin_port, "/readyz"))[0] == 200
+        await store.set_node_mode("proc-node", "isolated", "incident 43", "bob")
+
+        async def isolated() -> bool:
+            return (await admin_get(node.admin_port, "/readyz"))[0] == 503
+
+        await wait_for(isolated, timeout=10)
+        await node.wait_logged("node.mode")
+    finally:
+        await node.close()
+        await store.close()
