@@ -165,6 +165,30 @@ class Node:
         self._apply_mode(changed.mode)
         return await self.state()
 
+    async def queue(self) -> dict[str, Any]:
+        """``GET /v1/queue``: deliveries by state and destination, how old the oldest
+        pending message is, and this process's journal backlog (503 without a store)."""
+        if self.store is None:
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": "the store is not reachable yet"}),
+                content_type="application/json")
+        try:
+            stats = await self.store.queue_stats()
+            groups = await self.store.queue_by_destination()
+        except StoreUnavailable as exc:
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": f"the store is not reachable: {exc}"}),
+                content_type="application/json") from exc
+        return {
+            "by_state": stats.by_state,
+            "by_destination": [{"destination": hop, "state": state, "count": count}
+                               for hop, state, count in groups],
+            "oldest_pending_s": stats.oldest_message_s,
+            "due_lag_s": stats.due_lag_s,
+            "expired_leases": stats.expired_leases,
+            "journal_backlog": self.deliverer.journal.backlog if self.deliverer else 0,
+        }
+
     @property
     def _mode_file(self) -> Path:
         return Path(self.settings.node.data_dir) / MODE_FILE

@@ -35,6 +35,9 @@ class AdminTarget(Protocol):
     async def set_state(self, mode: str, reason: str, by: str) -> dict[str, Any]:
         """Set the node's mode (in its store, audited) and return the new state."""
 
+    async def queue(self) -> dict[str, Any]:
+        """Counts by state and destination, the oldest age, the journal backlog."""
+
 
 def build_admin_app(metrics: Metrics, node: AdminTarget,
                     tokens: Sequence[str] = ()) -> web.Application:
@@ -72,12 +75,16 @@ def build_admin_app(metrics: Metrics, node: AdminTarget,
             return _error(400, "by is required: who asks (it goes into the audit trail)")
         return web.json_response(await node.set_state(mode, reason.strip(), by.strip()))
 
+    async def get_queue(_: web.Request) -> web.Response:
+        return web.json_response(await node.queue())
+
     app = web.Application(middlewares=[_bearer(tokens, metrics)])
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/state", get_state)
     app.router.add_post("/v1/state", post_state)
+    app.router.add_get("/v1/queue", get_queue)
     return app
 
 

@@ -162,6 +162,11 @@ class Journal:
         self._index(self._segments[-1], record, self._written)
 
     @property
+    def backlog(self) -> int:
+        """Attempts in this journal whose outcomes the store has not taken yet."""
+        return len(self._refs) - len(self._applied_at)
+
+    @property
     def failed(self) -> BaseException | None:
         """The write or fsync error that stopped the journal, or None while it works."""
         return self._failed

@@ -73,6 +73,15 @@ SELECT
     coalesce((SELECT extract(epoch FROM now() - received_at)::float8 FROM messages
               WHERE done_at IS NULL ORDER BY received_at LIMIT 1), 0) AS oldest_message_s;
 
+-- name: queue_by_destination
+-- Deliveries with work left per next hop and state, the $1 largest groups first.
+SELECT next_hop, state, count(*) AS count
+FROM deliveries
+WHERE state IN ('queued', 'deferred', 'leased', 'uncertain', 'held')
+GROUP BY next_hop, state
+ORDER BY count(*) DESC, next_hop, state
+LIMIT $1;
+
 -- name: delivery_list_for_message
 -- Every delivery of one message.
 SELECT id, recipient, next_hop, state, attempts, next_attempt_at, lease_owner,

@@ -203,6 +203,11 @@ class Store:
             expired_leases=int(row["expired_leases"]),
             due_lag_s=float(row["due_lag_s"]), oldest_message_s=float(row["oldest_message_s"]))
 
+    async def queue_by_destination(self, limit: int = 100) -> list[tuple[str, str, int]]:
+        """(next hop, state, count) of the deliveries with work left, largest first."""
+        rows = await self._run("queue_by_destination", "fetch", limit)
+        return [(row["next_hop"], row["state"], int(row["count"])) for row in rows]
+
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the server answers."""
         await self._run("ping", "fetchval", share="maintenance")

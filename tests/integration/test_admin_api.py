@@ -14,6 +14,7 @@ import aiohttp
 from mta.config import Settings
 from mta.intake import replies
 from tests.support.admin import admin_get, metric
+from tests.support.delivery import submit_tagged
 from tests.support.intake import running_node, store_of
 from tests.support.smtp import RawSMTP
 
@@ -88,3 +89,21 @@ async def test_posting_a_mode_applies_it_at_once_and_audits_it(
         status, body = await call(port, "POST", "/v1/state", "t0k3n",
                                   {"mode": "active", "reason": "done", "by": "alice"})
         assert status == 200 and (await admin_get(port, "/readyz"))[0] == 200
+
+
+async def test_v1_queue_counts_by_state_and_destination(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(admin={"listen": "127.0.0.1:0", "token": "t0k3n"})
+    async with running_node(settings) as node:  # delivery off: the mail stays queued
+        for n, domain in enumerate(["a.example", "a.example", "b.example"]):
+            await submit_tagged(node.port, f"q{n}", recipients=[f"u{n}@{domain}"])
+        assert (await call(node.admin_port, "GET", "/v1/queue"))[0] == 401
+        status, body = await call(node.admin_port, "GET", "/v1/queue", "t0k3n")
+        assert status == 200
+        assert body["by_state"]["queued"] == 3 and body["by_state"]["uncertain"] == 0
+        assert body["by_destination"] == [
+            {"destination": "a.example", "state": "queued", "count": 2},
+            {"destination": "b.example", "state": "queued", "count": 1},
+        ]
+        assert body["oldest_pending_s"] >= 0 and body["journal_backlog"] == 0

@@ -237,3 +237,14 @@ def test_processes_starting_at_once_agree_on_the_journal_identity(tmp_path: Path
         found = set(pool.map(lambda _: journal_identity(tmp_path / "journal"), range(32)))
     assert len(found) == 1
     assert [p.name for p in (tmp_path / "journal").iterdir()] == ["identity"]
+
+
+async def test_backlog_counts_attempts_the_store_has_not_taken_yet(tmp_path: Path) -> None:
+    journal = Journal.open(tmp_path, "w")
+    await journal.append_durable(started("a", 1))
+    await journal.append_durable(started("b", 2))
+    await journal.append_durable(reply("a", 1))
+    assert journal.backlog == 2
+    journal.append(Applied("a", 3.0))
+    assert journal.backlog == 1
+    await journal.close()
