@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 ACCEPTED = "250 2.0.0 Ok: queued as {queue_id}"
 OK = "250 2.0.0 Ok"
 SENDER_OK = "250 2.1.0 Sender ok"
@@ -60,3 +62,18 @@ ENHANCED_FOR = {
     "221 Bye": "221 2.0.0 Bye",
 }
 INTERNAL_ERROR = "451 4.3.0 Internal error, message not accepted"
+
+_HAS_ENHANCED = re.compile(r"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
+
+
+def with_enhanced_code(status: str) -> str:
+    """``status`` with an enhanced status code: ours for aiosmtpd's known replies, else
+    ``X.0.0`` by the reply's class; 1xx and 3xx replies, and those with one, unchanged."""
+    if status[:1] not in ("2", "4", "5") or _HAS_ENHANCED.match(status):
+        return status
+    known = ENHANCED_FOR.get(status)
+    if known is not None:
+        return known
+    if len(status) > 3 and status[3] in " -":
+        return f"{status[:4]}{status[0]}.0.0 {status[4:]}"
+    return f"{status[:3]} {status[0]}.0.0"

@@ -1,25 +1,21 @@
 """The Postgres store: the only caller of ``queries.sql``.
 
-Every method maps driver and network errors to :class:`StoreUnavailable` at this
-boundary, so callers deal in the project's error tree only.
+Every method runs over the role-shared pool (``pool.py``), which maps driver and network
+errors to :class:`StoreUnavailable`, so callers deal in the project's error tree only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
-from mta.concurrency import acquire_within
-from mta.config import Settings, connection_budget
-from mta.config.budget import FIXED_CONNECTIONS_PER_PROCESS
-from mta.errors import StoreRejected, StoreUnavailable
-from mta.faults import fault_delay
+from mta.config import Settings
+from mta.errors import StoreUnavailable
+from mta.queue.pool import SharedPool, unavailable_on_error
 from mta.queue.records import (
     FINAL_STATES,
     PENDING_STATES,
@@ -39,34 +35,13 @@ from mta.queue.records import (
     SetAsideRecord,
     recipient_next_hop,
 )
-from mta.queue.server import REJECTED_ERRORS, STORE_ERRORS
+from mta.queue.server import STORE_ERRORS
 from mta.queue.sql import query
-
-#: The roles that share a process's pool, each within its own part of it (I6): intake
-#: commits, delivery's statements (and the store's upkeep), and the fixed two (the NOTIFY
-#: listener and the health check, queue figures and wake-ups).
-Share = Literal["intake", "delivery", "maintenance"]
 
 #: The channel intake notifies and delivery workers listen on.
 NEW_WORK_CHANNEL = "mta_new_work"
 #: The channel a mode change is announced on (the payload is the node's name).
 NODE_MODE_CHANNEL = "mta_node_mode"
-
-
-async def _keep_session(_: asyncpg.Connection) -> None:
-    """Skip asyncpg's per-release reset round trip: no statement here changes session state."""
-
-
-@contextlib.contextmanager
-def _unavailable_on_error(name: str) -> Iterator[None]:
-    """Driver and network errors in the block raise ``StoreUnavailable`` naming ``name``;
-    data the store refuses raises ``StoreRejected``."""
-    try:
-        yield
-    except REJECTED_ERRORS as exc:
-        raise StoreRejected(f"{name}: {type(exc).__name__}: {exc}") from exc
-    except STORE_ERRORS as exc:
-        raise StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
 
 
 def _claimed(row: asyncpg.Record) -> ClaimedDelivery:
@@ -87,117 +62,41 @@ def _insert_args(message: NewMessage) -> tuple[Any, ...]:
 class Store:
     """One node process's view of its store, over a pool sized by the budget (I6)."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+    def __init__(self, pool: SharedPool, settings: Settings) -> None:
         self._pool = pool
         self._db = settings.database
         self._node = settings.node.name
-        # I6: each role has its own share of the pool, so delivery under load never
-        # holds the connections intake commits with (nor the health check's).
-        self._shares: dict[Share, asyncio.Semaphore] = {
-            "intake": asyncio.Semaphore(settings.node.intake_db_slots),
-            "delivery": asyncio.Semaphore(settings.node.workers),
-            "maintenance": asyncio.Semaphore(FIXED_CONNECTIONS_PER_PROCESS),
-        }
 
     @classmethod
     async def open(cls, dsn: str, settings: Settings) -> Store:
-        """Create the pool. It holds at most ``workers + intake_db_slots + 2`` connections."""
-        budget = connection_budget(settings)
-        try:
-            pool = await asyncpg.create_pool(
-                dsn,
-                min_size=1,
-                max_size=budget.pool_size,
-                timeout=settings.database.connect_timeout,
-                command_timeout=settings.database.commit_timeout,
-                reset=_keep_session,
-                server_settings={
-                    "synchronous_commit": "on",
-                    "application_name": f"mta/{settings.node.name}",
-                },
-            )
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"cannot open the connection pool: {exc}") from exc
-        return cls(pool, settings)
+        """Open the pool; it holds at most ``workers + intake_db_slots + 2`` connections."""
+        return cls(await SharedPool.open(dsn, settings), settings)
 
     async def close(self) -> None:
         """Close every connection, waiting at most the commit timeout."""
-        try:
-            await asyncio.wait_for(self._pool.close(), self._db.commit_timeout)
-        except TimeoutError:
-            self._pool.terminate()
+        await self._pool.close()
 
     @property
     def pool_size(self) -> int:
         """Connections the pool may open."""
-        return self._pool.get_max_size()
+        return self._pool.size
 
     @property
     def pool_in_use(self) -> int:
         """Connections currently checked out of the pool."""
-        return self._pool.get_size() - self._pool.get_idle_size()
+        return self._pool.in_use
 
-    @contextlib.asynccontextmanager
-    async def intake_slot(self) -> AsyncIterator[None]:
+    def intake_slot(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Hold one of ``intake_db_slots``; waiting longer than the acquire timeout fails."""
-        async with self._slot("intake"):
-            yield
-
-    @contextlib.asynccontextmanager
-    async def _slot(self, share: Share) -> AsyncIterator[None]:
-        semaphore = self._shares[share]
-        if not await acquire_within(semaphore, self._db.acquire_timeout):
-            raise StoreUnavailable(f"no {share} database slot became free in time")
-        try:
-            yield
-        finally:
-            semaphore.release()
-
-    @contextlib.asynccontextmanager
-    async def _connection(self, share: Share) -> AsyncIterator[PoolConnectionProxy[Any]]:
-        """A pool connection of ``share``, within the acquire timeout."""
-        async with self._slot(share), self._pooled() as conn:
-            if share == "delivery":
-                delay = fault_delay("store.delivery_statement")
-                if delay:
-                    await conn.execute(query("fault_sleep"), delay)
-            yield conn
-
-    @contextlib.asynccontextmanager
-    async def _pooled(self) -> AsyncIterator[PoolConnectionProxy[Any]]:
-        try:
-            conn = await self._pool.acquire(timeout=self._db.acquire_timeout)
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"no database connection: {exc}") from exc
-        try:
-            yield conn
-        except asyncpg.PostgresError:
-            raise  # the server answered with an error: the session is in step
-        except BaseException:
-            # A timeout, a cancel or a broken link: the statement may still be running or
-            # the protocol be mid-message, and a released connection would hand the next
-            # caller "another operation is in progress" (releases skip asyncpg's reset).
-            # Drop it rather than wait for the server to confirm anything.
-            conn.terminate()
-            raise
-        finally:
-            await self._pool.release(conn)
-
-    async def _run(self, name: str, method: str, *args: Any,
-                   share: Share = "delivery") -> Any:
-        """Run one named statement on a connection of ``share``, within the timeout."""
-        with _unavailable_on_error(name):
-            async with self._connection(share) as conn:
-                call = getattr(conn, method)
-                return await call(query(name), *args, timeout=self._db.commit_timeout)
+        return self._pool.slot("intake")
 
     async def enqueue(self, message: NewMessage) -> None:
         """Commit a message and its deliveries durably, or raise ``StoreUnavailable``."""
-        await self._run("message_insert", "execute", *_insert_args(message), share="intake")
+        await self._pool.run("message_insert", "execute", *_insert_args(message), share="intake")
 
     async def queue_stats(self) -> QueueStats:
         """Deliveries with work left per state, the due lag and the oldest message's age."""
-        row = await self._run("queue_stats", "fetchrow", share="maintenance")
+        row = await self._pool.run("queue_stats", "fetchrow", share="maintenance")
         return QueueStats(
             by_state={state: int(row[state]) for state in PENDING_STATES},
             expired_leases=int(row["expired_leases"]),
@@ -205,16 +104,16 @@ class Store:
 
     async def queue_by_destination(self, limit: int = 100) -> list[tuple[str, str, int]]:
         """(next hop, state, count) of the deliveries with work left, largest first."""
-        rows = await self._run("queue_by_destination", "fetch", limit)
+        rows = await self._pool.run("queue_by_destination", "fetch", limit)
         return [(row["next_hop"], row["state"], int(row["count"])) for row in rows]
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the server answers."""
-        await self._run("ping", "fetchval", share="maintenance")
+        await self._pool.run("ping", "fetchval", share="maintenance")
 
     async def queued_bytes(self) -> int:
         """Bytes of messages that still have deliveries to make."""
-        return int(await self._run("message_queued_bytes", "fetchval", share="maintenance"))
+        return int(await self._pool.run("message_queued_bytes", "fetchval", share="maintenance"))
 
     async def claim_due(
         self, owner: str, limit: int, lease_seconds: float,
@@ -223,7 +122,7 @@ class Store:
         """Lease due deliveries to ``owner``: the first ``limit`` whose next hop is not in
         ``skip_next_hops``, and the due siblings of their messages at the same next hop
         (so a claim may return more than ``limit``). Locked rows are skipped."""
-        rows = await self._run("delivery_claim_due", "fetch", owner, limit, lease_seconds,
+        rows = await self._pool.run("delivery_claim_due", "fetch", owner, limit, lease_seconds,
                                list(skip_next_hops))
         return [_claimed(row) for row in rows]
 
@@ -231,43 +130,43 @@ class Store:
                             window_s: float) -> ClaimedDelivery | None:
         """Lease one due suspect of the crash-loop breaker to ``owner``, alone: a
         delivery in flight at ``crashes`` or more deaths within ``window_s``."""
-        rows = await self._run("delivery_claim_suspect", "fetch", owner, lease_seconds,
+        rows = await self._pool.run("delivery_claim_suspect", "fetch", owner, lease_seconds,
                                crashes, window_s)
         return _claimed(rows[0]) if rows else None
 
     async def exonerate(self, delivery_id: int) -> None:
         """Clear a suspect whose attempt ran alone without a death."""
-        await self._run("delivery_exonerate", "execute", delivery_id)
+        await self._pool.run("delivery_exonerate", "execute", delivery_id)
 
     async def message(self, message_id: uuid.UUID) -> MessageRecord | None:
         """One message's envelope and metadata, or None."""
-        row = await self._run("message_get", "fetchrow", message_id)
+        row = await self._pool.run("message_get", "fetchrow", message_id)
         return MessageRecord(**dict(row)) if row is not None else None
 
     async def message_content(self, message_id: uuid.UUID) -> tuple[bytes, bytes] | None:
         """One message's added trace headers and its body as received, or None."""
-        row = await self._run("message_content", "fetchrow", message_id)
+        row = await self._pool.run("message_content", "fetchrow", message_id)
         return (bytes(row["trace_headers"]), bytes(row["body"])) if row is not None else None
 
     async def message_head(self, message_id: uuid.UUID,
                            limit: int) -> tuple[bytes, bytes] | None:
         """Trace headers and the first ``limit`` bytes of the body, or None."""
-        row = await self._run("message_head", "fetchrow", message_id, limit)
+        row = await self._pool.run("message_head", "fetchrow", message_id, limit)
         return (bytes(row["trace_headers"]), bytes(row["head"])) if row is not None else None
 
     async def deliveries(self, message_id: uuid.UUID) -> list[DeliveryRecord]:
         """Every delivery of one message."""
-        rows = await self._run("delivery_list_for_message", "fetch", message_id)
+        rows = await self._pool.run("delivery_list_for_message", "fetch", message_id)
         return [DeliveryRecord(**dict(row)) for row in rows]
 
     async def message_count(self) -> int:
         """How many messages the store holds."""
-        return int(await self._run("message_count", "fetchval"))
+        return int(await self._pool.run("message_count", "fetchval"))
 
     async def renew_leases(self, owner: str, delivery_ids: Sequence[int],
                            lease_seconds: float) -> set[int]:
         """Extend ``owner``'s leases; returns the ids still held (others were lost)."""
-        rows = await self._run("delivery_renew_leases", "fetch", owner, list(delivery_ids),
+        rows = await self._pool.run("delivery_renew_leases", "fetch", owner, list(delivery_ids),
                                lease_seconds)
         return {row["id"] for row in rows}
 
@@ -286,12 +185,12 @@ class Store:
                 [o.reply_code for o in outcomes], [o.reply for o in outcomes],
                 [o.retry_in_s for o in outcomes], [o.possible_duplicate for o in outcomes])
         if bounce is None or not failed:
-            rows = await self._run("delivery_record_outcomes", "fetch", *args)
+            rows = await self._pool.run("delivery_record_outcomes", "fetch", *args)
             applied = {row["delivery_id"] for row in rows}
         else:
             timeout = self._db.commit_timeout
-            with _unavailable_on_error("delivery_record_outcomes"):
-                async with self._connection("delivery") as conn, conn.transaction():
+            with unavailable_on_error("delivery_record_outcomes"):
+                async with self._pool.connection("delivery") as conn, conn.transaction():
                     rows = await conn.fetch(query("delivery_record_outcomes"), *args,
                                             timeout=timeout)
                     applied = {row["delivery_id"] for row in rows}
@@ -310,23 +209,23 @@ class Store:
     async def _mark_done(self, delivery_ids: set[int]) -> None:
         """Set ``done_at`` on messages whose every delivery is now final."""
         if delivery_ids:
-            await self._run("message_mark_done", "execute", list(delivery_ids))
+            await self._pool.run("message_mark_done", "execute", list(delivery_ids))
 
     async def set_aside(self, record: SetAside) -> int:
         """Keep ``record`` (outcomes the store refused) and make its deliveries that
         ``record.owner`` still leases uncertain; the kept record's id."""
-        return int(await self._run(
+        return int(await self._pool.run(
             "set_aside_record", "fetchval", record.source, record.owner, record.attempt_id,
             list(record.delivery_ids), record.reason, record.raw))
 
     async def set_aside_records(self, limit: int = 1000) -> list[SetAsideRecord]:
         """The records set aside, newest first."""
-        rows = await self._run("set_aside_list", "fetch", limit)
+        rows = await self._pool.run("set_aside_list", "fetch", limit)
         return [SetAsideRecord(**dict(row)) for row in rows]
 
     async def give_back(self, owner: str, delivery_ids: Sequence[int]) -> set[int]:
         """Return ``owner``'s leases unattempted, due as before; the ids given back."""
-        rows = await self._run("delivery_give_back", "fetch", owner, list(delivery_ids))
+        rows = await self._pool.run("delivery_give_back", "fetch", owner, list(delivery_ids))
         return {row["id"] for row in rows}
 
     async def release_unsent(self, owner: str, delivery_ids: Sequence[int], reason: str, *,
@@ -337,13 +236,13 @@ class Store:
         within ``crash_window_s`` holds it with the reason ``crash-loop`` instead, when it
         was the owner's only lease (alone in flight: the death is pinned on it).
         """
-        rows = await self._run("delivery_release_unsent", "fetch", owner, list(delivery_ids),
+        rows = await self._pool.run("delivery_release_unsent", "fetch", owner, list(delivery_ids),
                                reason, crash_limit, crash_window_s, len(delivery_ids) == 1)
         return {row["delivery_id"] for row in rows}
 
     async def _operator_transition(self, ids: Sequence[int], source: str, target: str,
                                    operator: str, reason: str, action: str) -> set[int]:
-        rows = await self._run("delivery_operator_transition", "fetch", list(ids), source,
+        rows = await self._pool.run("delivery_operator_transition", "fetch", list(ids), source,
                                target, operator, reason, action, self._node)
         changed = {row["delivery_id"] for row in rows}
         await self._mark_done(changed)
@@ -373,67 +272,67 @@ class Store:
 
     async def node_mode(self, node: str) -> NodeMode | None:
         """``node``'s mode in this store, or None when none was ever set (active)."""
-        row = await self._run("node_mode_get", "fetchrow", node, share="maintenance")
+        row = await self._pool.run("node_mode_get", "fetchrow", node, share="maintenance")
         return NodeMode(**dict(row)) if row is not None else None
 
     async def set_node_mode(self, node: str, mode: NodeModeName, reason: str,
                             operator: str) -> NodeMode:
         """Set ``node``'s mode (the node follows its store), audited."""
-        row = await self._run("node_mode_set", "fetchrow", node, mode, reason, operator)
+        row = await self._pool.run("node_mode_set", "fetchrow", node, mode, reason, operator)
         return NodeMode(**dict(row))
 
     async def audit_records(self, limit: int = 1000) -> list[AuditRecord]:
         """The node's audit trail, newest first."""
-        rows = await self._run("audit_list", "fetch", limit)
+        rows = await self._pool.run("audit_list", "fetch", limit)
         return [AuditRecord(**dict(row)) for row in rows]
 
     async def purge_audit(self, older_than_s: float, limit: int) -> int:
         """Delete audit records older than ``older_than_s``; returns how many."""
-        status = await self._run("audit_purge", "execute", older_than_s, limit)
+        status = await self._pool.run("audit_purge", "execute", older_than_s, limit)
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def deliveries_in_state(self, state: str, limit: int = 1000) -> list[DeliveryListing]:
         """Deliveries in ``state``, oldest change first."""
-        rows = await self._run("delivery_list_in_state", "fetch", state, limit)
+        rows = await self._pool.run("delivery_list_in_state", "fetch", state, limit)
         return [DeliveryListing(**dict(row)) for row in rows]
 
     async def delivery_events(self, delivery_id: int) -> list[DeliveryEvent]:
         """One delivery's evidence timeline, oldest first."""
-        rows = await self._run("delivery_events_list", "fetch", delivery_id)
+        rows = await self._pool.run("delivery_events_list", "fetch", delivery_id)
         return [DeliveryEvent(**dict(row)) for row in rows]
 
     async def lease_owners(self, pattern: str) -> dict[str, list[int]]:
         """Owners matching the LIKE ``pattern`` that hold leases, with their delivery ids."""
-        rows = await self._run("delivery_lease_owners", "fetch", pattern)
+        rows = await self._pool.run("delivery_lease_owners", "fetch", pattern)
         return {row["lease_owner"]: list(row["ids"]) for row in rows}
 
     async def register_journal_owner(self, owner: str, journal_id: str) -> None:
         """Record that ``owner`` writes its journal to the directory ``journal_id``."""
-        await self._run("journal_owner_register", "execute", owner, journal_id)
+        await self._pool.run("journal_owner_register", "execute", owner, journal_id)
 
     async def journal_owners(self, owners: Sequence[str]) -> dict[str, str]:
         """The registered journal identity of each of ``owners`` that has one."""
-        rows = await self._run("journal_owners_get", "fetch", list(owners))
+        rows = await self._pool.run("journal_owners_get", "fetch", list(owners))
         return {row["owner"]: row["journal_id"] for row in rows}
 
     async def purge_journal_owners(self, older_than_s: float, limit: int) -> int:
         """Forget owners registered longer ago than ``older_than_s`` that hold no lease."""
-        status = await self._run("journal_owner_purge", "execute", older_than_s, limit)
+        status = await self._pool.run("journal_owner_purge", "execute", older_than_s, limit)
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def purge_bodies(self, older_than_s: float, limit: int) -> int:
         """Drop bodies of messages done for longer than ``older_than_s``; returns how many."""
-        status = await self._run("message_purge_bodies", "execute", older_than_s, limit)
+        status = await self._pool.run("message_purge_bodies", "execute", older_than_s, limit)
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def purge_messages(self, older_than_s: float, limit: int) -> int:
         """Delete messages done for longer than ``older_than_s``; returns how many."""
-        status = await self._run("message_purge", "execute", older_than_s, limit)
+        status = await self._pool.run("message_purge", "execute", older_than_s, limit)
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def notify_new_work(self, source: str) -> None:
         """Wake delivery workers that listen on this store (any process, any node)."""
-        await self._run("deliveries_notify", "execute", source, share="maintenance")
+        await self._pool.run("deliveries_notify", "execute", source, share="maintenance")
 
     @contextlib.asynccontextmanager
     async def listening(self, on_new_work: Callable[[], None],
@@ -445,7 +344,7 @@ class Store:
         Yields a function that tells whether the connection is still open, so the caller
         can listen again after the store comes back.
         """
-        async with self._connection("maintenance") as conn:
+        async with self._pool.connection("maintenance") as conn:
             def callback(*_: object) -> None:
                 on_new_work()
 
