@@ -8,7 +8,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -151,34 +151,18 @@ class Node:
     async def set_state(self, mode: str, reason: str, by: str) -> dict[str, Any]:
         """``POST /v1/state``: the mode goes into the store (audited), then applies here
         at once (the node's other processes follow within a second)."""
-        if self.store is None:
-            raise web.HTTPServiceUnavailable(
-                text=json.dumps({"error": "the store is not reachable yet"}),
-                content_type="application/json")
-        try:
-            changed = await self.store.set_node_mode(
+        with self._store_for_admin() as store:
+            changed = await store.set_node_mode(
                 self.settings.node.name, cast(NodeModeName, mode), reason, by)
-        except StoreUnavailable as exc:
-            raise web.HTTPServiceUnavailable(
-                text=json.dumps({"error": f"the store is not reachable: {exc}"}),
-                content_type="application/json") from exc
         self._apply_mode(changed.mode)
         return await self.state()
 
     async def queue(self) -> dict[str, Any]:
         """``GET /v1/queue``: deliveries by state and destination, how old the oldest
         pending message is, and this process's journal backlog (503 without a store)."""
-        if self.store is None:
-            raise web.HTTPServiceUnavailable(
-                text=json.dumps({"error": "the store is not reachable yet"}),
-                content_type="application/json")
-        try:
-            stats = await self.store.queue_stats()
-            groups = await self.store.queue_by_destination()
-        except StoreUnavailable as exc:
-            raise web.HTTPServiceUnavailable(
-                text=json.dumps({"error": f"the store is not reachable: {exc}"}),
-                content_type="application/json") from exc
+        with self._store_for_admin() as store:
+            stats = await store.queue_stats()
+            groups = await store.queue_by_destination()
         return {
             "by_state": stats.by_state,
             "by_destination": [{"destination": hop, "state": state, "count": count}
@@ -188,6 +172,16 @@ class Node:
             "expired_leases": stats.expired_leases,
             "journal_backlog": self.deliverer.journal.backlog if self.deliverer else 0,
         }
+
+    @contextlib.contextmanager
+    def _store_for_admin(self) -> Iterator[Store]:
+        """The store for an admin request: 503 with a JSON error while it is unreachable."""
+        if self.store is None:
+            raise _unreachable("the store is not reachable yet")
+        try:
+            yield self.store
+        except StoreUnavailable as exc:
+            raise _unreachable(f"the store is not reachable: {exc}") from exc
 
     @property
     def _mode_file(self) -> Path:
@@ -398,3 +392,9 @@ async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def _unreachable(error: str) -> web.HTTPServiceUnavailable:
+    """A 503 whose JSON body names ``error``."""
+    return web.HTTPServiceUnavailable(text=json.dumps({"error": error}),
+                                      content_type="application/json")
