@@ -79,7 +79,7 @@ async def test_delivery_statements_beyond_their_share_wait_and_intake_commits(
     (``workers`` 2 + ``intake_db_slots`` 2 + 2): two run, the rest wait for the delivery
     share, and an intake commit takes a connection of its own at once. On one shared
     pool the slow statements would hold all six and the commit would time out."""
-    import mta.queue.store
+    import mta.queue.pool
 
     settings = make_settings(node={"workers": WORKERS, "intake_db_slots": 2},
                              database={"acquire_timeout": ACQUIRE_TIMEOUT,
@@ -91,7 +91,7 @@ async def test_delivery_statements_beyond_their_share_wait_and_intake_commits(
             id=message_id, mail_from="a@example.org", recipients=["r@example.com"],
             trace_headers=b"", body=b"x\r\n", client_address="127.0.0.1", helo_name="h",
             auth_user=None, message_id_header=None))
-        monkeypatch.setattr(mta.queue.store, "fault_delay",
+        monkeypatch.setattr(mta.queue.pool, "fault_delay",
                             lambda name: 3.0 if name == "store.delivery_statement" else 0.0)
         slow = [asyncio.ensure_future(store.message_content(message_id)) for _ in range(12)]
 
