@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -25,6 +24,7 @@ from mta.intake.admission import Admission
 from mta.intake.listener import start_listeners, start_unavailable
 from mta.intake.policy import Intake
 from mta.queue import EmbeddedPostgres, Store, migrate_dsn
+from mta.queue.mode_file import MODE_FILE, read_mode_file, write_mode_file
 from mta.queue.preflight import preflight
 from mta.queue.records import PENDING_STATES, NodeModeName
 from mta.queue.retention import Retention
@@ -34,8 +34,6 @@ from mta.supervision import Supervisor
 log = structlog.get_logger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
-#: The state file in the data directory that mirrors the node's mode (I8).
-MODE_FILE = "mode"
 #: Seconds before the first retry of a store that did not answer at start, and at most.
 STORE_RETRY_FIRST_S = 1.0
 STORE_RETRY_MAX_S = 30.0
@@ -102,7 +100,8 @@ class Node:
         answers, the checks and migrations run and the node starts for real.
         """
         self._admin = await start_admin(self.sockets["admin"], self.metrics, self,
-                                        self.settings.admin.tokens())
+                                        self.settings.admin.tokens(),
+                                        self.settings.admin.tls_context())
         self._loops.start("health", self._health_loop)
         if self.embedded is not None:
             self._loops.start("embedded-store", self._embedded_store_loop)
@@ -359,29 +358,6 @@ class Node:
             await stop.wait()
         finally:
             await self.stop()
-
-
-def read_mode_file(path: Path) -> NodeModeName | None:
-    """The mode the state file mirrors, or None without a readable one."""
-    with contextlib.suppress(OSError):
-        text = path.read_text(encoding="ascii").strip()
-        if text == "active":
-            return "active"
-        if text == "draining":
-            return "draining"
-        if text == "isolated":
-            return "isolated"
-    return None
-
-
-def write_mode_file(path: Path, mode: NodeModeName) -> None:
-    """Mirror ``mode`` durably in the state file (atomically: a new file, renamed)."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}")
-    with temporary.open("w", encoding="ascii") as handle:
-        handle.write(mode + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 async def _either(first: asyncio.Event, second: asyncio.Event) -> None:

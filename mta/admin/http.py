@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -120,9 +121,11 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 async def start_admin(sock: socket.socket, metrics: Metrics, node: AdminTarget,
-                      tokens: Sequence[str] = ()) -> web.AppRunner:
-    """Serve the admin app on an already-bound socket; returns the runner to clean up."""
+                      tokens: Sequence[str] = (),
+                      tls: ssl.SSLContext | None = None) -> web.AppRunner:
+    """Serve the admin app on an already-bound socket (HTTPS only with ``tls``); returns
+    the runner to clean up."""
     runner = web.AppRunner(build_admin_app(metrics, node, tokens), access_log=None)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await web.SockSite(runner, sock, ssl_context=tls).start()
     return runner

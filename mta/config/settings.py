@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -248,6 +249,9 @@ class AdminSection(_Section):
     token: tuple[str, ...] = ()
     #: A file with more tokens, one per line (kept out of the config file).
     token_file: Path | None = None
+    #: Both set: the admin port (metrics, health, ``/v1/*``) serves HTTPS only.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @field_validator("token", mode="before")
     @classmethod
@@ -260,6 +264,37 @@ class AdminSection(_Section):
         if value is not None and not value.is_file():
             raise ValueError(f"file not found: {value}")
         return value
+
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _tls_file_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                with value.open("rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair_loads(self) -> AdminSection:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        self.tls_context()  # a certificate that does not load, or another key, fails now
+        return self
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The admin port's server TLS context (TLS 1.2 or later), or None: plain HTTP."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"tls_cert_file {self.tls_cert_file} with tls_key_file "
+                             f"{self.tls_key_file} does not load: {exc}") from None
+        return context
 
     def tokens(self) -> tuple[str, ...]:
         """Every accepted token: ``token`` and the lines of ``token_file``."""
