@@ -18,6 +18,7 @@ from mta.admin.http import start_admin
 from mta.admin.metrics import Metrics
 from mta.config import Settings
 from mta.delivery.deliverer import Deliverer
+from mta.delivery.reconcile import reconcile
 from mta.delivery.start import start_delivery
 from mta.errors import StoreUnavailable
 from mta.intake.admission import Admission
@@ -171,6 +172,15 @@ class Node:
             "expired_leases": stats.expired_leases,
             "journal_backlog": self.deliverer.journal.backlog if self.deliverer else 0,
         }
+
+    async def reconcile(self, by: str, reason: str) -> dict[str, Any]:
+        """``POST /v1/reconcile``: start-up's recovery for the node's dead processes (never
+        a live one's leases), and what it settled (503 without a store)."""
+        with self._store_for_admin() as store:
+            report = await reconcile(store, self.settings)
+        self.metrics.records_set_aside.labels("replay").inc(report.set_aside)
+        log.warning("node.reconciled", by=by, reason=reason, **report.counts())
+        return report.to_json()
 
     @contextlib.contextmanager
     def _store_for_admin(self) -> Iterator[Store]:

@@ -18,11 +18,13 @@ from typing import TextIO
 import structlog
 
 from mta.config import Settings, connection_budget
-from mta.errors import StoreUnavailable
+from mta.delivery.reconcile import ReconcileReport, journal_dir, reconcile
+from mta.errors import ConfigError, StoreUnavailable
 from mta.intake.listener import bind_listeners, process_sockets
 from mta.node import Node
-from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
+from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, Store, migrate_dsn
 from mta.queue.preflight import PreflightReport, preflight
+from mta.queue.server import schema_behind
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +78,33 @@ async def prepare(settings: Settings, database: Database) -> PreflightReport:
     if applied:
         log.info("db.migrated", versions=applied)
     return report
+
+
+async def reconcile_offline(settings: Settings) -> ReconcileReport:
+    """Reconcile a node whose daemon is down: open its store as ``mta queue`` does (the
+    embedded server too, stopped again if this started it; the schema is checked, never
+    migrated) and run its recovery on ``<data_dir>/journal``. Raises ``StoreUnavailable``
+    when there is no store, it cannot be reached or its schema is behind, and
+    ``ConfigError`` when the data directory holds no journal."""
+    directory = journal_dir(settings)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no journal here (is {settings.node.data_dir} "
+                          "the node's data_dir?)")
+    if not settings.database.dsn and not embedded_server(settings).initialised():
+        raise StoreUnavailable(f"{settings.node.data_dir} holds no embedded store")
+    database = await asyncio.to_thread(open_database, settings)
+    try:
+        behind = await schema_behind(database.dsn, settings.database.connect_timeout)
+        if behind:
+            raise StoreUnavailable(f"the store lacks migrations {behind}: run "
+                                   "'mta db migrate' or 'mta serve' first")
+        store = await Store.open(database.dsn, settings)
+        try:
+            return await reconcile(store, settings)
+        finally:
+            await store.close()
+    finally:
+        await asyncio.to_thread(database.close)
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

@@ -39,6 +39,9 @@ class AdminTarget(Protocol):
     async def queue(self) -> dict[str, Any]:
         """Counts by state and destination, the oldest age, the journal backlog."""
 
+    async def reconcile(self, by: str, reason: str) -> dict[str, Any]:
+        """Recover the node's dead processes; what is delivered, not, and uncertain."""
+
 
 def build_admin_app(metrics: Metrics, node: AdminTarget,
                     tokens: Sequence[str] = ()) -> web.Application:
@@ -79,6 +82,20 @@ def build_admin_app(metrics: Metrics, node: AdminTarget,
     async def get_queue(_: web.Request) -> web.Response:
         return web.json_response(await node.queue())
 
+    async def post_reconcile(request: web.Request) -> web.Response:
+        body: Any = {}
+        if await request.read():
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return _error(400, "the body must be a JSON object (or empty)")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object (or empty)")
+        by, reason = body.get("by", "admin-api"), body.get("reason", "")
+        if not isinstance(by, str) or not by.strip() or not isinstance(reason, str):
+            return _error(400, "by and reason, when given, must be strings (by not empty)")
+        return web.json_response(await node.reconcile(by.strip(), reason.strip()))
+
     app = web.Application(middlewares=[_bearer(tokens, metrics)])
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
@@ -86,6 +103,7 @@ def build_admin_app(metrics: Metrics, node: AdminTarget,
     app.router.add_get("/v1/state", get_state)
     app.router.add_post("/v1/state", post_state)
     app.router.add_get("/v1/queue", get_queue)
+    app.router.add_post("/v1/reconcile", post_reconcile)
     return app
 
 

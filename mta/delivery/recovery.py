@@ -22,6 +22,22 @@ from mta.mail.text import outside_text
 from mta.queue.records import AttemptOutcome, NewMessage, SetAside
 from mta.queue.store import Store
 
+#: The evidence a lease of a dead process with no dot pending is released with.
+RELEASED = ("lease of a process that died before its final dot: no dot was pending in its "
+            "journal, so the message was certainly not sent")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What recovery recorded for one delivery: an outcome it replayed (``delivered``,
+    ``failed``, ``deferred`` or ``uncertain``), or ``released`` (never sent, requeued or
+    held by the crash-loop breaker), with the evidence it recorded."""
+
+    delivery_id: int
+    state: str
+    evidence: str
+    possible_duplicate: bool = False
+
 
 @dataclass(frozen=True)
 class RecoveryReport:
@@ -35,6 +51,8 @@ class RecoveryReport:
     set_aside: int = 0
     #: Leases whose owner's journal is missing: uncertain.
     journal_missing: int = 0
+    #: Every delivery this run changed, and how.
+    decisions: tuple[Decision, ...] = ()
 
 
 async def recover(store: Store, journal_dir: Path, node_name: str, policy: RetryPolicy, *,
@@ -52,9 +70,10 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
     """
     adoption = await asyncio.to_thread(adopt, journal_dir)
     applied = uncertain = set_aside = 0
+    decisions: list[Decision] = []
     try:
         for journal in adoption.unreadable.values():
-            await _set_aside_unreadable(store, journal)
+            decisions += await _set_aside_unreadable(store, journal)
             set_aside += 1
         attempts: list[PendingAttempt] = [*adoption.pending.replied,
                                           *adoption.pending.unanswered]
@@ -67,16 +86,22 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
                 bounce = await _replayed_bounce(store, attempt, outcomes, reporting_mta)
                 done = await store.record_outcomes(attempt.owner, outcomes, bounce=bounce)
             except (StoreRejected, ValueError) as exc:  # refused, or a reply no server sends
-                await store.set_aside(SetAside(
+                held = await store.lease_owners(like_literal(attempt.owner))
+                record = SetAside(
                     source="replay", owner=attempt.owner,
                     attempt_id=attempt.dot.attempt_id,
                     delivery_ids=attempt.dot.delivery_ids, reason=outside_text(str(exc)),
                     raw=raw_evidence([dataclasses.asdict(attempt.dot),
-                                      *map(dataclasses.asdict, attempt.replies)])))
+                                      *map(dataclasses.asdict, attempt.replies)]))
+                kept = await store.set_aside(record)
+                decisions += _set_aside_decisions(
+                    kept, record, set(held.get(attempt.owner, [])))
                 set_aside += 1
                 continue
             applied += len(done)
             uncertain += len(set(attempt.missing) & done)
+            decisions += [Decision(o.delivery_id, o.state, o.reply, o.possible_duplicate)
+                          for o in outcomes if o.delivery_id in done]
         adoption.commit()
     finally:
         adoption.close()
@@ -87,16 +112,17 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
     for owner, ids in dead.items():
         reason = _journal_missing(journal_dir, owner, registered.get(owner), identity)
         if reason is not None:
-            missing += len(await store.record_outcomes(owner, [AttemptOutcome(
-                delivery_id, "uncertain", None,
-                f"journal missing: {reason}; the message may have been sent")
-                for delivery_id in ids]))
+            evidence = f"journal missing: {reason}; the message may have been sent"
+            changed = await store.record_outcomes(owner, [AttemptOutcome(
+                delivery_id, "uncertain", None, evidence) for delivery_id in ids])
+            missing += len(changed)
+            decisions += [Decision(d, "uncertain", evidence) for d in ids if d in changed]
             continue
-        released += len(await store.release_unsent(
-            owner, ids, "lease of a process that died before its final dot: no dot was "
-                        "pending in its journal, so the message was certainly not sent",
-            crash_limit=crash_limit, crash_window_s=crash_window_s))
-    return RecoveryReport(applied, uncertain, released, set_aside, missing)
+        freed = await store.release_unsent(owner, ids, RELEASED, crash_limit=crash_limit,
+                                           crash_window_s=crash_window_s)
+        released += len(freed)
+        decisions += [Decision(d, "released", RELEASED) for d in ids if d in freed]
+    return RecoveryReport(applied, uncertain, released, set_aside, missing, tuple(decisions))
 
 
 def _journal_missing(journal_dir: Path, owner: str, registered: str | None,
@@ -110,14 +136,21 @@ def _journal_missing(journal_dir: Path, owner: str, registered: str | None,
     return None
 
 
-async def _set_aside_unreadable(store: Store, journal: Unreadable) -> None:
+async def _set_aside_unreadable(store: Store, journal: Unreadable) -> list[Decision]:
     """Keep an unreadable journal's bytes and make its owner's leases uncertain."""
     leases = await store.lease_owners(like_literal(journal.owner))
-    await store.set_aside(SetAside(
-        source="replay", owner=journal.owner, attempt_id="-",
-        delivery_ids=tuple(leases.get(journal.owner, [])),
+    held = leases.get(journal.owner, [])
+    record = SetAside(
+        source="replay", owner=journal.owner, attempt_id="-", delivery_ids=tuple(held),
         reason=outside_text(f"journal unreadable: {journal.error}"),
-        raw=await asyncio.to_thread(journal.raw)))
+        raw=await asyncio.to_thread(journal.raw))
+    return _set_aside_decisions(await store.set_aside(record), record, set(held))
+
+
+def _set_aside_decisions(kept: int, record: SetAside, held: set[int]) -> list[Decision]:
+    """The deliveries set-aside record ``kept`` made uncertain: those its owner held."""
+    evidence = f"evidence set aside as #{kept} (mta queue set-aside): {record.reason}"
+    return [Decision(d, "uncertain", evidence) for d in record.delivery_ids if d in held]
 
 
 async def _replayed_bounce(store: Store, attempt: PendingAttempt,

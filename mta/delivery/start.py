@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import structlog
 
@@ -12,7 +11,7 @@ from mta.config import Settings
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.outbound.cache import ConnectionCache
 from mta.delivery.owner import process_owner
-from mta.delivery.recovery import recover
+from mta.delivery.reconcile import journal_dir, recover_node
 from mta.delivery.retry import RetryPolicy
 from mta.delivery.routing import Router
 from mta.delivery.shaping import Shaper, ShapingConfig
@@ -26,18 +25,14 @@ log = structlog.get_logger(__name__)
 async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> Deliverer:
     """Replay dead processes' journals, then build this process's deliverer."""
     config = settings.delivery
-    policy = RetryPolicy.from_settings(config)
-    journal_dir = Path(settings.node.data_dir) / "journal"
-    journal_dir.mkdir(parents=True, exist_ok=True)
+    directory = journal_dir(settings)
+    directory.mkdir(parents=True, exist_ok=True)
     owner = process_owner(settings.node.name)
-    identity = await asyncio.to_thread(journal_identity, journal_dir)
-    journal = await asyncio.to_thread(Journal.open, journal_dir, owner)
+    identity = await asyncio.to_thread(journal_identity, directory)
+    journal = await asyncio.to_thread(Journal.open, directory, owner)
     # Before anything is claimed: recovery trusts this owner's journal only from here.
     await store.register_journal_owner(owner, identity)
-    report = await recover(store, journal_dir, settings.node.name, policy, identity=identity,
-                           crash_limit=config.crash_loop_limit,
-                           crash_window_s=config.crash_loop_window,
-                           reporting_mta=settings.ehlo_name)
+    report = await recover_node(store, settings, identity)
     log.info("delivery.recovered", owner=owner, applied=report.applied,
              uncertain=report.uncertain, released=report.released,
              set_aside=report.set_aside, journal_missing=report.journal_missing)
@@ -46,4 +41,4 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
         settings=settings, store=store, router=Router(config),
         shaper=Shaper(ShapingConfig.from_settings(config)),
         connections=ConnectionCache(config, ehlo_name=settings.ehlo_name), journal=journal,
-        policy=policy, owner=owner, metrics=metrics)
+        policy=RetryPolicy.from_settings(config), owner=owner, metrics=metrics)
