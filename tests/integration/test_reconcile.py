@@ -23,7 +23,7 @@ from mta.queue.ids import queue_id
 from mta.supervisor import reconcile_offline
 from tests.support.delivery import states_by_id, submit_tagged
 from tests.support.intake import running_node, store_of
-from tests.support.nodes import wait_for
+from tests.support.nodes import free_port, wait_for
 from tests.support.process import NodeProcess
 from tests.support.sink import Faults, Sink, running_sink
 
@@ -180,3 +180,15 @@ async def test_post_reconcile_releases_a_dead_owners_lease_and_nothing_else(
                                    "uncertain": [], "set_aside": 0})
         finally:
             await alive.close()
+
+
+async def test_post_reconcile_answers_503_while_the_store_is_unreachable(
+    make_settings: Callable[..., Settings],
+) -> None:
+    port = free_port()  # nothing listens there: the node waits for its store (I7)
+    settings = make_settings(admin={"listen": "127.0.0.1:0", "token": "t0k3n"},
+                             database={"dsn": f"postgresql://mta@127.0.0.1:{port}/mta",
+                                       "connect_timeout": 1.0})
+    async with running_node(settings) as node:
+        status, body = await post(node.admin_port, "/v1/reconcile", "t0k3n")
+        assert status == 503 and "not reachable" in body["error"]
