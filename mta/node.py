@@ -170,6 +170,7 @@ class Node:
             "oldest_pending_s": stats.oldest_message_s,
             "due_lag_s": stats.due_lag_s,
             "expired_leases": stats.expired_leases,
+            "delivered_last_minute": stats.delivered_last_minute,
             "journal_backlog": self.deliverer.journal.backlog if self.deliverer else 0,
         }
 
@@ -178,6 +179,7 @@ class Node:
         a live one's leases), and what it settled (503 without a store)."""
         with self._store_for_admin() as store:
             report = await reconcile(store, self.settings)
+            await store.record_audit("reconcile", by, reason, "ok", report.counts())
         self.metrics.records_set_aside.labels("replay").inc(report.set_aside)
         log.warning("node.reconciled", by=by, reason=reason, **report.counts())
         return report.to_json()

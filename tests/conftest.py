@@ -8,6 +8,7 @@ holds the migrated schema. Tests run on uvloop, the loop a node process runs on.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -79,14 +80,32 @@ def template_dsn(pg_admin_dsn: str) -> str:
 
 
 @pytest.fixture
-def db_dsn(pg_admin_dsn: str, template_dsn: str) -> Iterator[str]:
-    """A fresh database for one test, cloned from the migrated template."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin_execute(pg_admin_dsn, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
+def new_database(pg_admin_dsn: str, template_dsn: str) -> Iterator[Callable[[], str]]:
+    """Make fresh databases cloned from the migrated template (one per fleet node, say);
+    all are dropped after the test."""
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"test_{uuid.uuid4().hex[:12]}"
+        statement = f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"
+        # In a thread of its own: an async test calls this inside its running loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            thread.submit(asyncio.run, _admin_execute(pg_admin_dsn, statement)).result()
+        names.append(name)
+        return dsn_with_database(pg_admin_dsn, name)
+
     try:
-        yield dsn_with_database(pg_admin_dsn, name)
+        yield make
     finally:
-        asyncio.run(_admin_execute(pg_admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        for name in names:
+            asyncio.run(_admin_execute(pg_admin_dsn,
+                                       f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def db_dsn(new_database: Callable[[], str]) -> str:
+    """A fresh database for one test, cloned from the migrated template."""
+    return new_database()
 
 
 @pytest.fixture

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import getpass
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from mta.config import Settings, load_settings
 from mta.errors import ConfigError
@@ -34,3 +37,21 @@ def load(config: Path | None) -> Settings:
         return load_settings(config)
     except ConfigError as exc:
         fail(f"config: {exc}")
+
+
+def operator_name(given: str | None) -> str:
+    """``--operator``, else ``$SUDO_USER``, else the login name: who the audit names."""
+    return given or os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def print_rows(title: str, header: list[str], lines: list[list[str]]) -> None:
+    """A table on a terminal; tab-separated lines with a header when piped (for scripts)."""
+    if not console.is_terminal:
+        print(f"# {title}")
+        for line in [header, *lines]:
+            print("\t".join(field.replace("\t", " ") for field in line))
+        return
+    table = Table(*header, title=title)
+    for line in lines:
+        table.add_row(*line)
+    console.print(table)

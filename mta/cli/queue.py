@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import getpass
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.table import Table
 
-from mta.cli.common import ConfigOption, console, fail, load
+from mta.cli.common import ConfigOption, console, fail, load, operator_name, print_rows
 from mta.config import Settings
 from mta.errors import StoreUnavailable
 from mta.mail.text import outside_text
@@ -88,10 +85,6 @@ def _say_where(config: Path | None) -> None:
     print(f"read: {_where(config, load(config))}", file=sys.stderr)
 
 
-def _operator(name: str | None) -> str:
-    return name or os.environ.get("SUDO_USER") or getpass.getuser()
-
-
 def _print_listing(title: str, rows: Sequence[DeliveryListing], *, reason: bool) -> None:
     """Deliveries with their last evidence (see :func:`_print_rows`)."""
     header = ["delivery", "queue_id", "from", "to", "attempts", "last_evidence",
@@ -103,20 +96,7 @@ def _print_listing(title: str, rows: Sequence[DeliveryListing], *, reason: bool)
                       row.recipient, str(row.attempts), evidence or "-",
                       *([row.hold_reason or "-"] if reason else []),
                       row.updated_at.isoformat(timespec="seconds")])
-    _print_rows(title, header, lines)
-
-
-def _print_rows(title: str, header: list[str], lines: list[list[str]]) -> None:
-    """A table on a terminal; tab-separated lines with a header when piped (for scripts)."""
-    if not console.is_terminal:
-        print(f"# {title}")
-        for line in [header, *lines]:
-            print("\t".join(field.replace("\t", " ") for field in line))
-        return
-    table = Table(*header, title=title)
-    for line in lines:
-        table.add_row(*line)
-    console.print(table)
+    print_rows(title, header, lines)
 
 
 @queue_app.command("uncertain")
@@ -142,7 +122,7 @@ def list_audit(config: ConfigOption = None, limit: LimitOption = 1000) -> None:
     lines = [[str(row.id), row.at.isoformat(timespec="seconds"), row.node, row.operator,
               row.action, row.reason, ",".join(map(str, row.requested)),
               ",".join(map(str, row.changed)) or "-"] for row in rows]
-    _print_rows(f"{len(rows)} audit records",
+    print_rows(f"{len(rows)} audit records",
                 ["id", "at", "node", "operator", "action", "reason", "requested", "changed"],
                 lines)
     _say_where(config)
@@ -156,7 +136,7 @@ def list_set_aside(config: ConfigOption = None, limit: LimitOption = 1000) -> No
     lines = [[str(row.id), row.at.isoformat(timespec="seconds"), row.source, row.owner,
               row.attempt_id, ",".join(str(i) for i in row.delivery_ids), row.reason,
               outside_text(row.raw, limit=RAW_SHOWN)] for row in rows]
-    _print_rows(f"{len(rows)} set aside",
+    print_rows(f"{len(rows)} set aside",
                 ["id", "at", "source", "owner", "attempt", "deliveries", "reason", "raw"], lines)
     _say_where(config)
 
@@ -175,7 +155,7 @@ def _resolve(config: Path | None, ids: list[int], verb: str, state: str,
 def resend(ids: IdsArgument, reason: ReasonOption, config: ConfigOption = None,
            operator: OperatorOption = None) -> None:
     """Send uncertain deliveries again (they are marked possible_duplicate)."""
-    who = _operator(operator)
+    who = operator_name(operator)
     _resolve(config, ids, "queued again", "uncertain",
              lambda store, chosen: store.resend_uncertain(chosen, who, reason))
 
@@ -184,7 +164,7 @@ def resend(ids: IdsArgument, reason: ReasonOption, config: ConfigOption = None,
 def mark_delivered(ids: IdsArgument, reason: ReasonOption, config: ConfigOption = None,
                    operator: OperatorOption = None) -> None:
     """Record that uncertain deliveries did arrive (for example, the recipient confirmed)."""
-    who = _operator(operator)
+    who = operator_name(operator)
     _resolve(config, ids, "marked delivered", "uncertain",
              lambda store, chosen: store.mark_uncertain_delivered(chosen, who, reason))
 
@@ -193,7 +173,7 @@ def mark_delivered(ids: IdsArgument, reason: ReasonOption, config: ConfigOption 
 def release(ids: IdsArgument, reason: ReasonOption, config: ConfigOption = None,
             operator: OperatorOption = None) -> None:
     """Put held deliveries back in the queue."""
-    who = _operator(operator)
+    who = operator_name(operator)
     _resolve(config, ids, "released", "held",
              lambda store, chosen: store.release_held(chosen, who, reason))
 
@@ -219,11 +199,23 @@ def show(message: Annotated[str, typer.Argument(help="Queue id from the 250 repl
     console.print(f"message {queue_id(record.id)}  from <{record.mail_from}>  "
                   f"{record.size_bytes} bytes  received {record.received_at.isoformat()}  "
                   f"client {record.client_address}  Message-ID {record.message_id_header or '-'}")
+    if record.origin_node is not None and record.origin_message is not None:
+        console.print(f"  rerouted from {record.origin_node} "
+                      f"({queue_id(record.origin_message)})")
     for delivery, events in deliveries:
         flags = " possible_duplicate" if delivery.possible_duplicate else ""
         console.print(f"  delivery {delivery.id} <{delivery.recipient}>: {delivery.state}, "
-                      f"{delivery.attempts} attempt(s){flags}")
+                      f"{delivery.attempts} attempt(s){flags}{_handoff(delivery)}")
         for event in events:
             code = f" {event.reply_code}" if event.reply_code is not None else ""
             console.print(f"    {event.at.isoformat(timespec='seconds')} {event.state}{code} "
                           f"by {event.actor}: {event.detail}")
+
+
+def _handoff(delivery: DeliveryRecord) -> str:
+    """Where a reroute took (or is taking) ``delivery``, for ``show``."""
+    if delivery.reroute_target is None:
+        return ""
+    if delivery.rerouted_to_message is None:
+        return f", in handoff to {delivery.reroute_target}"
+    return f", rerouted to {delivery.reroute_target} as {queue_id(delivery.rerouted_to_message)}"

@@ -36,7 +36,7 @@ FROM message, unnest($10::text[], $11::text[]) AS rcpt (recipient, next_hop);
 -- name: message_get
 -- One message's envelope and metadata, without its body.
 SELECT id, mail_from, size_bytes, client_address, helo_name, auth_user,
-       message_id_header, received_at, done_at
+       message_id_header, received_at, done_at, origin_node, origin_message
 FROM messages WHERE id = $1;
 
 -- name: message_content
@@ -58,7 +58,8 @@ SELECT coalesce(sum(size_bytes), 0)::bigint FROM messages WHERE done_at IS NULL;
 -- name: queue_stats
 -- Deliveries with work left per state (each count walks its state's partial index),
 -- leases past their expiry (a live process that stopped renewing them), how long the most
--- overdue due delivery has waited, and the oldest unfinished message.
+-- overdue due delivery has waited, the oldest unfinished message, and the deliveries
+-- made in the last minute.
 SELECT
     (SELECT count(*) FROM deliveries WHERE state = 'queued') AS queued,
     (SELECT count(*) FROM deliveries WHERE state = 'deferred') AS deferred,
@@ -71,7 +72,10 @@ SELECT
               WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()
               ORDER BY next_attempt_at LIMIT 1), 0) AS due_lag_s,
     coalesce((SELECT extract(epoch FROM now() - received_at)::float8 FROM messages
-              WHERE done_at IS NULL ORDER BY received_at LIMIT 1), 0) AS oldest_message_s;
+              WHERE done_at IS NULL ORDER BY received_at LIMIT 1), 0) AS oldest_message_s,
+    (SELECT count(*) FROM deliveries
+     WHERE state = 'delivered' AND finished_at > now() - interval '60 seconds')
+        AS delivered_last_minute;
 
 -- name: queue_by_destination
 -- Deliveries with work left per next hop and state, the $1 largest groups first.
@@ -85,7 +89,8 @@ LIMIT $1;
 -- name: delivery_list_for_message
 -- Every delivery of one message.
 SELECT id, recipient, next_hop, state, attempts, next_attempt_at, lease_owner,
-       lease_expires_at, last_reply_code, last_reply, possible_duplicate, hold_reason
+       lease_expires_at, last_reply_code, last_reply, possible_duplicate, hold_reason,
+       reroute_target, rerouted_to_message
 FROM deliveries WHERE message_id = $1 ORDER BY id;
 
 -- name: delivery_claim_due
@@ -218,7 +223,8 @@ WITH outcome AS (
       AND NOT EXISTS (SELECT 1 FROM changed AS c
                       WHERE c.message_id = m.id AND c.state NOT IN ('delivered', 'failed'))
       AND NOT EXISTS (SELECT 1 FROM deliveries AS d
-                      WHERE d.message_id = m.id AND d.state NOT IN ('delivered', 'failed')
+                      WHERE d.message_id = m.id
+                        AND d.state NOT IN ('delivered', 'failed', 'rerouted')
                         AND d.id NOT IN (SELECT id FROM changed))
     RETURNING m.id
 )
@@ -347,9 +353,14 @@ SELECT mode, reason, changed_by, changed_at
 FROM changed, (SELECT pg_notify('mta_node_mode', $1)) AS notified;
 
 -- name: audit_list
--- The node's audit trail, newest first, at most $1 records.
-SELECT id, at, node, operator, action, reason, requested, changed
-FROM audit ORDER BY id DESC LIMIT $1;
+-- The node's audit trail, newest first, at most $1 records since $2.
+SELECT id, at, node, operator, action, reason, requested, changed, result, counts::text
+FROM audit WHERE at >= $2 ORDER BY id DESC LIMIT $1;
+
+-- name: audit_insert
+-- Record action $3 on node $1 by $2 (reason $4): its result $5 and counts $6 (JSON).
+INSERT INTO audit (node, operator, action, reason, requested, changed, result, counts)
+VALUES ($1, $2, $3, $4, '{}', '{}', $5, $6::jsonb);
 
 -- name: audit_purge
 -- Delete up to $2 audit records older than $1 seconds (retention.audit_after).
@@ -397,13 +408,15 @@ WHERE owner IN (SELECT o.owner FROM journal_owners AS o
                 ORDER BY o.registered_at LIMIT $2);
 
 -- name: message_mark_done
--- Mark the messages of deliveries $1 done once every delivery of theirs is final.
+-- Mark the messages of deliveries $1 done once every delivery of theirs is final here
+-- (delivered, failed, or rerouted to another node).
 UPDATE messages AS m
 SET done_at = now()
 WHERE m.id IN (SELECT message_id FROM deliveries WHERE id = ANY($1::bigint[]))
   AND m.done_at IS NULL
   AND NOT EXISTS (SELECT 1 FROM deliveries AS d
-                  WHERE d.message_id = m.id AND d.state NOT IN ('delivered', 'failed'));
+                  WHERE d.message_id = m.id
+                    AND d.state NOT IN ('delivered', 'failed', 'rerouted'));
 
 -- name: message_purge_bodies
 -- Drop the bodies of up to $2 messages done for more than $1 seconds (metadata stays).
@@ -424,3 +437,164 @@ WHERE id IN (SELECT id FROM messages
 -- name: deliveries_notify
 -- Tell listening delivery workers (on any process or node of this store) there is work.
 SELECT pg_notify('mta_new_work', $1);
+
+-- Reroute (DESIGN.md, "Reroute is a handoff with receipts"). On the source: a run holds
+-- the source's reroute lock for as long as it works, so the handoffs of any other run
+-- it finds are a dead run's, to finish. A handoff is a lease whose owner is the run
+-- ('reroute:<run id>') and whose reroute_target names where the copy goes; delivery
+-- recovery matches only its node's own owner prefix and never touches it.
+
+-- name: reroute_lock
+-- Take the source node $1's reroute lock for this session, if no other run holds it.
+SELECT pg_try_advisory_lock(71231603, hashtext($1));
+
+-- name: reroute_adopt
+-- Take over for run $1 (for $3 seconds) up to $2 handoffs that dead runs left, with
+-- what a copy needs; each keeps the target it was leased for (a copy may be there).
+WITH taken AS (
+    SELECT id FROM deliveries
+    WHERE state = 'leased' AND reroute_target IS NOT NULL AND lease_owner LIKE 'reroute:%'
+      AND lease_owner <> $1
+    ORDER BY id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries AS d
+SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
+FROM taken, messages AS m
+WHERE d.id = taken.id AND m.id = d.message_id
+RETURNING d.id, d.message_id, d.recipient, d.next_hop, d.attempts, d.last_reply_code,
+          d.last_reply, d.possible_duplicate, d.reroute_target, m.size_bytes;
+
+-- name: reroute_lease
+-- Lease to run $1 for $3 seconds up to $2 pending deliveries (queued or deferred, due or
+-- not), with the other pending deliveries of their messages, so a message moves whole.
+-- Each message goes to one of the targets $4, spread by message id. Locked rows (a
+-- delivery worker's claim in progress) are skipped: the two never take the same row.
+WITH first AS (
+    SELECT id, message_id FROM deliveries
+    WHERE state IN ('queued', 'deferred')
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), siblings AS (
+    -- A lateral probe by message (see delivery_claim_due for why the CASE).
+    SELECT sibling.id FROM first
+    CROSS JOIN LATERAL (
+        SELECT d.id FROM deliveries AS d
+        WHERE d.message_id = first.message_id
+          AND CASE WHEN d.state IN ('queued', 'deferred') THEN true ELSE false END
+        FOR UPDATE SKIP LOCKED
+    ) AS sibling
+)
+UPDATE deliveries AS d
+SET state = 'leased', lease_owner = $1,
+    lease_expires_at = now() + make_interval(secs => $3), updated_at = now(),
+    reroute_target = ($4::text[])[1 + mod(hashtext(d.message_id::text)::bigint + 2147483648,
+                                          cardinality($4::text[]))]
+FROM messages AS m
+WHERE d.id = ANY(ARRAY(SELECT id FROM first UNION SELECT id FROM siblings))
+  AND m.id = d.message_id
+RETURNING d.id, d.message_id, d.recipient, d.next_hop, d.attempts, d.last_reply_code,
+          d.last_reply, d.possible_duplicate, d.reroute_target, m.size_bytes;
+
+-- name: reroute_contents
+-- Messages $1 as a copy needs them: envelope, trace data, body and arrival time.
+SELECT id, mail_from, size_bytes, trace_headers, body, client_address, helo_name,
+       auth_user, message_id_header, received_at
+FROM messages WHERE id = ANY($1::uuid[]);
+
+-- name: reroute_receipt
+-- Run $1's receipts: deliveries $2 have copies in messages $3 of the targets they were
+-- leased for. They become 'rerouted', with the receipt in their timelines.
+WITH receipt AS (
+    SELECT * FROM unnest($2::bigint[], $3::uuid[]) AS r (id, target_message)
+), changed AS (
+    UPDATE deliveries AS d
+    SET state = 'rerouted', rerouted_to_message = r.target_message,
+        lease_owner = NULL, lease_expires_at = NULL, finished_at = now(), updated_at = now()
+    FROM receipt AS r
+    WHERE d.id = r.id AND d.lease_owner = $1
+    RETURNING d.id, d.reroute_target, d.rerouted_to_message
+), events AS (
+    INSERT INTO delivery_events (delivery_id, state, detail, actor)
+    SELECT id, 'rerouted', 'rerouted to node ' || reroute_target || ' as message '
+                           || rerouted_to_message, $1
+    FROM changed
+)
+SELECT id FROM changed;
+
+-- name: reroute_release
+-- Give back run $1's handoffs $2 that no target was ever asked to copy, as they were.
+UPDATE deliveries
+SET state = CASE WHEN attempts > 0 THEN 'deferred' ELSE 'queued' END,
+    lease_owner = NULL, lease_expires_at = NULL, reroute_target = NULL, updated_at = now()
+WHERE id = ANY($2::bigint[]) AND lease_owner = $1
+RETURNING id;
+
+-- name: reroute_skipped
+-- What a reroute leaves behind on the source, by state: work in flight, an operator's
+-- business, and other runs' handoffs.
+SELECT
+    (SELECT count(*) FROM deliveries
+     WHERE state = 'leased' AND reroute_target IS NULL) AS leased,
+    (SELECT count(*) FROM deliveries WHERE state = 'uncertain') AS uncertain,
+    (SELECT count(*) FROM deliveries WHERE state = 'held') AS held,
+    (SELECT count(*) FROM deliveries
+     WHERE state = 'leased' AND reroute_target IS NOT NULL) AS in_handoff;
+
+-- On the target: the copies. The unique keys (origin_node, origin_message) and
+-- (message_id, origin_delivery) make a second handoff find the first.
+
+-- name: handoff_insert_messages
+-- Copies of messages node $1 hands over: new ids $2 for origins $3 with their envelope,
+-- trace data, body and arrival time (the lifetime does not restart). A copy an earlier
+-- run made is found, not made twice. Returns each origin's copy.
+WITH incoming AS (
+    SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::bytea[],
+                         $7::bytea[], $8::text[], $9::text[], $10::text[], $11::text[],
+                         $12::timestamptz[])
+        AS i (id, origin, mail_from, size_bytes, trace_headers, body, client_address,
+              helo_name, auth_user, message_id_header, received_at)
+), inserted AS (
+    INSERT INTO messages (id, mail_from, size_bytes, trace_headers, body, client_address,
+                          helo_name, auth_user, message_id_header, received_at,
+                          origin_node, origin_message)
+    SELECT id, mail_from, size_bytes, trace_headers, body, client_address, helo_name,
+           auth_user, message_id_header, received_at, $1, origin
+    FROM incoming
+    ON CONFLICT (origin_node, origin_message) WHERE origin_node IS NOT NULL DO NOTHING
+    RETURNING id, origin_message
+)
+SELECT origin_message AS origin, id FROM inserted
+UNION ALL
+SELECT m.origin_message AS origin, m.id
+FROM messages AS m JOIN incoming AS i ON m.origin_node = $1 AND m.origin_message = i.origin;
+
+-- name: handoff_insert_deliveries
+-- The deliveries node $1 hands over (origin message $2, origin delivery $3, recipient,
+-- next hop, attempts and last evidence so far), under their messages' copies and due at
+-- once (the source's backoff described the source's path); run $10 is the actor. One
+-- handed over before is not added twice. Returns how many were added.
+WITH incoming AS (
+    SELECT * FROM unnest($2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::integer[],
+                         $7::integer[], $8::text[], $9::boolean[])
+        AS i (origin_message, origin_delivery, recipient, next_hop, attempts,
+              last_reply_code, last_reply, possible_duplicate)
+), added AS (
+    INSERT INTO deliveries (message_id, recipient, next_hop, attempts, last_reply_code,
+                            last_reply, possible_duplicate, origin_delivery)
+    SELECT m.id, i.recipient, i.next_hop, i.attempts, i.last_reply_code, i.last_reply,
+           i.possible_duplicate, i.origin_delivery
+    FROM incoming AS i
+    JOIN messages AS m ON m.origin_node = $1 AND m.origin_message = i.origin_message
+    ON CONFLICT (message_id, origin_delivery) WHERE origin_delivery IS NOT NULL DO NOTHING
+    RETURNING id, message_id
+), events AS (
+    INSERT INTO delivery_events (delivery_id, state, detail, actor)
+    SELECT id, 'queued', 'rerouted here from node ' || $1, $10 FROM added
+), reopened AS (
+    UPDATE messages SET done_at = NULL
+    WHERE id IN (SELECT message_id FROM added) AND done_at IS NOT NULL
+)
+SELECT count(*) FROM added;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -40,6 +40,9 @@ class MessageRecord:
     message_id_header: str | None
     received_at: datetime
     done_at: datetime | None
+    #: Where a rerouted copy came from: the source node and its message id.
+    origin_node: str | None = None
+    origin_message: uuid.UUID | None = None
 
     @property
     def envelope(self) -> Envelope:
@@ -64,6 +67,10 @@ class DeliveryRecord:
     last_reply: str | None
     possible_duplicate: bool
     hold_reason: str | None
+    #: The node a reroute hands (or handed) this delivery to, and the copy's message id
+    #: there once the handoff has its receipt.
+    reroute_target: str | None = None
+    rerouted_to_message: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,8 @@ class QueueStats:
     due_lag_s: float
     #: Seconds since the oldest message with work left arrived (0: none).
     oldest_message_s: float
+    #: Deliveries delivered in the last 60 seconds.
+    delivered_last_minute: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,9 @@ class AuditRecord:
     reason: str
     requested: list[int]
     changed: list[int]
+    #: How it ended (``ok``, ``partial``, ``failed: …``) and what it counted.
+    result: str = "ok"
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ errors to :class:`StoreUnavailable`, so callers deal in the project's error tree
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -42,6 +44,8 @@ from mta.queue.sql import query
 NEW_WORK_CHANNEL = "mta_new_work"
 #: The channel a mode change is announced on (the payload is the node's name).
 NODE_MODE_CHANNEL = "mta_node_mode"
+#: The start of time, for "since" filters that were not given.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _claimed(row: asyncpg.Record) -> ClaimedDelivery:
@@ -100,7 +104,8 @@ class Store:
         return QueueStats(
             by_state={state: int(row[state]) for state in PENDING_STATES},
             expired_leases=int(row["expired_leases"]),
-            due_lag_s=float(row["due_lag_s"]), oldest_message_s=float(row["oldest_message_s"]))
+            due_lag_s=float(row["due_lag_s"]), oldest_message_s=float(row["oldest_message_s"]),
+            delivered_last_minute=int(row["delivered_last_minute"]))
 
     async def queue_by_destination(self, limit: int = 100) -> list[tuple[str, str, int]]:
         """(next hop, state, count) of the deliveries with work left, largest first."""
@@ -281,10 +286,18 @@ class Store:
         row = await self._pool.run("node_mode_set", "fetchrow", node, mode, reason, operator)
         return NodeMode(**dict(row))
 
-    async def audit_records(self, limit: int = 1000) -> list[AuditRecord]:
-        """The node's audit trail, newest first."""
-        rows = await self._pool.run("audit_list", "fetch", limit)
-        return [AuditRecord(**dict(row)) for row in rows]
+    async def audit_records(self, limit: int = 1000,
+                            since: datetime | None = None) -> list[AuditRecord]:
+        """The node's audit trail, newest first (since ``since``, when given)."""
+        rows = await self._pool.run("audit_list", "fetch", limit, since or _EPOCH)
+        return [AuditRecord(**{**dict(row), "counts": json.loads(row["counts"])})
+                for row in rows]
+
+    async def record_audit(self, action: str, operator: str, reason: str, result: str,
+                           counts: Mapping[str, int]) -> None:
+        """Append an action on this node (a fleet command's, or one of its own)."""
+        await self._pool.run("audit_insert", "execute", self._node, operator, action, reason,
+                             result, json.dumps(dict(counts)), share="maintenance")
 
     async def purge_audit(self, older_than_s: float, limit: int) -> int:
         """Delete audit records older than ``older_than_s``; returns how many."""

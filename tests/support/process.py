@@ -138,10 +138,14 @@ class NodeProcess:
         assert self.process is not None
         return self.process.pid
 
+    def write_config(self) -> None:
+        """Write the node's config file from its sections."""
+        write_config(self.config_path, self.sections)
+
     def spawn(self) -> None:
         """Write the config and start a new run of the node."""
         assert self.process is None or self.process.poll() is not None, "already running"
-        write_config(self.config_path, self.sections)
+        self.write_config()
         self.runs += 1
         with self.log_path.open("wb") as log, \
                 (self.workdir / f"node-{self.runs}.err").open("wb") as err:
