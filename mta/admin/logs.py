@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -17,9 +18,12 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """Route structlog and stdlib logging to stdout at ``level``, one record a line."""
-    json_output = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+def configure_logging(level: str = "info", fmt: str = "auto",
+                      stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging to ``stream`` (default stdout) at ``level``,
+    one record a line."""
+    out = stream or sys.stdout
+    json_output = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json_output
         else structlog.dev.ConsoleRenderer(colors=False)
@@ -36,10 +40,10 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         # One write per line (PrintLogger writes the newline separately): the processes
         # of a node share stdout, and their lines must not interleave.
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stdout)  # one write per record, newline included
+    handler = logging.StreamHandler(out)  # one write per record, newline included
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
                            stamp],

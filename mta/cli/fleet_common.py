@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mta.admin.logs import configure_logging
 from mta.cli.common import fail
 from mta.errors import ConfigError
 from mta.fleet.inventory import Fleet, fleet_file, load_fleet
 
 fleet_app = typer.Typer(no_args_is_help=True,
                         help="Act on the fleet in fleet.toml: status, modes, reroute, audit.")
+
+
+@fleet_app.callback()
+def _logs_to_stderr() -> None:
+    """Warnings and errors go to standard error: standard output is the command's answer."""
+    configure_logging("warning", "console", stream=sys.stderr)
+
 
 FleetOption = Annotated[
     Path | None,

@@ -69,7 +69,7 @@ async def test_isolate_with_the_admin_api_down_goes_through_the_store_and_sticks
 
         await fleet.start()
         status, body = await admin_get(fleet.nodes["a"].admin_port, "/readyz")
-        assert status == 503 and body["mode"] == "isolated"
+        assert status == 503 and json.loads(body)["mode"] == "isolated"
         assert sink.transactions == [], "an isolated node never starts delivering on its own"
     finally:
         await store.close()

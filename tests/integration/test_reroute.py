@@ -16,7 +16,7 @@ from mta.queue import Store
 from mta.queue.ids import queue_id
 from tests.support.fleet import FleetUnderTest, enqueue_tagged, run_cli
 from tests.support.nodes import free_port, wait_for
-from tests.support.sink import Sink, normalize_id
+from tests.support.sink import Faults, Sink, normalize_id, running_sink
 
 KILL_HALFWAY = {"MTA_FAULT_HOOKS": "1", "MTA_FAULT_KILL_AT": "reroute.after_target_insert",
                 "MTA_FAULT_KILL_AFTER": "4"}
@@ -164,20 +164,28 @@ async def test_reroute_refuses_an_active_source_and_leaves_what_it_must_not_move
 async def test_reroute_off_a_draining_node_that_is_still_delivering_sends_each_once(
     tmp_path: Path, new_database: Callable[[], str], sink: Sink,
 ) -> None:
-    fleet = FleetUnderTest.create(tmp_path, new_database, {"a": sink.port, "b": sink.port,
-                                                      "c": sink.port})
-    store = await Store.open(fleet.dsns["a"], fleet.settings("a"))
-    try:
-        tags = [f"d{n}" for n in range(600)]
-        await enqueue_tagged(store, tags)
-        await fleet.start()
-        drained = await fleet.fleet("drain", "a", "--reason", "move its backlog")
-        assert drained.returncode == 0, drained.stderr
-        result = await fleet.fleet("reroute", "a", "--batch", "50", "--json")
-        assert result.returncode == 0, result.stderr
-        await wait_for(lambda: sum(arrivals(sink).values()) >= 600, timeout=60)
-        assert set(arrivals(sink)) == {(f"{t}@fleet.test", "user@example.com") for t in tags}
-        assert max(arrivals(sink).values()) == 1
-    finally:
-        await store.close()
-        await fleet.close()
+    async with running_sink(faults=Faults(hang=True)) as slow:
+        fleet = FleetUnderTest.create(tmp_path, new_database, {"a": slow.port, "b": sink.port,
+                                                               "c": sink.port})
+        store = await Store.open(fleet.dsns["a"], fleet.settings("a"))
+        try:
+            tags = [f"d{n}" for n in range(300)]
+            await enqueue_tagged(store, tags)
+            await fleet.start()
+            drained = await fleet.fleet("drain", "a", "--reason", "move its backlog")
+            assert drained.returncode == 0, drained.stderr
+            # A's workers are in the middle of sends (their final dots unanswered).
+            await wait_for(lambda: len(slow.transactions) >= 1, timeout=20)
+            result = await fleet.fleet("reroute", "a", "--batch", "50", "--json")
+            assert result.returncode == 0, result.stderr
+            in_flight = json.loads(result.stdout)["skipped"]["leased"]
+            assert in_flight >= 1, "the sends in flight stayed with A"
+            slow.release()
+            both = lambda: arrivals(slow) + arrivals(sink)  # noqa: E731
+            await wait_for(lambda: sum(both().values()) >= 300, timeout=60)
+            assert set(both()) == {(f"{t}@fleet.test", "user@example.com") for t in tags}
+            assert max(both().values()) == 1
+            assert sum(arrivals(slow).values()) == in_flight
+        finally:
+            await store.close()
+            await fleet.close()
