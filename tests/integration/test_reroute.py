@@ -189,3 +189,34 @@ async def test_reroute_off_a_draining_node_that_is_still_delivering_sends_each_o
         finally:
             await store.close()
             await fleet.close()
+
+
+async def test_a_target_at_its_admission_limit_or_on_an_old_schema_is_skipped(
+    tmp_path: Path, new_database: Callable[[], str], sink: Sink,
+) -> None:
+    fleet = FleetUnderTest.create(tmp_path, new_database, {"a": free_port(), "b": sink.port,
+                                                           "c": sink.port, "d": sink.port})
+    fleet.nodes["c"].sections["admission"]["max_queued_bytes"] = 800
+    fleet.nodes["c"].write_config()
+    store = await Store.open(fleet.dsns["a"], fleet.settings("a"))
+    try:
+        await enqueue_tagged(store, [f"q{n}" for n in range(40)])
+        conn = await asyncpg.connect(fleet.dsns["d"])
+        try:
+            await conn.execute("DELETE FROM schema_migrations WHERE version = 11")
+        finally:
+            await conn.close()
+        await store.set_node_mode("a", "isolated", "drill", "alice")
+        await fleet.start("b", "c")
+        result = await fleet.fleet("reroute", "a", "--batch", "5", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert "admission limit" in report["targets_skipped"].get("c", ""), report
+        assert "lacks migrations [11]" in report["targets_skipped"]["d"]
+        assert report["moved"]["b"] + report["moved"].get("c", 0) == 40
+        assert report["moved"]["b"] > report["moved"].get("c", 0)
+        await wait_for(lambda: len(arrivals(sink)) >= 40, timeout=30)
+        assert max(arrivals(sink).values()) == 1
+    finally:
+        await store.close()
+        await fleet.close()
