@@ -1,4 +1,9 @@
-"""Versioned schema migrations, applied under an advisory lock."""
+"""Versioned schema migrations, applied under an advisory lock.
+
+Each package that owns a schema ships a ``migrations`` folder (``mta.queue`` for a node's
+store, ``mta.fleet`` for the fleet database); the ledger is ``schema_migrations`` in the
+connection's search path.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +27,13 @@ class Migration:
     sql: str
 
 
-def available_migrations() -> list[Migration]:
-    """Every migration shipped with the package, in version order."""
-    folder = resources.files("mta.queue").joinpath("migrations")
+#: The package whose ``migrations`` folder holds a node store's schema.
+STORE_PACKAGE = "mta.queue"
+
+
+def available_migrations(package: str = STORE_PACKAGE) -> list[Migration]:
+    """Every migration shipped in ``package``'s ``migrations`` folder, in version order."""
+    folder = resources.files(package).joinpath("migrations")
     found = []
     for entry in folder.iterdir():
         match = _FILE_NAME.match(entry.name)
@@ -34,18 +43,19 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-async def pending_migrations(conn: asyncpg.Connection) -> list[int]:
+async def pending_migrations(conn: asyncpg.Connection,
+                             package: str = STORE_PACKAGE) -> list[int]:
     """The shipped migrations this database has not applied (all of them on an empty
     one); reads only."""
     try:
         done = {row["version"] for row in await conn.fetch(query("migrations_applied"))}
     except asyncpg.UndefinedTableError:
         done = set()
-    return [m.version for m in available_migrations() if m.version not in done]
+    return [m.version for m in available_migrations(package) if m.version not in done]
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
-    """Apply missing migrations; safe when several processes start at once.
+async def migrate(conn: asyncpg.Connection, package: str = STORE_PACKAGE) -> list[int]:
+    """Apply ``package``'s missing migrations; safe when several processes start at once.
 
     Returns the versions this call applied.
     """
@@ -54,7 +64,7 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
         await conn.execute(query("migrations_lock"))
         await conn.execute(query("migrations_create_table"))
         done = {row["version"] for row in await conn.fetch(query("migrations_applied"))}
-        for migration in available_migrations():
+        for migration in available_migrations(package):
             if migration.version in done:
                 continue
             await conn.execute(migration.sql)
