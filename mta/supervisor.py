@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -90,6 +90,20 @@ async def reconcile_offline(settings: Settings) -> ReconcileReport:
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no journal here (is {settings.node.data_dir} "
                           "the node's data_dir?)")
+    async with existing_store(settings) as dsn:
+        store = await Store.open(dsn, settings)
+        try:
+            return await reconcile(store, settings)
+        finally:
+            await store.close()
+
+
+@contextlib.asynccontextmanager
+async def existing_store(settings: Settings) -> AsyncIterator[str]:
+    """The DSN of the node's store, opened as ``mta queue`` opens it: the embedded server
+    started if it is not running (and stopped again at the end if this started it), the
+    schema checked, never created or migrated. ``StoreUnavailable`` when there is no
+    store, it cannot be reached, or its schema is behind."""
     if not settings.database.dsn and not embedded_server(settings).initialised():
         raise StoreUnavailable(f"{settings.node.data_dir} holds no embedded store")
     database = await asyncio.to_thread(open_database, settings)
@@ -98,11 +112,7 @@ async def reconcile_offline(settings: Settings) -> ReconcileReport:
         if behind:
             raise StoreUnavailable(f"the store lacks migrations {behind}: run "
                                    "'mta db migrate' or 'mta serve' first")
-        store = await Store.open(database.dsn, settings)
-        try:
-            return await reconcile(store, settings)
-        finally:
-            await store.close()
+        yield database.dsn
     finally:
         await asyncio.to_thread(database.close)
 

@@ -22,7 +22,6 @@ from mta.queue.records import (
     DeliveryRecord,
     MessageRecord,
 )
-from mta.queue.server import schema_behind
 
 queue_app = typer.Typer(no_args_is_help=True,
                         help="Inspect the queue and resolve deliveries (every change is audited).")
@@ -43,7 +42,7 @@ def _run(config: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
     ``action``. Never creates a store and never changes its schema: a data directory
     without one, or a schema this version does not know yet, is an error that names the
     config and store it looked at."""
-    from mta.supervisor import embedded_server, open_database
+    from mta.supervisor import embedded_server, existing_store
 
     settings = load(config)
     where = _where(config, settings)
@@ -51,25 +50,18 @@ def _run(config: Path | None, action: Callable[[Store], Awaitable[T]]) -> T:
         fail(f"no store here: {where} holds no node's embedded store "
              "(pass the node's --config)")
 
-    async def main(dsn: str) -> T:
-        behind = await schema_behind(dsn, settings.database.connect_timeout)
-        if behind:
-            fail(f"the store's schema lacks migrations {behind} ({where}): "
-                 "run 'mta db migrate' or 'mta serve' first", code=1)
-        store = await Store.open(dsn, settings)
-        try:
-            return await action(store)
-        finally:
-            await store.close()
+    async def main() -> T:
+        async with existing_store(settings) as dsn:
+            store = await Store.open(dsn, settings)
+            try:
+                return await action(store)
+            finally:
+                await store.close()
 
     try:
-        database = open_database(settings)
-        try:
-            return asyncio.run(main(database.dsn))
-        finally:
-            database.close()
+        return asyncio.run(main())
     except StoreUnavailable as exc:
-        fail(str(exc).splitlines()[0], code=1)
+        fail(f"{str(exc).splitlines()[0]} ({where})", code=1)
 
 
 def _where(config: Path | None, settings: Settings) -> str:

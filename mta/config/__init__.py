@@ -7,7 +7,7 @@ from mta.config.budget import (
     connection_budget,
     memory_bound_bytes,
 )
-from mta.config.loader import Settings, describe_validation_error, load_settings
+from mta.config.loader import Settings, describe_validation_error, load_settings, read_toml
 from mta.config.settings import (
     DeliverySection,
     RouteSection,
@@ -32,4 +32,5 @@ __all__ = [
     "load_settings",
     "memory_bound_bytes",
     "parse_host_port",
+    "read_toml",
 ]

@@ -76,7 +76,8 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file ``path`` as a dict; ``ConfigError`` with one line otherwise."""
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
@@ -104,7 +105,7 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 def load_settings(path: Path | None = None) -> Settings:
     """Read ``path`` (if given), apply environment overrides and validate."""
-    values = _read_toml(path) if path is not None else {}
+    values = read_toml(path) if path is not None else {}
     try:
         return Settings(**values)
     except ValidationError as exc:

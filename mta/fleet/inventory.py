@@ -7,14 +7,13 @@ set) is a :class:`ConfigError` with one line, which the CLI answers with exit 2.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mta.config import describe_validation_error, parse_host_port
+from mta.config import describe_validation_error, parse_host_port, read_toml
 from mta.errors import ConfigError
 
 #: Where ``--fleet`` points when neither it nor ``$MTA_FLEET`` is given.
@@ -130,15 +129,9 @@ def fleet_file(given: Path | None) -> Path:
 
 def load_fleet(path: Path) -> Fleet:
     """Read and validate ``path``; every token variable must be set."""
-    try:
-        with path.open("rb") as handle:
-            values = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (pass --fleet or set MTA_FLEET)") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found (pass --fleet or set MTA_FLEET)")
+    values = read_toml(path)
     base = path.resolve().parent
     for node in values.get("nodes", []) if isinstance(values.get("nodes"), list) else []:
         for key in ("config", "admin_ca_file"):

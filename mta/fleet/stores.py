@@ -6,7 +6,6 @@ down, or reroute reads the source), over a small pool of their own.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from mta.config.settings import DatabaseSection, NodeSection
 from mta.errors import ConfigError, StoreUnavailable
 from mta.fleet.inventory import NodeEntry
 from mta.queue.pool import SharedPool
-from mta.queue.server import schema_behind
 from mta.queue.store import Store
 
 #: A fleet command's pool on a node's store: two statements at once, plus the fixed two.
@@ -62,23 +60,18 @@ def _fleet_sized(settings: Settings) -> Settings:
 async def open_node_store(node: NodeEntry) -> AsyncIterator[NodeStore]:
     """``node``'s store, schema checked (never migrated); ``StoreUnavailable`` when it
     cannot be reached or its schema is not this version's."""
-    from mta.supervisor import embedded_server, open_database
+    from mta.supervisor import existing_store
 
     settings = node_settings(node)
-    if not settings.database.dsn and not embedded_server(settings).initialised():
-        raise StoreUnavailable(f"node {node.name}: {settings.node.data_dir} holds no "
-                               "embedded store")
-    database = await asyncio.to_thread(open_database, settings)
     try:
-        behind = await schema_behind(database.dsn, settings.database.connect_timeout)
-        if behind:
-            raise StoreUnavailable(f"node {node.name}: its store lacks migrations {behind} "
-                                   "(upgrade the node first)")
-        sized = _fleet_sized(settings)
-        pool = await SharedPool.open(database.dsn, sized)
-        try:
-            yield NodeStore(node, sized, database.dsn, pool)
-        finally:
-            await pool.close()
-    finally:
-        await asyncio.to_thread(database.close)
+        async with existing_store(settings) as dsn:
+            sized = _fleet_sized(settings)
+            pool = await SharedPool.open(dsn, sized)
+            try:
+                yield NodeStore(node, sized, dsn, pool)
+            finally:
+                await pool.close()
+    except StoreUnavailable as exc:
+        if str(exc).startswith(f"node {node.name}:"):
+            raise
+        raise StoreUnavailable(f"node {node.name}: {exc}") from exc

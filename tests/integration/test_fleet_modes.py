@@ -135,7 +135,7 @@ async def test_status_shows_every_node_and_an_unreachable_one_as_unreachable(
 
 
 async def test_a_bad_inventory_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    from tests.support.fleet import run_cli
+    from tests.support.process import run_mta
 
     cases = {
         "unknown key": '[[nodes]]\nname = "a"\nsmtp = "127.0.0.1:25"\n'
@@ -149,11 +149,11 @@ async def test_a_bad_inventory_is_one_line_and_exit_2(tmp_path: Path) -> None:
     for expected, text in cases.items():
         path = tmp_path / "fleet.toml"
         path.write_text(text)
-        result = await run_cli("fleet", "status", "--fleet", str(path))
+        result = await run_mta("fleet", "status", "--fleet", str(path))
         assert result.returncode == 2, (expected, result)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert expected in result.stderr
-    missing = await run_cli("fleet", "status", "--fleet", str(tmp_path / "nope.toml"))
+    missing = await run_mta("fleet", "status", "--fleet", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2 and "file not found" in missing.stderr
-    unknown = await run_cli("fleet", "drain", "zz", "--reason", "x", "--fleet", str(path))
+    unknown = await run_mta("fleet", "drain", "zz", "--reason", "x", "--fleet", str(path))
     assert unknown.returncode == 2

@@ -14,8 +14,9 @@ import asyncpg
 
 from mta.queue import Store
 from mta.queue.ids import queue_id
-from tests.support.fleet import FleetUnderTest, enqueue_tagged, run_cli
+from tests.support.fleet import FleetUnderTest, enqueue_tagged
 from tests.support.nodes import free_port, wait_for
+from tests.support.process import run_mta
 from tests.support.sink import Faults, Sink, normalize_id, running_sink
 
 KILL_HALFWAY = {"MTA_FAULT_HOOKS": "1", "MTA_FAULT_KILL_AT": "reroute.after_target_insert",
@@ -106,10 +107,10 @@ async def test_a_receipt_names_the_copy_and_the_copy_names_its_origin(
         assert original is not None and original.done_at is not None
         assert copy.received_at == original.received_at, "its lifetime does not restart"
 
-        on_source = await run_cli("queue", "show", queue_id(listing.message_id), "--config",
+        on_source = await run_mta("queue", "show", queue_id(listing.message_id), "--config",
                                   str(fleet.nodes["a"].config_path))
         assert f"rerouted to b as {queue_id(copy.id)}" in on_source.stdout, on_source
-        on_target = await run_cli("queue", "show", queue_id(copy.id), "--config",
+        on_target = await run_mta("queue", "show", queue_id(copy.id), "--config",
                                   str(fleet.nodes["b"].config_path))
         assert f"rerouted from a ({queue_id(listing.message_id)})" in on_target.stdout, \
             on_target

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
-from tests.support.process import MtaResult, NodeProcess, child_env, toml_text
+from tests.support.process import MtaResult, NodeProcess, run_mta, toml_text
 
 #: The admin token every node of a test fleet accepts.
 TOKEN = "fleet-test-token"
@@ -77,7 +75,7 @@ class FleetUnderTest:
     async def fleet(self, *args: str, env: Mapping[str, str] | None = None,
                     timeout: float = 120.0) -> MtaResult:
         """``mta fleet ARGS --fleet fleet.toml`` to completion (``env``: more variables)."""
-        return await run_cli("fleet", *args, "--fleet", str(self.path),
+        return await run_mta("fleet", *args, "--fleet", str(self.path),
                              env=env, timeout=timeout, cwd=self.workdir)
 
     def settings(self, name: str) -> Settings:
@@ -85,23 +83,6 @@ class FleetUnderTest:
         return Settings(node={"name": name, "data_dir": str(self.workdir / name / "data"),
                               "workers": 2, "intake_db_slots": 2},
                         database={"dsn": self.dsns[name]}, delivery={"enabled": False})
-
-
-async def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0,
-                  cwd: Path | None = None) -> MtaResult:
-    """``python -m mta ARGS`` with ``env`` added to the clean test environment."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mta", *args, env={**child_env(), **(env or {})},
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise AssertionError(f"mta {' '.join(args)} did not finish in {timeout} s") from None
-    assert process.returncode is not None
-    return MtaResult(process.returncode, out.decode(errors="replace"),
-                     err.decode(errors="replace"))
 
 
 async def enqueue_tagged(store: Store, tags: Iterable[str],

@@ -69,11 +69,13 @@ class MtaResult:
     stderr: str
 
 
-async def run_mta(*args: str, timeout: float = 60.0) -> MtaResult:
-    """Run ``python -m mta ARGS`` to completion within ``timeout`` seconds."""
+async def run_mta(*args: str, timeout: float = 60.0, env: Mapping[str, str] | None = None,
+                  cwd: Path | None = None) -> MtaResult:
+    """Run ``python -m mta ARGS`` to completion within ``timeout`` seconds (``env``: more
+    variables on top of the clean test environment)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mta", *args, env=child_env(),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        sys.executable, "-m", "mta", *args, env={**child_env(), **(env or {})},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout)
