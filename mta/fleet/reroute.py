@@ -84,7 +84,8 @@ class Rerouter:
                  rate: float | None = None, progress: Progress | None = None) -> None:
         self._fleet = fleet
         self._source = fleet.node(source)
-        names = list(targets) or [n.name for n in fleet.nodes if n.name != source]
+        names = list(dict.fromkeys(targets)) or [n.name for n in fleet.nodes
+                                                  if n.name != source]
         if source in names:
             raise RerouteRefused(f"{source} cannot be its own target")
         self._target_nodes = [fleet.node(name) for name in names]

@@ -129,13 +129,15 @@ class HandoffSource:
     async def receipt(self, copies: Sequence[tuple[int, uuid.UUID]]) -> set[int]:
         """Mark deliveries rerouted to their copies (delivery id, target message id);
         returns the ids this run still held, and finishes their messages here."""
-        rows = await self._fetch("reroute_receipt", self.owner, [d for d, _ in copies],
-                                 [m for _, m in copies])
-        done = [row["id"] for row in rows]
-        if done:
-            with unavailable_on_error("message_mark_done"):
-                await self._conn.execute(query("message_mark_done"), done,
-                                         timeout=self._timeout)
+        with unavailable_on_error("reroute_receipt"):
+            async with self._conn.transaction():
+                rows = await self._conn.fetch(query("reroute_receipt"), self.owner,
+                                              [d for d, _ in copies], [m for _, m in copies],
+                                              timeout=self._timeout)
+                done = [row["id"] for row in rows]
+                if done:
+                    await self._conn.execute(query("message_mark_done"), done,
+                                             timeout=self._timeout)
         return set(done)
 
     async def release(self, delivery_ids: Sequence[int]) -> set[int]:
