@@ -5,6 +5,7 @@
     ├── BudgetExceeded        the connection budget does not fit the database (exit 2)
     ├── UnsafeDatabase        the database would not make a 250 durable (exit 2)
     ├── StoreRejected         the store refused a value itself: set aside, never retried
+    ├── StaleTerm             a controller's change with an older term than the node's
     ├── TempFailure           retry later (SMTP 4xx)
     │   ├── StoreUnavailable  the store could not commit in time (451 4.3.0)
     │   ├── StoreFull         disk or queued bytes over their limit (452 4.3.1)
@@ -37,6 +38,11 @@ class UnsafeDatabase(MtaError):
 class StoreRejected(MtaError):
     """The store refused the data itself (a value it cannot hold, a broken constraint):
     trying again cannot help, so the record is set aside (DESIGN.md I3b)."""
+
+
+class StaleTerm(MtaError):
+    """A controller's mode change carried an older term than the node accepted: that
+    controller lost its leadership (fencing)."""
 
 
 class TempFailure(MtaError):

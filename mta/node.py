@@ -20,12 +20,12 @@ from mta.config import Settings
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.reconcile import reconcile
 from mta.delivery.start import start_delivery
-from mta.errors import StoreUnavailable
+from mta.errors import StaleTerm, StoreUnavailable
 from mta.intake.admission import Admission
 from mta.intake.listener import start_listeners, start_unavailable
 from mta.intake.policy import Intake
 from mta.queue import EmbeddedPostgres, Store, migrate_dsn
-from mta.queue.mode_file import MODE_FILE, read_mode_file, write_mode_file
+from mta.queue.mode_file import ModeKeeper
 from mta.queue.preflight import preflight
 from mta.queue.records import PENDING_STATES, NodeModeName
 from mta.queue.retention import Retention
@@ -67,7 +67,8 @@ class Node:
         self.deliverer: Deliverer | None = None
         self._journal_was_up = True
         #: The node's mode: from its store, else its state file, else isolated (I8).
-        self.mode: NodeModeName = read_mode_file(self._mode_file) or "isolated"
+        self.modes = ModeKeeper(settings.node.name, Path(settings.node.data_dir),
+                                self._apply_mode)
         #: Set by a NOTIFY on the mode channel; the health loop also polls the store.
         self._mode_changed = asyncio.Event()
         self._mode_read_at = 0.0
@@ -89,7 +90,7 @@ class Node:
             "journal_up": self.journal_up,
             "sessions": self.intake.session_count if self.intake else 0,
             "failing_tasks": sorted(self._loops.failing | self._delivery_loops.failing),
-            "mode": self.mode,
+            "mode": self.modes.mode,
         }
 
     async def start(self) -> None:
@@ -137,25 +138,20 @@ class Node:
         await self._start_serving()
 
     async def state(self) -> dict[str, Any]:
-        """``GET /v1/state``: the mode, why, by whom and since when (from the store when
-        it answers, else the mode this process follows)."""
-        found = None
-        if self.store is not None:
-            with contextlib.suppress(StoreUnavailable):
-                found = await self.store.node_mode(self.settings.node.name)
-        if found is None:
-            return {"mode": self.mode, "reason": None, "by": None, "at": None}
-        return {"mode": found.mode, "reason": found.reason, "by": found.changed_by,
-                "at": found.changed_at.isoformat()}
+        """``GET /v1/state``: the mode, why, by whom, since when, and its term."""
+        return await self.modes.state(self.store)
 
-    async def set_state(self, mode: str, reason: str, by: str) -> dict[str, Any]:
+    async def set_state(self, mode: str, reason: str, by: str,
+                        term: int | None = None) -> dict[str, Any]:
         """``POST /v1/state``: the mode goes into the store (audited), then applies here
-        at once (the node's other processes follow within a second)."""
-        with self._store_for_admin() as store:
-            changed = await store.set_node_mode(
-                self.settings.node.name, cast(NodeModeName, mode), reason, by)
-        self._apply_mode(changed.mode)
-        return await self.state()
+        at once (the node's other processes follow within a second); with the store
+        down, here and in the state file at once, and into the store when it answers.
+        A controller's change with an older ``term`` than the node accepted: 409."""
+        try:
+            return await self.modes.set(self.store, cast(NodeModeName, mode), reason, by, term)
+        except StaleTerm as exc:
+            raise web.HTTPConflict(text=json.dumps({"error": str(exc)}),
+                                   content_type="application/json") from exc
 
     async def queue(self) -> dict[str, Any]:
         """``GET /v1/queue``: deliveries by state and destination, how old the oldest
@@ -194,30 +190,14 @@ class Node:
         except StoreUnavailable as exc:
             raise _unreachable(f"the store is not reachable: {exc}") from exc
 
-    @property
-    def _mode_file(self) -> Path:
-        return Path(self.settings.node.data_dir) / MODE_FILE
-
-    async def _follow_mode(self) -> None:
-        """Read the mode from the store (authoritative) and apply it; mirror it in the
-        state file. Unreachable: the mode stays as it was."""
-        assert self.store is not None
-        with contextlib.suppress(StoreUnavailable):
-            found = await self.store.node_mode(self.settings.node.name)
-            self._apply_mode(found.mode if found is not None else "active")
-
     def _apply_mode(self, mode: NodeModeName) -> None:
-        if mode != self.mode:
-            log.warning("node.mode", mode=mode, was=self.mode)
-        self.mode = mode
+        """The mode's effect on this process: intake refuses, delivery pauses, metrics."""
         if self.intake is not None:
             self.intake.mode = mode
         if self.deliverer is not None:
             self.deliverer.isolated = mode == "isolated"
         for name in ("active", "draining", "isolated"):
             self.metrics.node_mode.labels(name).set(1 if name == mode else 0)
-        if read_mode_file(self._mode_file) != mode:
-            write_mode_file(self._mode_file, mode)
 
     async def _start_serving(self) -> None:
         """With the store open: intake, delivery, the background loops and SMTP."""
@@ -228,7 +208,7 @@ class Node:
         admission = Admission(self.store, self.settings, self.metrics)
         await admission.run_once()
         self.intake = Intake(self.settings, self.store, self.metrics, admission)
-        await self._follow_mode()  # before anything is claimed or accepted (I8)
+        await self.modes.follow(self.store)  # before anything is claimed or accepted (I8)
         retention = Retention(
             self.store, body_after_s=self.settings.retention.body_after,
             metadata_after_s=self.settings.retention.metadata_after,
@@ -245,7 +225,7 @@ class Node:
         self.intake.on_accepted.append(notifier.poke)
         if self.settings.delivery.enabled:
             self.deliverer = await start_delivery(self.settings, self.store, self.metrics)
-            self._apply_mode(self.mode)
+            self._apply_mode(self.modes.mode)
             self.intake.on_accepted.append(self.deliverer.wake.set)
             deliverer = self.deliverer
             self._delivery_loops.start("delivery", lambda: deliverer.run(self._stop_delivery))
@@ -303,7 +283,7 @@ class Node:
                 due = time.monotonic() >= self._mode_read_at + self.settings.node.mode_poll
                 if self.intake is not None and up and (hinted or due):
                     self._mode_read_at = time.monotonic()
-                    await self._follow_mode()
+                    await self.modes.follow(self.store)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_either(self._stop_background, self._mode_changed),
                                        HEALTH_INTERVAL_S)

@@ -33,8 +33,10 @@ class AdminTarget(Protocol):
     async def state(self) -> dict[str, Any]:
         """The node's mode, why, by whom and since when."""
 
-    async def set_state(self, mode: str, reason: str, by: str) -> dict[str, Any]:
-        """Set the node's mode (in its store, audited) and return the new state."""
+    async def set_state(self, mode: str, reason: str, by: str,
+                        term: int | None = None) -> dict[str, Any]:
+        """Set the node's mode (in its store, audited; a controller's ``term`` fences
+        it) and return the new state."""
 
     async def queue(self) -> dict[str, Any]:
         """Counts by state and destination, the oldest age, the journal backlog."""
@@ -77,7 +79,10 @@ def build_admin_app(metrics: Metrics, node: AdminTarget,
             return _error(400, "reason is required (it goes into the audit trail)")
         if not isinstance(by, str) or not by.strip():
             return _error(400, "by is required: who asks (it goes into the audit trail)")
-        return web.json_response(await node.set_state(mode, reason.strip(), by.strip()))
+        term = body.get("term")
+        if term is not None and (type(term) is not int or term < 0):
+            return _error(400, "term must be a non-negative integer (a controller's)")
+        return web.json_response(await node.set_state(mode, reason.strip(), by.strip(), term))
 
     async def get_queue(_: web.Request) -> web.Response:
         return web.json_response(await node.queue())

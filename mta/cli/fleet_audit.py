@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,14 +25,12 @@ from mta.cli.fleet_common import (
 from mta.errors import ConfigError, MtaError
 from mta.fleet.audit import AuditEntry, FleetAudit, from_node_record
 from mta.fleet.budget import GroupVerdict, check_fleet
-from mta.fleet.inventory import Fleet
+from mta.fleet.inventory import Fleet, duration_seconds
 from mta.fleet.stores import open_node_store
 from mta.queue.server import STORE_ERRORS
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 #: Why a node's store could not be read: it is then skipped, with one line.
 _NODE_ERRORS: tuple[type[BaseException], ...] = (MtaError, *STORE_ERRORS)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 AUDIT_COLUMNS = ["time", "node", "source", "action", "operator", "reason", "result", "counts"]
 
 NodeFilter = Annotated[str | None, typer.Option("--node", "-n", help="Only this node.")]
@@ -47,9 +44,10 @@ LimitOption = Annotated[int, typer.Option("--limit", min=1, help="At most this m
 def parse_since(text: str, now: datetime) -> datetime:
     """``--since``: an ISO 8601 time (local time when it names no zone) or a duration such
     as ``30m``, ``2h``, ``7d`` before ``now``; ``ValueError`` otherwise."""
-    match = _DURATION.match(text)
-    if match:
-        return now - timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    try:
+        return now - timedelta(seconds=duration_seconds(text))
+    except ValueError:
+        pass
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:

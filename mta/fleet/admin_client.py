@@ -44,6 +44,13 @@ class AdminClient:
         """GET ``path``: the status and the JSON answer (any status: /readyz answers 503)."""
         return await self._call("GET", path, None)
 
+    async def text(self, path: str) -> str:
+        """GET ``path`` as text (``/metrics``); ``AdminRefused`` unless 200."""
+        status, raw = await self._request("GET", path, None)
+        if status != 200:
+            raise AdminRefused(status, outside_text(raw, limit=300))
+        return raw.decode("utf-8", "replace")
+
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         """``method`` ``path`` with a JSON ``body``; ``AdminRefused`` unless 2xx."""
         status, answer = await self._call(method, path, body)
@@ -53,19 +60,21 @@ class AdminClient:
         return answer
 
     async def _call(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        status, raw = await self._request(method, path, body)
+        try:
+            return status, json.loads(raw) if raw else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise AdminUnreachable(f"{self.node.admin}{path}: the answer is not JSON "
+                                   f"(HTTP {status})") from None
+
+    async def _request(self, method: str, path: str, body: Any) -> tuple[int, bytes]:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         url = self.node.admin + path
         try:
             async with aiohttp.ClientSession(timeout=self._timeout) as session, \
                     session.request(method, url, json=body, headers=headers,
                                     ssl=self._ssl) as response:
-                raw = await response.content.read(MAX_ANSWER_BYTES)
-                try:
-                    answer = json.loads(raw) if raw else None
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise AdminUnreachable(f"{url}: the answer is not JSON "
-                                           f"(HTTP {response.status})") from None
-                return response.status, answer
+                return response.status, await response.content.read(MAX_ANSWER_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
             reason = outside_text(str(exc) or type(exc).__name__, limit=300)
             raise AdminUnreachable(f"{url}: {reason}") from exc

@@ -7,11 +7,20 @@ set) is a :class:`ConfigError` with one line, which the CLI answers with exit 2.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mta.config import describe_validation_error, parse_host_port, read_toml
 from mta.errors import ConfigError
@@ -95,10 +104,84 @@ class NodeEntry(_Table):
         return value
 
 
+#: A duration: seconds, or a number with a unit (``30s``, ``2m``, ``1h``, ``7d``, ``1w``).
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration_seconds(text: str) -> float:
+    """``30s``, ``2m``, ``1h``, ``7d`` or ``1w`` in seconds; ``ValueError`` otherwise."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"expected a duration like 30s, 2m, 1h or 7d, got {text!r}")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def _seconds(value: object) -> object:
+    return duration_seconds(value) if isinstance(value, str) else value
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(ge=0)]
+#: The figures a controller rule may watch (README, "The controller").
+Signal = Literal["unreachable", "store_down", "not_ready", "heartbeat_age_s",
+                 "attempt_p95_s", "timeout_ratio", "oldest_pending_s", "intake_451_per_s"]
+
+
+class ControllerRule(_Table):
+    """``[[controller.rules]]``: act on a node whose ``signal`` stays past a threshold."""
+
+    signal: Signal
+    above: float | None = None
+    below: float | None = None
+    #: How long the condition must hold before the controller acts (like an alert's).
+    for_: Seconds = Field(default=0.0, alias="for")
+    action: Literal["drain", "isolate"]
+    #: Move the node's pending mail to healthy nodes after acting.
+    reroute: bool = False
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> ControllerRule:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("give exactly one of above and below")
+        return self
+
+    def breached(self, value: float) -> bool:
+        """Whether ``value`` is past this rule's threshold."""
+        return value > self.above if self.above is not None else value < (self.below or 0)
+
+
+#: The rules a controller applies when fleet.toml gives none (README lists them).
+DEFAULT_RULES = (
+    ControllerRule(signal="store_down", above=0, **{"for": 30.0}, action="isolate"),
+    ControllerRule(signal="timeout_ratio", above=0.5, **{"for": 120.0}, action="drain"),
+    ControllerRule(signal="attempt_p95_s", above=60, **{"for": 120.0}, action="drain"),
+)
+
+
+class ControllerSection(_Table):
+    """``[controller]``: how the controller watches and how far it may go."""
+
+    #: At most this many nodes out of ``active`` at once, whoever took them out.
+    max_nodes_out: Annotated[int, Field(ge=0)] = 1
+    poll_interval: Annotated[Seconds, Field(gt=0)] = 5.0
+    #: After acting on a node, leave it alone this long.
+    cooldown: Seconds = 600.0
+    #: Where the controller serves its own /metrics.
+    listen: str = "127.0.0.1:9330"
+    rules: tuple[ControllerRule, ...] = DEFAULT_RULES
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+
 class Fleet(_Table):
     """The whole inventory."""
 
     fleet: FleetSection = Field(default_factory=FleetSection)
+    controller: ControllerSection = Field(default_factory=ControllerSection)
     nodes: tuple[NodeEntry, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
-from mta.errors import StoreUnavailable
+from mta.errors import StaleTerm, StoreUnavailable
 from mta.fleet.admin_client import AdminClient, AdminRefused, AdminUnreachable
 from mta.fleet.inventory import NodeEntry
 from mta.fleet.stores import open_node_store
@@ -37,13 +37,15 @@ class ModeChange:
     fallback_reason: str = ""
 
 
-async def change_mode(node: NodeEntry, mode: NodeModeName, reason: str,
-                      operator: str) -> ModeChange:
+async def change_mode(node: NodeEntry, mode: NodeModeName, reason: str, operator: str,
+                      term: int | None = None) -> ModeChange:
     """Set ``node``'s mode; ``ModeChangeFailed`` when neither way works. A node that
-    refuses the token is an error, not a reason to go around its API."""
+    refuses the token is an error, not a reason to go around its API. A controller
+    passes its ``term``: a node that accepted a newer one refuses (``StaleTerm``)."""
+    body = {"mode": mode, "reason": reason, "by": operator,
+            **({"term": term} if term is not None else {})}
     try:
-        answer = await AdminClient(node).call(
-            "POST", "/v1/state", {"mode": mode, "reason": reason, "by": operator})
+        answer = await AdminClient(node).call("POST", "/v1/state", body)
         return ModeChange(node.name, cast(NodeModeName, answer.get("mode", mode)), "admin API")
     except AdminUnreachable as exc:
         fallback = f"admin API unreachable: {exc}"
@@ -51,10 +53,12 @@ async def change_mode(node: NodeEntry, mode: NodeModeName, reason: str,
         if exc.status in (401, 403):
             raise ModeChangeFailed(f"{node.name}: the admin API refused the token ({exc}); "
                                    "check token/token_env in fleet.toml") from None
+        if exc.status == 409:
+            raise StaleTerm(f"{node.name}: {exc}") from None
         fallback = f"admin API answered {exc}"
     try:
         async with open_node_store(node) as opened:
-            changed = await opened.store.set_node_mode(node.name, mode, reason, operator)
+            changed = await opened.store.set_node_mode(node.name, mode, reason, operator, term)
     except StoreUnavailable as exc:
         raise ModeChangeFailed(f"{node.name}: {fallback}; and its store: "
                                f"{str(exc).splitlines()[0]}") from None

@@ -334,22 +334,25 @@ SELECT id AS delivery_id FROM changed;
 
 -- name: node_mode_get
 -- Node $1's mode, if one was ever set.
-SELECT mode, reason, changed_by, changed_at FROM node_mode WHERE node = $1;
+SELECT mode, reason, changed_by, changed_at, term FROM node_mode WHERE node = $1;
 
 -- name: node_mode_set
 -- Set node $1's mode to $2 (by $4, reason $3), audited as action 'mode:' || $2; the
--- node's processes hear of it on the mta_node_mode channel.
+-- node's processes hear of it on the mta_node_mode channel. A controller's change
+-- carries its term $5 and is refused (no row) when the node accepted a newer term; an
+-- operator's ($5 null) is always taken and leaves the stored term as it is.
 WITH changed AS (
-    INSERT INTO node_mode (node, mode, reason, changed_by) VALUES ($1, $2, $3, $4)
+    INSERT INTO node_mode (node, mode, reason, changed_by, term) VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (node) DO UPDATE
     SET mode = EXCLUDED.mode, reason = EXCLUDED.reason, changed_by = EXCLUDED.changed_by,
-        changed_at = now()
-    RETURNING mode, reason, changed_by, changed_at
+        changed_at = now(), term = coalesce(EXCLUDED.term, node_mode.term)
+    WHERE EXCLUDED.term IS NULL OR node_mode.term IS NULL OR node_mode.term <= EXCLUDED.term
+    RETURNING mode, reason, changed_by, changed_at, term
 ), audited AS (
     INSERT INTO audit (node, operator, action, reason, requested, changed)
-    VALUES ($1, $4, 'mode:' || $2, $3, '{}', '{}')
+    SELECT $1, $4, 'mode:' || $2, $3, '{}', '{}' FROM changed
 )
-SELECT mode, reason, changed_by, changed_at
+SELECT mode, reason, changed_by, changed_at, term
 FROM changed, (SELECT pg_notify('mta_node_mode', $1)) AS notified;
 
 -- name: audit_list

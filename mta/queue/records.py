@@ -171,6 +171,8 @@ class NodeMode:
     reason: str
     changed_by: str
     changed_at: datetime
+    #: The last controller term this mode accepted (fencing); None: never a controller's.
+    term: int | None = None
 
 
 @dataclass(frozen=True)

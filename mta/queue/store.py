@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from mta.config import Settings
-from mta.errors import StoreUnavailable
+from mta.errors import StaleTerm, StoreUnavailable
 from mta.queue.pool import SharedPool, unavailable_on_error
 from mta.queue.records import (
     FINAL_STATES,
@@ -281,9 +281,15 @@ class Store:
         return NodeMode(**dict(row)) if row is not None else None
 
     async def set_node_mode(self, node: str, mode: NodeModeName, reason: str,
-                            operator: str) -> NodeMode:
-        """Set ``node``'s mode (the node follows its store), audited."""
-        row = await self._pool.run("node_mode_set", "fetchrow", node, mode, reason, operator)
+                            operator: str, term: int | None = None) -> NodeMode:
+        """Set ``node``'s mode (the node follows its store), audited. A controller passes
+        its ``term``: ``StaleTerm`` when the node accepted a newer one."""
+        row = await self._pool.run("node_mode_set", "fetchrow", node, mode, reason, operator,
+                                   term)
+        if row is None:
+            current = await self.node_mode(node)
+            raise StaleTerm(f"term {term} is older than term "
+                            f"{current.term if current else '?'} that {node} accepted")
         return NodeMode(**dict(row))
 
     async def audit_records(self, limit: int = 1000,

@@ -57,7 +57,7 @@ async def test_a_node_without_a_token_answers_403_on_every_v1_route(
         assert (await call(node.admin_port, "GET", "/v1/state", "anything"))[0] == 403
         assert (await call(node.admin_port, "POST", "/v1/state", "anything",
                            {"mode": "isolated", "reason": "x", "by": "y"}))[0] == 403
-        assert node.node.mode == "active"
+        assert node.node.modes.mode == "active"
 
 
 async def test_posting_a_mode_applies_it_at_once_and_audits_it(
