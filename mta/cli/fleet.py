@@ -17,7 +17,8 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-import mta.cli.fleet_audit  # noqa: F401  (registers audit and config-check)
+import mta.cli.fleet_audit
+import mta.cli.fleet_controller  # noqa: F401  (registers controller)
 from mta.cli.common import console, fail, operator_name, print_rows
 from mta.cli.fleet_common import (
     DEFAULT_DATA_DIR,

@@ -274,12 +274,14 @@ def _append_lines(path: Path, lines: list[str]) -> None:
             os.close(directory)
 
 
-async def _connect(dsn: str) -> asyncpg.Connection:
+async def connect_fleet_database(dsn: str,
+                                 settings: Mapping[str, str] | None = None
+                                 ) -> asyncpg.Connection:
     """A connection to the fleet database whose search path is the fleet schema, which
-    is created and migrated here."""
+    is created and migrated here (``settings``: more server settings for the session)."""
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_S,
                                  command_timeout=COMMAND_TIMEOUT_S,
-                                 server_settings={"search_path": SCHEMA})
+                                 server_settings={"search_path": SCHEMA, **(settings or {})})
     try:
         async with conn.transaction():
             await conn.execute(fleet_query("fleet_schema_lock"))
@@ -317,7 +319,7 @@ class FleetAudit:
                 was_running = server.postmaster_pid() is not None
                 dsn = await asyncio.to_thread(server.start)
                 started = None if was_running else server
-            conn = await _connect(dsn)
+            conn = await connect_fleet_database(dsn)
             copied = await spool.copy_into(conn)
             if copied:
                 log.info("fleet.audit_spool_copied", records=copied)

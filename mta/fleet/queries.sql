@@ -22,3 +22,26 @@ FROM fleet_audit
 WHERE ($1::text IS NULL OR node = $1::text) AND at >= $2
 ORDER BY at DESC, id DESC
 LIMIT $3;
+
+-- name: controller_lock
+-- Try to become the acting controller: a session lock, held for as long as the leader's
+-- dedicated connection lives.
+SELECT pg_try_advisory_lock(71231605);
+
+-- name: controller_new_term
+-- A new leadership for controller $1: the next term, its fencing token.
+UPDATE controller_state SET term = term + 1, leader = $1, leader_since = now()
+RETURNING term;
+
+-- name: controller_state_get
+-- The shared controller state: term, leader, and whether actions are paused.
+SELECT term, leader, leader_since, paused, paused_reason, paused_by, paused_at
+FROM controller_state;
+
+-- name: controller_pause_set
+-- Pause ($1 true) or resume controllers fleet-wide, by $3 for reason $2.
+UPDATE controller_state SET paused = $1, paused_reason = $2, paused_by = $3, paused_at = now();
+
+-- name: controller_ping
+-- The leader's connection still answers (else it stops acting).
+SELECT 1;

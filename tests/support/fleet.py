@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
-from tests.support.process import MtaResult, NodeProcess, run_mta, toml_text
+from tests.support.nodes import free_port, wait_for
+from tests.support.process import MtaResult, NodeProcess, child_env, run_mta, toml_text
 
 #: The admin token every node of a test fleet accepts.
 TOKEN = "fleet-test-token"
@@ -26,6 +31,9 @@ class FleetUnderTest:
     dsns: dict[str, str]
     database: str = ""
     extra_entries: list[dict[str, Any]] = field(default_factory=list)
+    #: ``[controller]`` keys, and its ``[[controller.rules]]``.
+    controller: dict[str, Any] = field(default_factory=dict)
+    rules: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def create(cls, workdir: Path, new_database: Callable[[], str],
@@ -59,9 +67,14 @@ class FleetUnderTest:
         entries = [{"name": name, "smtp": f"127.0.0.1:{node.smtp_port}",
                     "admin": f"http://127.0.0.1:{node.admin_port}", "token": TOKEN,
                     "config": str(node.config_path)} for name, node in self.nodes.items()]
-        sections: dict[str, Any] = {"nodes": entries + self.extra_entries}
+        sections: dict[str, Any] = {}
         if self.database:
-            sections = {"fleet": {"database": self.database}, **sections}
+            sections["fleet"] = {"database": self.database}
+        if self.controller:
+            sections["controller"] = self.controller
+        if self.rules:
+            sections["controller.rules"] = self.rules
+        sections["nodes"] = entries + self.extra_entries
         self.path.write_text(toml_text(sections), encoding="utf-8")
 
     async def start(self, *names: str) -> None:
@@ -96,3 +109,53 @@ async def enqueue_tagged(store: Store, tags: Iterable[str],
             .encode(),
             client_address="127.0.0.1", helo_name="h", auth_user=None,
             message_id_header=f"<{tag}@fleet.test>"))
+
+
+@dataclass
+class ControllerProcess:
+    """``mta fleet controller`` in a subprocess, with its metrics port and its log."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @classmethod
+    def spawn(cls, fleet: FleetUnderTest, *args: str, name: str = "controller"
+              ) -> ControllerProcess:
+        """Start a controller on ``fleet`` (``args``: e.g. ``--dry-run``)."""
+        port = free_port()
+        log = fleet.workdir / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mta", "fleet", "controller", *args, "--fleet",
+                 str(fleet.path), "--listen", f"127.0.0.1:{port}", "--data-dir",
+                 str(fleet.workdir / f"{name}-data")],
+                env=child_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                cwd=fleet.workdir)
+        return cls(process, port, log)
+
+    def text(self) -> str:
+        """What it logged so far."""
+        return self.log.read_text(errors="replace")
+
+    async def close(self) -> None:
+        """SIGTERM, then SIGKILL if it lingers."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                await wait_for(lambda: self.process.poll() is not None, timeout=10)
+            except AssertionError:
+                self.process.kill()
+                await wait_for(lambda: self.process.poll() is not None, timeout=10)
+
+
+async def fleet_actions(dsn: str) -> list[tuple[str, str, str]]:
+    """(action, node, result) of every record in the fleet database, oldest first."""
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "mta_fleet"})
+    try:
+        rows = await conn.fetch("SELECT action, node, result FROM fleet_audit ORDER BY id")
+    except asyncpg.UndefinedTableError:
+        return []
+    finally:
+        await conn.close()
+    return [(row["action"], row["node"], row["result"]) for row in rows]
