@@ -94,6 +94,11 @@ class SmtpSection(_Section):
     tls_key_file: Path | None = None
     auth_without_tls: bool = False
     allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: Load balancers whose connections begin with a PROXY header (v1 or v2) that names
+    #: the real client (Postfix's smtpd_upstream_proxy_protocol); others never send one.
+    proxy_protocol_from: tuple[str, ...] = ()
+    #: Seconds a listed balancer has to send its PROXY header before the node hangs up.
+    proxy_protocol_timeout: PositiveFloat = 5.0
     max_message_size: Annotated[ByteSize, Field(gt=0)] = ByteSize(20 * 1024 * 1024)
     max_recipients: PositiveInt = 1000
     max_line_length: Annotated[int, Field(ge=78)] = 998
@@ -122,7 +127,7 @@ class SmtpSection(_Section):
             parse_host_port(value)
         return value
 
-    @field_validator("allowed_networks")
+    @field_validator("allowed_networks", "proxy_protocol_from")
     @classmethod
     def _networks_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for net in value:

@@ -1,5 +1,6 @@
-"""The SMTP AUTH exchange of an intake session (PLAIN and LOGIN), and the session's
-helpers it shares with the rest of :class:`~mta.intake.protocol.IntakeSMTP`.
+"""The SMTP AUTH exchange of an intake session (PLAIN and LOGIN), the PROXY handshake
+of a balancer's connection (``proxy.py``), and the session's helpers they share with the
+rest of :class:`~mta.intake.protocol.IntakeSMTP`.
 
 Every answer the client sends is hostile (I3b): bad base64, a ``*`` abort and a line
 over the command reader's limit each get a reply and leave the session in step.
@@ -17,6 +18,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
 from mta.intake import replies
 from mta.intake.policy import Intake
+from mta.intake.proxy import HEADER_MISSING, ProxyOutcome
 
 log = structlog.get_logger(__name__)
 
@@ -28,6 +30,8 @@ class AuthExchange(SMTP):
     """AUTH for an intake session; the session sets ``intake``."""
 
     intake: Intake
+    #: The client's address as a balancer's PROXY header named it (``proxy.py``).
+    proxied_ip: str | None = None
 
     async def _close_with(self, reply: str) -> None:
         await self.push(reply)
@@ -35,14 +39,45 @@ class AuthExchange(SMTP):
             self.transport.close()
 
     @property
-    def _peer_ip(self) -> str | None:
+    def _transport_ip(self) -> str | None:
         peer = self.session.peer if self.session is not None else None
         return str(peer[0]) if isinstance(peer, tuple) else None
 
     @property
+    def _peer_ip(self) -> str | None:
+        return self.proxied_ip or self._transport_ip
+
+    @property
     def client_ip(self) -> str:
-        """The peer's IP address as text."""
+        """The client's IP address as text: a balancer's PROXY header's, else the peer's."""
         return self._peer_ip or "unknown"
+
+    async def proxy_handshake(self) -> bool:
+        """Read the PROXY header a listed balancer must send first (none from other
+        peers); False after closing a connection whose header is missing or wrong."""
+        sources = self.intake.proxy
+        peer = self._transport_ip
+        if not sources.listed(peer):
+            return True
+        try:
+            outcome = await sources.read(self._reader)
+        except asyncio.CancelledError:  # aiosmtpd cancels the session at EOF
+            self._refuse_proxy(ProxyOutcome(None, HEADER_MISSING, "closed before a header"),
+                               peer)
+            raise
+        if outcome.client_ip is None:
+            self._refuse_proxy(outcome, peer)
+            return False
+        self.proxied_ip = outcome.client_ip
+        return True
+
+    def _refuse_proxy(self, outcome: ProxyOutcome, peer: str | None) -> None:
+        """Count, log and close a balancer's connection without a usable header."""
+        self.intake.reject(outcome.reason or HEADER_MISSING, peer)
+        log.warning("intake.proxy_refused", reason=outcome.reason, balancer=peer,
+                    detail=outcome.detail)
+        if self.transport is not None:
+            self.transport.close()
 
     def _reject(self, reason: str) -> None:
         self.intake.reject(reason, self._peer_ip)

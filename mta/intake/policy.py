@@ -26,6 +26,7 @@ from mta.errors import StoreFull, StoreUnavailable
 from mta.intake import replies
 from mta.intake.admission import Admission
 from mta.intake.auth import AuthThrottle, Credentials
+from mta.intake.proxy import ProxySources
 from mta.intake.trace import (
     TraceContext,
     inspect_headers,
@@ -73,6 +74,7 @@ class Intake:
         self.credentials = Credentials(settings.users)
         smtp = settings.smtp
         self.auth_throttle = AuthThrottle(smtp.auth_failure_limit, smtp.auth_failure_window)
+        self.proxy = ProxySources(smtp.proxy_protocol_from, smtp.proxy_protocol_timeout)
         self._networks = [ipaddress.ip_network(net, strict=False)
                           for net in smtp.allowed_networks]
         self._data_slots = asyncio.Semaphore(smtp.data_concurrency)

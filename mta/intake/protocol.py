@@ -127,6 +127,8 @@ class IntakeSMTP(AuthExchange):
             self.transport.close()
 
     async def _handle_client(self) -> None:
+        if not await self.proxy_handshake():
+            return
         refusal = self.intake.refuse_session(self.client_ip)
         if refusal is not None:
             await self.push(refusal)
