@@ -11,13 +11,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import ssl
 import struct
+from base64 import b64encode
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import trustme
 
 from mta.config import Settings
 from mta.intake import replies
+from mta.intake.auth import hash_password
 from mta.queue.ids import parse_queue_id
 from tests.support.admin import admin_get
 from tests.support.intake import running_node, store_of
@@ -197,6 +202,45 @@ async def test_an_unlisted_peer_cannot_claim_an_address(
         await client.cmd("EHLO app.test")
         assert await client.cmd("MAIL FROM:<app@example.org>") == replies.NOT_AUTHORISED
         await client.close()
+
+
+async def test_auth_throttling_counts_the_real_address(
+    proxied_settings: Callable[..., Settings], make_settings: Callable[..., Settings],
+) -> None:
+    settings = proxied_settings(auth_without_tls=True, auth_failure_limit=2)
+    settings = settings.model_copy(update={"users": make_settings(
+        users=[{"name": "app", "password_hash": hash_password("right")}]).users})
+    wrong = b64encode(b"\0app\0wrong").decode()
+    right = b64encode(b"\0app\0right").decode()
+    async with running_node(settings) as node:
+        guesser = await through_balancer(node.port, v1("127.0.0.7"))
+        await guesser.cmd("EHLO guesser.test")
+        for _ in range(2):
+            assert (await guesser.cmd(f"AUTH PLAIN {wrong}")).startswith("535 ")
+        assert await guesser.cmd(f"AUTH PLAIN {right}") == replies.AUTH_THROTTLED
+        other = await through_balancer(node.port, v1("127.0.0.8"))  # same balancer
+        await other.cmd("EHLO other.test")
+        assert (await other.cmd(f"AUTH PLAIN {right}")).startswith("235 ")
+        for client in (guesser, other):
+            await client.close()
+
+
+async def test_the_real_address_survives_starttls(
+    proxied_settings: Callable[..., Settings], ca: trustme.CA, tmp_path: Path,
+) -> None:
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_file))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    async with running_node(proxied_settings(tls_cert_file=str(cert_file),
+                                             tls_key_file=str(key_file))) as node:
+        client = await through_balancer(node.port, v2())
+        await client.cmd("EHLO app.test")
+        assert await client.cmd("STARTTLS") == replies.START_TLS
+        await client.writer.start_tls(context, server_hostname="127.0.0.1")
+        await submit_and_check(node, client)
 
 
 def test_proxy_protocol_from_must_name_networks(make_settings: Callable[..., Settings]) -> None:
