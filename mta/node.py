@@ -25,6 +25,7 @@ from mta.intake.admission import Admission
 from mta.intake.listener import start_listeners, start_unavailable
 from mta.intake.policy import Intake
 from mta.queue import EmbeddedPostgres, Store, migrate_dsn
+from mta.queue.dedup import DedupStore, DedupUnavailable
 from mta.queue.mode_file import ModeKeeper
 from mta.queue.preflight import preflight
 from mta.queue.records import PENDING_STATES, NodeModeName
@@ -33,6 +34,8 @@ from mta.queue.wakeup import Notifier, listen_for_work
 from mta.supervision import Supervisor
 
 log = structlog.get_logger(__name__)
+#: Seconds between purges of dedup keys past their window.
+DEDUP_PURGE_EVERY_S = 300.0
 
 HEALTH_INTERVAL_S = 1.0
 #: Seconds before the first retry of a store that did not answer at start, and at most.
@@ -67,6 +70,7 @@ class Node:
         self.deliverer: Deliverer | None = None
         self._journal_was_up = True
         #: The node's mode: from its store, else its state file, else isolated (I8).
+        self._dedup: DedupStore | None = None
         self.modes = ModeKeeper(settings.node.name, Path(settings.node.data_dir),
                                 self._apply_mode)
         #: Set by a NOTIFY on the mode channel; the health loop also polls the store.
@@ -207,7 +211,14 @@ class Node:
         self.metrics.store_pool_size.set(self.store.pool_size)
         admission = Admission(self.store, self.settings, self.metrics)
         await admission.run_once()
-        self.intake = Intake(self.settings, self.store, self.metrics, admission)
+        dedup = self.settings.dedup
+        if dedup.enabled:
+            self._dedup = await DedupStore.open(
+                dedup.database, self.settings.node.name, connections=dedup.connections,
+                window_s=dedup.window, timeout_s=dedup.timeout)
+        self.intake = Intake(self.settings, self.store, self.metrics, admission, self._dedup)
+        if self._dedup is not None:
+            self._loops.start("dedup-purge", self._dedup_purge_loop)
         await self.modes.follow(self.store)  # before anything is claimed or accepted (I8)
         retention = Retention(
             self.store, body_after_s=self.settings.retention.body_after,
@@ -305,6 +316,15 @@ class Node:
                 await asyncio.wait_for(self._stop_background.wait(),
                                        self.settings.database.queued_bytes_refresh)
 
+    async def _dedup_purge_loop(self) -> None:
+        """Forget dedup keys past their window, a bounded batch every few minutes."""
+        assert self._dedup is not None
+        while not self._stop_background.is_set():
+            with contextlib.suppress(DedupUnavailable):
+                await self._dedup.purge()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_background.wait(), DEDUP_PURGE_EVERY_S)
+
     async def stop(self) -> None:
         """DESIGN.md's shutdown: stop accepting, let DATA in flight commit, close, exit."""
         grace = self.settings.smtp.shutdown_grace
@@ -327,6 +347,8 @@ class Node:
         await asyncio.gather(*self._loops.tasks, return_exceptions=True)
         if self._admin is not None:
             await self._admin.cleanup()
+        if self._dedup is not None:
+            await self._dedup.close()
         if self.store is not None:
             await self.store.close()
         log.info("node.stopped", node=self.settings.node.name)

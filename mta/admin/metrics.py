@@ -133,6 +133,17 @@ class Metrics:
             "mta_heartbeat_timestamp_seconds", "Unix time of the event loop's last beat.",
             registry=reg,
         )
+        self.dedup_unavailable = Counter(
+            "mta_dedup_unavailable", "Submissions accepted without the dedup check, or "
+            "whose keys were not recorded, because the key store did not answer in time; "
+            "by step (check, record).", ["step"], registry=reg,
+        )
+        for step in ("check", "record"):
+            self.dedup_unavailable.labels(step)
+        self.dedup_duplicates = Counter(
+            "mta_dedup_duplicate_recipients",
+            "Recipients of a repeated submission that were not queued again.", registry=reg,
+        )
 
     def drop_queue_gauges(self) -> None:
         """Stop exporting the store-wide ``mta_queue_*`` gauges (another process of the

@@ -28,11 +28,18 @@ class ConnectionBudget:
 
     pool_size: int
     processes: int
+    #: Connections each process may open to the fleet database for dedup keys.
+    dedup_per_process: int = 0
 
     @property
     def node_total(self) -> int:
-        """Connections this node opens at most, across its processes."""
+        """Connections this node opens to its store at most, across its processes."""
         return self.pool_size * self.processes
+
+    @property
+    def dedup_total(self) -> int:
+        """Connections this node opens to the fleet database (dedup) at most."""
+        return self.dedup_per_process * self.processes
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,8 @@ def connection_budget(settings: Settings) -> ConnectionBudget:
     """Derive the pool size from workers and intake slots; it is never set by hand."""
     node = settings.node
     pool = node.workers + node.intake_db_slots + FIXED_CONNECTIONS_PER_PROCESS
-    return ConnectionBudget(pool_size=pool, processes=node.processes)
+    dedup = settings.dedup.connections if settings.dedup.enabled else 0
+    return ConnectionBudget(pool_size=pool, processes=node.processes, dedup_per_process=dedup)
 
 
 def budget_violation(budget: ConnectionBudget, limits: ServerLimits, reserve: int) -> str | None:

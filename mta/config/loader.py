@@ -17,6 +17,7 @@ from mta.config.settings import (
     AdminSection,
     AdmissionSection,
     DatabaseSection,
+    DedupSection,
     DeliverySection,
     LogSection,
     NodeSection,
@@ -42,6 +43,7 @@ class Settings(BaseSettings):
     database: DatabaseSection = Field(default_factory=DatabaseSection)
     smtp: SmtpSection = Field(default_factory=SmtpSection)
     admission: AdmissionSection = Field(default_factory=AdmissionSection)
+    dedup: DedupSection = Field(default_factory=DedupSection)
     delivery: DeliverySection = Field(default_factory=DeliverySection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
     admin: AdminSection = Field(default_factory=AdminSection)

@@ -153,6 +153,28 @@ class SmtpSection(_Section):
         return self
 
 
+class DedupSection(_Section):
+    """Fleet-wide de-duplication of client retries (off by default; README, Dedup)."""
+
+    enabled: bool = False
+    #: How long a message's keys are remembered.
+    window: PositiveFloat = 86400.0
+    #: The fleet database's DSN, where the keys are shared by every node.
+    database: str = ""
+    #: Connections each node process may open to it (counted in the budget, I6).
+    connections: PositiveInt = 2
+    #: Seconds intake waits for the key store before accepting without the check.
+    timeout: PositiveFloat = 0.5
+
+    @model_validator(mode="after")
+    def _database_when_enabled(self) -> DedupSection:
+        if self.enabled and not self.database:
+            raise ValueError("enabled needs database (the fleet database's DSN)")
+        if self.database and urlsplit(self.database).scheme not in ("postgresql", "postgres"):
+            raise ValueError("database: expected a postgresql:// DSN")
+        return self
+
+
 class AdmissionSection(_Section):
     """Refuse new mail (452 4.3.1) before the store's disk or queue runs over."""
 

@@ -133,41 +133,58 @@ def _node_budget(name: str, settings: Settings | None, dsn: str) -> NodeBudget:
 
 
 def group_by_server(fleet: Fleet) -> list[ServerGroup]:
-    """Every node in the group of its store's server (``ConfigError`` for a bad config)."""
+    """Every node in the group of its store's server, and a node's dedup connections in
+    the group of the fleet database's server (``ConfigError`` for a bad config)."""
     from mta.supervisor import embedded_server
 
     groups: list[ServerGroup] = []
     for entry in fleet.nodes:
         settings = node_settings(entry) if entry.config is not None else None
         dsn = entry.store if settings is None else settings.database.dsn
-        budget = _node_budget(entry.name, settings, dsn)
-        embedded_max: int | None = None
-        unresolved: str | None = None
         if settings is not None and not dsn:
             server = embedded_server(settings)
-            label = f"embedded {server.base_dir}"
-            keys = {(f"unix:{os.path.realpath(server.socket_dir)}", EMBEDDED_PORT)}
-            embedded_max = server.settings.max_connections
+            _place(groups, _node_budget(entry.name, settings, dsn),
+                   f"embedded {server.base_dir}",
+                   {(f"unix:{os.path.realpath(server.socket_dir)}", EMBEDDED_PORT)},
+                   embedded_max=server.settings.max_connections)
         else:
-            try:
-                label, keys = server_keys(dsn)
-            except (OSError, ValueError) as exc:
-                host, port = _endpoint(dsn)
-                label, keys = f"{host}:{port}", {(f"unresolved:{host}", port)}
-                unresolved = f"cannot resolve {host}: {exc}"
-        joined = [group for group in groups if group.keys & keys]
-        group = ServerGroup(joined[0].label if joined else label, set(keys),
-                            embedded_max_connections=embedded_max, unresolved=unresolved)
-        for other in joined:
-            groups.remove(other)
-            group.keys |= other.keys
-            group.nodes = other.nodes + group.nodes
-            group.embedded_max_connections = (group.embedded_max_connections
-                                              or other.embedded_max_connections)
-            group.unresolved = group.unresolved or other.unresolved
-        group.nodes.append(budget)
-        groups.append(group)
+            _place_by_dsn(groups, _node_budget(entry.name, settings, dsn), dsn)
+        if settings is not None and settings.dedup.enabled:
+            budget = connection_budget(settings)
+            _place_by_dsn(groups, NodeBudget(
+                f"{entry.name} (dedup)", budget.processes, budget.dedup_per_process,
+                settings.database.connections_reserve, settings.dedup.database,
+                settings.database.connect_timeout), settings.dedup.database)
     return groups
+
+
+def _place_by_dsn(groups: list[ServerGroup], budget: NodeBudget, dsn: str) -> None:
+    unresolved: str | None = None
+    try:
+        label, keys = server_keys(dsn)
+    except (OSError, ValueError) as exc:
+        host, port = _endpoint(dsn)
+        label, keys = f"{host}:{port}", {(f"unresolved:{host}", port)}
+        unresolved = f"cannot resolve {host}: {exc}"
+    _place(groups, budget, label, keys, unresolved=unresolved)
+
+
+def _place(groups: list[ServerGroup], budget: NodeBudget, label: str,
+           keys: set[tuple[str, int]], *, embedded_max: int | None = None,
+           unresolved: str | None = None) -> None:
+    """Add ``budget`` to the group of its server, merging groups that turn out shared."""
+    joined = [group for group in groups if group.keys & keys]
+    group = ServerGroup(joined[0].label if joined else label, set(keys),
+                        embedded_max_connections=embedded_max, unresolved=unresolved)
+    for other in joined:
+        groups.remove(other)
+        group.keys |= other.keys
+        group.nodes = other.nodes + group.nodes
+        group.embedded_max_connections = (group.embedded_max_connections
+                                          or other.embedded_max_connections)
+        group.unresolved = group.unresolved or other.unresolved
+    group.nodes.append(budget)
+    groups.append(group)
 
 
 async def check_group(group: ServerGroup) -> GroupVerdict:

@@ -13,7 +13,7 @@ import functools
 import ipaddress
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from mta.admin.metrics import Metrics
 from mta.concurrency import acquire_within
 from mta.config import Settings
 from mta.errors import StoreFull, StoreUnavailable
+from mta.faults import fault_point
 from mta.intake import replies
 from mta.intake.admission import Admission
 from mta.intake.auth import AuthThrottle, Credentials
@@ -36,6 +37,7 @@ from mta.intake.trace import (
 )
 from mta.mail.text import outside_text
 from mta.queue import NewMessage, Store
+from mta.queue.dedup import DedupStore, DedupUnavailable, Seen
 from mta.queue.ids import new_message_id, queue_id
 
 log = structlog.get_logger(__name__)
@@ -66,9 +68,11 @@ class Intake:
     """Shared by every session of one listener set: policy, limits and the commit."""
 
     def __init__(self, settings: Settings, store: Store, metrics: Metrics,
-                 admission: Admission) -> None:
+                 admission: Admission, dedup: DedupStore | None = None) -> None:
         self.settings = settings
         self.store = store
+        #: Fleet-wide de-duplication of client retries, when ``[dedup]`` is on.
+        self.dedup = dedup
         self.metrics = metrics
         self.admission = admission
         self.credentials = Credentials(settings.users)
@@ -202,9 +206,19 @@ class Intake:
         if facts.received_count >= smtp.max_received_headers:
             self.reject("mail_loop", client_ip)
             return replies.MAIL_LOOP
+        recipients = submission.recipients
+        if facts.message_id is not None and self.dedup is not None:
+            seen = await self._dedup_seen(facts.message_id, submission)
+            if seen is not None and len(seen.fresh) < len(recipients):
+                self.metrics.dedup_duplicates.inc(len(recipients) - len(seen.fresh))
+                log.info("intake.duplicate", original_queue_id=seen.original_queue_id,
+                         message_id=facts.message_id, seen=len(recipients) - len(seen.fresh),
+                         fresh=len(seen.fresh), client=client_ip)
+                if not seen.fresh:  # every recipient was taken: the original's queue id
+                    return replies.ACCEPTED.format(queue_id=seen.original_queue_id)
+                recipients = seen.fresh
         message_uuid = new_message_id()
         qid = queue_id(message_uuid)
-        recipients = submission.recipients
         auth_user = submission.auth_user
         helo = printable(submission.helo)  # a client's HELO may hold NUL
         trace = received_header(TraceContext(
@@ -236,6 +250,9 @@ class Intake:
             log.warning("intake.store_unavailable", queue_id=qid, error=str(exc))
             return replies.STORE_UNAVAILABLE
         self.metrics.intake_commit_seconds.observe(time.perf_counter() - started)
+        if facts.message_id is not None and self.dedup is not None:
+            await self._dedup_record(facts.message_id, submission.mail_from, recipients, qid)
+        fault_point("intake.before_reply")
         self.metrics.intake_accepted.inc()
         self.metrics.intake_accepted_recipients.inc(len(recipients))
         self.metrics.intake_accepted_bytes.inc(size)
@@ -246,6 +263,27 @@ class Intake:
                  recipients=len(recipients), size=size, client=client_ip,
                  message_id=message_id, auth_user=auth_user)
         return replies.ACCEPTED.format(queue_id=qid)
+
+    async def _dedup_seen(self, message_id: str, submission: Submission) -> Seen | None:
+        """Which recipients an earlier submission took; None when the key store did not
+        answer in time (then the mail is accepted unchecked, counted)."""
+        assert self.dedup is not None
+        try:
+            return await self.dedup.seen(message_id, submission.mail_from,
+                                         submission.recipients)
+        except DedupUnavailable as exc:
+            self.metrics.dedup_unavailable.labels("check").inc()
+            log.warning("intake.dedup_unavailable", step="check", error=str(exc))
+            return None
+
+    async def _dedup_record(self, message_id: str, mail_from: str,
+                            recipients: Sequence[str], qid: str) -> None:
+        assert self.dedup is not None
+        try:
+            await self.dedup.record(message_id, mail_from, recipients, qid)
+        except DedupUnavailable as exc:
+            self.metrics.dedup_unavailable.labels("record").inc()
+            log.warning("intake.dedup_unavailable", step="record", error=str(exc))
 
     def client_fault(self, reason: str, error: BaseException) -> str:
         """A command failed by the client's doing (a failed TLS handshake, a connection it

@@ -111,3 +111,14 @@ def test_shared_features_refuse_a_fleet_without_a_database(tmp_path: Path) -> No
     requires_shared_database(
         Fleet(fleet=FleetSection(database="postgresql://fleet@db/fleet"), nodes=(entry,)),
         "the controller")
+
+
+def test_dedup_connections_count_on_the_fleet_database_server(tmp_path: Path) -> None:
+    entry = node(tmp_path, "a", "postgresql://mta@127.0.0.1:5433/a")
+    assert entry.config is not None
+    entry.config.write_text(entry.config.read_text().replace("[node]", "[node]\nprocesses = 3")
+                            + '[dedup]\nenabled = true\nconnections = 2\n'
+                            'database = "postgresql://fleet@127.0.0.1:5440/fleet"\n')
+    groups = group_by_server(Fleet(nodes=(entry,)))
+    assert [[(n.node, n.total) for n in g.nodes] for g in groups] == [
+        [("a", 3 * (2 + 3 + 2))], [("a (dedup)", 3 * 2)]]
