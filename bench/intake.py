@@ -143,15 +143,21 @@ class ConnectionSampler:
 @contextlib.contextmanager
 def running_node(
     processes: int, *, extra_config: str = INTAKE_ONLY, base_dir: Path | None = None,
-    prepare: Callable[[Path], None] | None = None,
+    prepare: Callable[[Path], None] | None = None, dedup: int = 0,
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """A fresh node with its own embedded PostgreSQL; stopped and removed afterwards.
 
     ``extra_config`` is appended to the node's TOML (default: delivery off), the temp dir
     is made in ``base_dir``, and ``prepare(data_dir)`` runs before the node starts (e.g.
-    to preload its store).
+    to preload its store). With ``dedup`` (its connections per process) the node checks
+    and records dedup keys in its own embedded server (as a fleet database on the same
+    host would).
     """
     work = Path(tempfile.mkdtemp(prefix="mta-bench-", dir=base_dir))
+    if dedup:
+        keys = EmbeddedPostgres(work / "data" / "postgres").dsn
+        extra_config += (f'\n[dedup]\nenabled = true\ndatabase = "{keys}"\n'
+                         f"connections = {dedup}\n")
     config = work / "node.toml"
     config.write_text(_node_config(work / "data", processes, extra_config))
     if prepare is not None:
@@ -178,9 +184,10 @@ def running_node(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_node(workload: Workload, processes: int, generator: str) -> NodeRun:
+def run_node(workload: Workload, processes: int, generator: str,
+             dedup: int = 0) -> NodeRun:
     """Drive one workload into a fresh node and measure it."""
-    with running_node(processes) as (node, data_dir):
+    with running_node(processes, dedup=dedup) as (node, data_dir):
         dsn = EmbeddedPostgres(data_dir / "postgres").dsn
         w = workload
         with ConnectionSampler(dsn) as sampler:
@@ -206,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generator", choices=["smtp-source", "loadgen"], default=None)
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; medians reported")
     parser.add_argument("--no-postfix", action="store_true", help="skip the Postfix side")
+    parser.add_argument("--dedup", type=int, default=0, metavar="CONNECTIONS",
+                        help="the node with [dedup] on and this many dedup connections per "
+                             "process (keys in its own embedded server); 0: off")
     args = parser.parse_args(argv)
     have_postfix = shutil.which("smtp-source") is not None or Path("/usr/sbin/smtp-source").exists()
     generator = args.generator or ("smtp-source" if have_postfix else "loadgen")
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         postfix_rates = []
         for _ in range(args.repeat):
             wait_until_idle()
-            node_runs.append(run_node(workload, args.processes, generator))
+            node_runs.append(run_node(workload, args.processes, generator, args.dedup))
             print(json.dumps({"side": "mta", **asdict(node_runs[-1])}), flush=True)
             latency = run_node(workload, args.processes, "loadgen") if generator != "loadgen" \
                 else node_runs[-1]

@@ -72,7 +72,12 @@ class DedupStore:
         lazily, so a fleet database that is down at start costs nothing but counts."""
         pool = await asyncpg.create_pool(dsn, min_size=0, max_size=connections,
                                          timeout=timeout_s, command_timeout=timeout_s,
-                                         server_settings={"application_name": f"mta/{node}"})
+                                         server_settings={
+                                             "application_name": f"mta/{node}",
+                                             # A key is advice, not mail: one lost in a
+                                             # crash of the fleet database only reopens
+                                             # the window it closes. No fsync per key.
+                                             "synchronous_commit": "off"})
         return cls(pool, node, window_s, timeout_s)
 
     async def close(self) -> None:

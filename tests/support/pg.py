@@ -11,15 +11,16 @@ from pathlib import Path
 
 import asyncpg
 
-from mta.queue import EmbeddedPostgres, migrate_dsn
+from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
 
 DATABASE = "mta"
 
 
 @contextlib.asynccontextmanager
-async def own_postgres(base_dir: Path) -> AsyncIterator[EmbeddedPostgres]:
+async def own_postgres(base_dir: Path, settings: EmbeddedServerSettings | None = None
+                       ) -> AsyncIterator[EmbeddedPostgres]:
     """An embedded server in ``base_dir`` with a migrated database ``mta``, removed after."""
-    server = EmbeddedPostgres(base_dir)
+    server = EmbeddedPostgres(base_dir, settings)
     await asyncio.to_thread(server.start)
     try:
         conn = await asyncpg.connect(server.dsn, timeout=10)
