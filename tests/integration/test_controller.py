@@ -15,6 +15,7 @@ from mta.queue import Store
 from tests.support.admin import metric
 from tests.support.fleet import ControllerProcess, FleetUnderTest, enqueue_tagged, fleet_actions
 from tests.support.nodes import free_port, wait_for
+from tests.support.sink import Sink
 
 #: Mail that stays pending (its route is a closed port) makes the figure grow.
 RULE = {"signal": "oldest_pending_s", "above": 1, "for": "1s", "action": "isolate"}
@@ -162,3 +163,28 @@ async def _answers(controller: ControllerProcess) -> bool:
     except (OSError, AssertionError):
         return False
     return True
+
+
+async def test_a_rule_with_reroute_moves_the_isolated_nodes_mail(
+    tmp_path: Path, new_database: Callable[[], str], sink: Sink,
+) -> None:
+    fleet = FleetUnderTest.create(tmp_path, new_database, {"a": free_port(), "b": sink.port})
+    fleet.database = new_database()
+    fleet.controller = {"poll_interval": "0.3s", "max_nodes_out": 1}
+    fleet.rules = [{**RULE, "reroute": True}]
+    fleet.write()
+    store = await Store.open(fleet.dsns["a"], fleet.settings("a"))
+    controller = None
+    try:
+        await enqueue_tagged(store, ["r1", "r2", "r3"])
+        await fleet.start()
+        controller = ControllerProcess.spawn(fleet)
+        await sink.wait_for_count(3, timeout=60)
+        mode = await store.node_mode("a")
+        assert mode is not None and mode.mode == "isolated"
+        assert len(await store.deliveries_in_state("rerouted")) == 3
+    finally:
+        if controller is not None:
+            await controller.close()
+        await store.close()
+        await fleet.close()

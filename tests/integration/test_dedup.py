@@ -1,26 +1,31 @@
 """Fleet-wide de-duplication of client retries ([dedup]): a repeated submission is
 answered 250 with the original queue id and queues nothing again, only unseen
 recipients are queued, a message without a Message-ID is never de-duplicated, the check
-never blocks intake when the key store is down, and a retry after a node was killed
-before its 250 reaches the sink once."""
+never blocks intake when the key store is down, and a retry through HAProxy after a node
+was killed before its 250 reaches the sink once."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
+import smtplib
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from mta.config import Settings
 from mta.queue import Store
-from mta.queue.ids import parse_queue_id, queue_id
+from mta.queue.ids import queue_id
 from tests.support.admin import metric
 from tests.support.delivery import submit_tagged
 from tests.support.fleet import FleetUnderTest
+from tests.support.haproxy import Backend, HAProxy
 from tests.support.intake import running_node, store_of
 from tests.support.nodes import free_port
 from tests.support.sink import Sink, normalize_id
-from tests.support.smtp import RawSMTP, queue_id_of
+from tests.support.smtp import RawSMTP
 
 
 async def test_a_repeat_is_answered_with_the_original_id_and_queues_only_new_recipients(
@@ -70,45 +75,53 @@ async def test_with_the_key_store_down_mail_is_accepted_unchecked_and_counted(
         assert await metric(node.admin_port, unchecked) == 2
 
 
-async def test_a_retry_after_the_node_died_before_its_250_reaches_the_sink_once(
+def submit_from_app(port: int) -> str:
+    """The retried message, from the application's address through HAProxy: the DATA
+    reply (``SMTPServerDisconnected`` when the node dies before answering)."""
+    with smtplib.SMTP("127.0.0.1", port, source_address=("127.0.0.5", 0), timeout=10) as smtp:
+        smtp.ehlo("app.test")
+        smtp.mail("app@example.org")
+        smtp.rcpt("user@example.com")
+        code, text = smtp.data(b"Message-ID: <retry@test>\r\nSubject: retry\r\n\r\nbody\r\n")
+        return f"{code} {text.decode()}"
+
+
+async def test_a_retry_through_haproxy_after_the_node_died_before_its_250_arrives_once(
     tmp_path: Path, new_database: Callable[[], str], sink: Sink,
 ) -> None:
-    fleet = FleetUnderTest.create(tmp_path, new_database, {"a": sink.port, "b": sink.port},
-                                  dedup={"enabled": True, "database": new_database()})
-    a, b = fleet.nodes["a"], fleet.nodes["b"]
+    fleet = FleetUnderTest.create(
+        tmp_path, new_database, {"a": sink.port, "b": sink.port},
+        dedup={"enabled": True, "database": new_database()},
+        smtp={"allowed_networks": ["127.0.0.5/32"], "proxy_protocol_from": ["127.0.0.1/32"]})
+    a = fleet.nodes["a"]
     a.env = {"MTA_FAULT_HOOKS": "1", "MTA_FAULT_KILL_AT": "intake.before_reply"}
+    haproxy = HAProxy(tmp_path / "haproxy", [Backend(n, p.smtp_port, p.admin_port)
+                                             for n, p in fleet.nodes.items()])
     store = await Store.open(fleet.dsns["a"], fleet.settings("a"))
+    other = await Store.open(fleet.dsns["b"], fleet.settings("b"))
     try:
         await fleet.start()
-        client = await RawSMTP.connect(a.smtp_port)
-        await client.cmd("EHLO client.test")
-        try:
-            await client.submit("app@example.org", ["user@example.com"],
-                                b"Message-ID: <retry@test>\r\nSubject: retry\r\n\r\nbody\r\n")
-            raise AssertionError("the node answered; it was to die before its 250")
-        except ConnectionError:
-            pass  # the node died after its commit, before it answered
+        await haproxy.start()
+        assert (await fleet.fleet("drain", "b", "--reason", "only a first")).returncode == 0
+        await haproxy.wait_status("b", "DOWN", timeout=15)
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            await asyncio.to_thread(submit_from_app, haproxy.port)  # a died after its commit
         assert await a.wait_exit(10) == -signal.SIGKILL
         (committed,) = await store.deliveries_in_state("queued")
 
-        client = await RawSMTP.connect(b.smtp_port)  # the client tries the next node
-        await client.cmd("EHLO client.test")
-        reply = await client.submit("app@example.org", ["user@example.com"],
-                                    b"Message-ID: <retry@test>\r\nSubject: retry\r\n\r\nbody\r\n")
-        await client.close()
-        assert parse_queue_id(queue_id_of(reply)) == committed.message_id, reply
-        assert queue_id(committed.message_id) in reply
+        assert (await fleet.fleet("activate", "b", "--reason", "take over")).returncode == 0
+        await haproxy.wait_status("a", "DOWN", timeout=15)
+        await haproxy.wait_status("b", "UP", timeout=15)
+        reply = await asyncio.to_thread(submit_from_app, haproxy.port)  # the app retries
+        assert reply.startswith("250") and queue_id(committed.message_id) in reply, reply
+        assert await other.message_count() == 0, "b queued nothing"
 
-        other = await Store.open(fleet.dsns["b"], fleet.settings("b"))
-        try:
-            assert (await other.queue_stats()).oldest_message_s == 0, "b queued nothing"
-        finally:
-            await other.close()
         a.env = {}
         await a.start()  # a delivers what it committed
         await sink.wait_for_count(1, timeout=30)
-        ids = [normalize_id(t.message_id or "") for t in sink.transactions]
-        assert ids == ["retry@test"]
+        assert [normalize_id(t.message_id or "") for t in sink.transactions] == ["retry@test"]
     finally:
+        await haproxy.close()
         await store.close()
+        await other.close()
         await fleet.close()
