@@ -114,8 +114,9 @@ class Controller:
     async def tick(self) -> list[Decision]:
         """One poll of every node, and the decisions it leads to."""
         shared = await self.leadership.refresh() if self.leadership is not None else None
-        self.metrics.leader.set(1 if self.leadership and self.leadership.leading else 0)
-        self.metrics.term.set(self.leadership.term or 0 if self.leadership else 0)
+        term = self.leadership.term if self.leadership is not None else None
+        self.metrics.leader.set(1 if term is not None else 0)
+        self.metrics.term.set(term or 0)
         self.metrics.paused.set(1 if shared is not None and shared.paused else 0)
         samples = await asyncio.gather(*(poll(node) for node in self._fleet.nodes))
         now = time.monotonic()
