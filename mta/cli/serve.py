@@ -14,7 +14,8 @@ def serve(config: ConfigOption = None) -> None:
     from mta.supervisor import serve as run_serve
 
     settings = load(config)
-    configure_logging(settings.log.level, settings.log.format)
+    configure_logging(settings.log.level, settings.log.format,
+                      addresses=settings.log.addresses, node=settings.node.name)
     try:
         code = run_serve(settings)
     except (BudgetExceeded, UnsafeDatabase) as exc:

@@ -343,6 +343,9 @@ class LogSection(_Section):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    #: ``hashed``: an address in a log line keeps its domain, its local part becomes a
+    #: hash (the same address, the same hash); ``full``: addresses as they are.
+    addresses: Literal["hashed", "full"] = "hashed"
 
 
 class User(_Section):
