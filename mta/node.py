@@ -16,6 +16,7 @@ from aiohttp import web
 
 from mta.admin.http import start_admin
 from mta.admin.metrics import Metrics
+from mta.admin.scrape import export_scrape_gauges
 from mta.config import Settings
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.reconcile import reconcile
@@ -27,6 +28,7 @@ from mta.intake.policy import Intake
 from mta.queue import EmbeddedPostgres, Store, migrate_dsn
 from mta.queue.dedup import DedupStore, DedupUnavailable
 from mta.queue.mode_file import ModeKeeper
+from mta.queue.pool import SharedPool
 from mta.queue.preflight import preflight
 from mta.queue.records import PENDING_STATES, NodeModeName
 from mta.queue.retention import Retention
@@ -58,6 +60,7 @@ class Node:
         self.sockets = sockets
         self.reports_queue = reports_queue
         self.metrics = Metrics(settings.node.name)
+        self._stats_age = export_scrape_gauges(self.metrics, settings)
         self.store: Store | None = None
         self.intake: Intake | None = None
         self.store_up = False
@@ -112,7 +115,7 @@ class Node:
         if self.embedded is not None:
             self._loops.start("embedded-store", self._embedded_store_loop)
         try:
-            self.store = await Store.open(self.dsn, self.settings)
+            self.store = await self._open_store()
         except StoreUnavailable as exc:
             if not self.wait_for_store:
                 raise
@@ -130,7 +133,7 @@ class Node:
             try:
                 await preflight(self.settings, self.dsn, embedded=False)
                 await migrate_dsn(self.dsn, self.settings.database.connect_timeout)
-                self.store = await Store.open(self.dsn, self.settings)
+                self.store = await self._open_store()
                 break
             except StoreUnavailable as exc:
                 log.warning("node.store_unreachable", error=str(exc).splitlines()[0],
@@ -140,6 +143,11 @@ class Node:
         for server in self._servers:
             server.close()
         await self._start_serving()
+
+    async def _open_store(self) -> Store:
+        """The store, over a pool whose slot waits feed the metrics."""
+        pool = await SharedPool.open(self.dsn, self.settings, self.metrics.observe_acquire)
+        return Store(pool, self.settings)
 
     async def state(self) -> dict[str, Any]:
         """``GET /v1/state``: the mode, why, by whom, since when, and its term."""
@@ -158,8 +166,8 @@ class Node:
                                    content_type="application/json") from exc
 
     async def queue(self) -> dict[str, Any]:
-        """``GET /v1/queue``: deliveries by state and destination, how old the oldest
-        pending message is, and this process's journal backlog (503 without a store)."""
+        """``GET /v1/queue``: deliveries by state and destination, the oldest's age, this
+        process's journal backlog (503 without a store)."""
         with self._store_for_admin() as store:
             stats = await store.queue_stats()
             groups = await store.queue_by_destination()
@@ -231,7 +239,7 @@ class Node:
         if self.reports_queue:
             self._loops.start("queue-stats", self._queue_stats_loop)
         else:
-            self.metrics.drop_queue_gauges()
+            self.metrics.drop_queue_gauges(self._stats_age.gauge)
         notifier = Notifier(self.store, self.settings.node.name)
         self.intake.on_accepted.append(notifier.poke)
         if self.settings.delivery.enabled:
@@ -312,6 +320,7 @@ class Node:
                 self.metrics.queue_expired_leases.set(stats.expired_leases)
                 self.metrics.queue_due_lag_seconds.set(stats.due_lag_s)
                 self.metrics.queue_oldest_message_seconds.set(stats.oldest_message_s)
+                self._stats_age.refreshed()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_background.wait(),
                                        self.settings.database.queued_bytes_refresh)

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.registry import Collector
 
 from mta import __version__
+
+#: Destinations with a label of their own; the rest are counted as ``other``.
+MAX_DESTINATIONS = 20
+OTHER_DESTINATION = "other"
+#: Why a delivery was deferred (``mta_delivery_deferred_total{reason}``).
+DEFER_REASONS = ("reply_4xx", "no_reply", "dns", "suspended", "other")
+#: Intake refusals with 451 or 452 for the store's sake (MtaIntakeRefusing).
+STORE_REFUSALS = ("store_unavailable", "store_full", "data_slots_busy", "internal_error")
+#: Seconds, from 1 ms to 10 s, for waits that should be short.
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
@@ -144,10 +155,79 @@ class Metrics:
             "mta_dedup_duplicate_recipients",
             "Recipients of a repeated submission that were not queued again.", registry=reg,
         )
+        self._add_issue12(reg)
 
-    def drop_queue_gauges(self) -> None:
-        """Stop exporting the store-wide ``mta_queue_*`` gauges (another process of the
-        node reports them, so that summing over processes counts the queue once)."""
+    def _add_issue12(self, reg: CollectorRegistry) -> None:
+        """Latency, pool waits, heartbeats and the other gauges operators alert on."""
+        Gauge("mta_build_info", "Always 1; the version as a label.", ["version"],
+              registry=reg).labels(__version__).set(1)
+        for reason in STORE_REFUSALS:  # exported from the start, for the alert's rate
+            self.intake_rejected.labels(reason)
+        self._destinations: set[str] = set()
+        self.delivery_accept_to_delivered_seconds = Histogram(
+            "mta_delivery_accept_to_delivered_seconds",
+            "Time from the 250 at intake to the delivery's success.",
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600,
+                     5 * 24 * 3600), registry=reg,
+        )
+        self.delivery_send_seconds = Histogram(
+            "mta_delivery_send_seconds",
+            "One SMTP session with the destination: connect to the last reply.",
+            ["destination"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
+            registry=reg,
+        )
+        self.delivery_deferred = Counter(
+            "mta_delivery_deferred", "Deliveries deferred, by reason: reply_4xx, no_reply "
+            "(connect failure, timeout, broken session), dns, suspended (the destination "
+            "is cooling off), other.", ["reason"], registry=reg,
+        )
+        for reason in DEFER_REASONS:
+            self.delivery_deferred.labels(reason)
+        self.delivery_last_success = Gauge(
+            "mta_delivery_last_success_timestamp_seconds",
+            "Unix time of this process's last successful delivery (0: none yet).",
+            registry=reg,
+        )
+        self.delivery_heartbeat = Gauge(
+            "mta_delivery_heartbeat_timestamp_seconds",
+            "Unix time of the claim loop's last round (isolated rounds included).",
+            registry=reg,
+        )
+        self.pool_acquire_wait_seconds = Histogram(
+            "mta_store_pool_acquire_wait_seconds",
+            "Time waiting for a slot of a pool share (intake, delivery, maintenance).",
+            ["share"], buckets=WAIT_BUCKETS, registry=reg,
+        )
+        self.pool_acquire_timeouts = Counter(
+            "mta_store_pool_acquire_timeouts", "Waits for a slot of a pool share that "
+            "ran past the acquire timeout.", ["share"], registry=reg,
+        )
+        for share in ("intake", "delivery", "maintenance"):
+            self.pool_acquire_wait_seconds.labels(share)
+            self.pool_acquire_timeouts.labels(share)
+
+    def destination(self, name: str) -> str:
+        """The label for destination ``name``: its own for the first
+        :data:`MAX_DESTINATIONS` destinations attempted since start (kept until restart),
+        ``other`` for the rest, so the series stay bounded."""
+        if name in self._destinations:
+            return name
+        if len(self._destinations) < MAX_DESTINATIONS:
+            self._destinations.add(name)
+            return name
+        return OTHER_DESTINATION
+
+    def observe_acquire(self, share: str, waited_s: float, timed_out: bool) -> None:
+        """A wait for a pool slot of ``share`` ended (the pool's acquire hook)."""
+        self.pool_acquire_wait_seconds.labels(share).observe(waited_s)
+        if timed_out:
+            self.pool_acquire_timeouts.labels(share).inc()
+
+    def drop_queue_gauges(self, *also: Collector) -> None:
+        """Stop exporting the store-wide ``mta_queue_*`` gauges, and ``also`` (another
+        process of the node reports them, so that summing over processes counts the
+        queue once)."""
         for gauge in (self.queue_deliveries, self.queue_expired_leases,
-                      self.queue_due_lag_seconds, self.queue_oldest_message_seconds):
+                      self.queue_due_lag_seconds, self.queue_oldest_message_seconds, *also):
             self.registry.unregister(gauge)

@@ -202,6 +202,7 @@ class Attempts:
 
         sending_since = time.perf_counter()
         async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key):
+            session_since = time.perf_counter()
             try:
                 async with self.connections.session(hop) as conn:
                     results = await conn.send(
@@ -210,15 +211,18 @@ class Attempts:
                         before_data=before_data, before_dot=before_dot)
             finally:
                 body.release()
+                self.metrics.delivery_send_seconds.labels(
+                    self.metrics.destination(hop.key)).observe(time.perf_counter() - session_since)
         if body.unavailable is not None:
             # The body could not be read right before DATA: certainly not sent.
             raise NotSent(f"store unavailable before the attempt ({body.unavailable})")
         if progress.journal_error is not None:
             raise JournalDown(f"the journal is down: {progress.journal_error}")
-        self.metrics.delivery_attempt_seconds.labels(hop.key).observe(
+        label = self.metrics.destination(hop.key)
+        self.metrics.delivery_attempt_seconds.labels(label).observe(
             time.perf_counter() - sending_since)
         if any(r.code == 0 and r.source == "smtp" for r in results):
-            self.metrics.delivery_timeouts.labels(hop.key).inc()
+            self.metrics.delivery_timeouts.labels(label).inc()
         pushback = destination_pushback(results)
         if pushback is not None:
             self.shaper.record_failure(hop.key, pushback)
@@ -272,10 +276,17 @@ class Attempts:
                   if o.state == "failed"]
         await self.settler.apply(Settlement(attempt_id or "", outcomes, message, failed, host))
         progress.settled = True
+        label = self.metrics.destination(host)
         for delivery, outcome in zip(deliveries, outcomes, strict=True):
-            self.metrics.delivery_outcomes.labels(outcome.state, host).inc()
+            self.metrics.delivery_outcomes.labels(outcome.state, label).inc()
             if outcome.possible_duplicate:
-                self.metrics.delivery_possible_duplicates.labels(host).inc()
+                self.metrics.delivery_possible_duplicates.labels(label).inc()
+            if outcome.state == "delivered":
+                self.metrics.delivery_accept_to_delivered_seconds.observe(age)
+                self.metrics.delivery_last_success.set(time.time())
+            elif outcome.state == "deferred":
+                self.metrics.delivery_deferred.labels(
+                    defer_reason(by_recipient[delivery.recipient])).inc()
             log.info("delivery.outcome", queue_id=queue_id(message.id), delivery=delivery.id,
                      recipient=delivery.recipient, state=outcome.state,
                      reply=outcome.reply, host=host)
@@ -294,6 +305,18 @@ class Attempts:
         return AttemptOutcome(delivery.id, decision.outcome, result.code or None,
                               f"{result.reply} ({decision.reason}, {result.phase})", retry_in,
                               decision.possible_duplicate)
+
+
+def defer_reason(result: RecipientResult) -> str:
+    """Why a delivery was deferred, as a ``mta_delivery_deferred_total`` label."""
+    if result.source in ("dns_permanent", "dns_temporary"):
+        return "dns"
+    if result.source == "local":
+        return "suspended" if result.text.startswith("delivery temporarily suspended") \
+            else "other"
+    if result.code == 0:
+        return "no_reply"
+    return "reply_4xx" if 400 <= result.code < 500 else "other"
 
 
 def destination_pushback(results: Sequence[RecipientResult]) -> str | None:

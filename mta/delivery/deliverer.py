@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 import uuid
 from collections import Counter, defaultdict
 from functools import partial
@@ -105,6 +106,7 @@ class Deliverer:
         """
         suspects_done = False
         while not stop.is_set():
+            self._metrics.delivery_heartbeat.set(time.time())
             if self.isolated:
                 # An isolated node delivers nothing (I8); its mail stays as it is.
                 self._metrics.delivery_paused_rounds.labels("isolated").inc()
@@ -119,8 +121,9 @@ class Deliverer:
                 await _first_of([], stop, timeout=self.delivery.poll_interval)
                 continue
             if len(self._groups) > self._max_tasks - self.delivery.batch_size:
-                # Wait for room for a whole batch rather than claim a sliver of one.
-                await _first_of(list(self._groups), stop, timeout=None)
+                # Wait for room for a whole batch rather than claim a sliver of one (a
+                # poll interval at most, so the heartbeat shows the loop is alive).
+                await _first_of(list(self._groups), stop, timeout=self.delivery.poll_interval)
                 continue
             # Cleared before the round, not after: a wake-up during it is not lost.
             self.wake.clear()

@@ -7,6 +7,7 @@ import asyncio
 import structlog
 
 from mta.admin.metrics import Metrics
+from mta.admin.scrape import export_journal
 from mta.config import Settings
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.outbound.cache import ConnectionCache
@@ -37,6 +38,7 @@ async def start_delivery(settings: Settings, store: Store, metrics: Metrics) -> 
              uncertain=report.uncertain, released=report.released,
              set_aside=report.set_aside, journal_missing=report.journal_missing)
     metrics.records_set_aside.labels("replay").inc(report.set_aside)
+    export_journal(metrics, journal)
     return Deliverer(
         settings=settings, store=store, router=Router(config),
         shaper=Shaper(ShapingConfig.from_settings(config)),

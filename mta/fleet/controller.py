@@ -63,6 +63,9 @@ class ControllerMetrics:
                                     ["node"], registry=reg)
         self.nodes_out = Gauge("mta_controller_nodes_out",
                                "Nodes out of active (as last seen).", registry=reg)
+        self.rerouted = Counter("mta_controller_rerouted_deliveries", "Deliveries this "
+                                "controller's reroutes moved off a node, by source node.",
+                                ["node"], registry=reg)
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,7 @@ class Controller:
         except (RerouteRefused, MtaError) as exc:  # logged; the controller goes on
             log.error("controller.reroute_failed", node=node.name, error=str(exc))
             return
+        self.metrics.rerouted.labels(node.name).inc(report.moved_total)
         log.warning("controller.rerouted", node=node.name, moved=report.moved_total,
                     skipped=report.skipped)
 

@@ -70,6 +70,7 @@ class _Segment:
     seq: int
     path: Path
     attempts: set[str] = field(default_factory=set)
+    size: int = 0
 
 
 class Journal:
@@ -158,6 +159,7 @@ class Journal:
             self._failed = exc
             raise JournalFailed(f"journal {self.owner!r}: write failed: {exc}") from exc
         self._size += len(line)
+        self._segments[-1].size += len(line)
         self._written += 1
         self._index(self._segments[-1], record, self._written)
 
@@ -165,6 +167,11 @@ class Journal:
     def backlog(self) -> int:
         """Attempts in this journal whose outcomes the store has not taken yet."""
         return len(self._refs) - len(self._applied_at)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the segments this journal keeps on disk (rotation deletes the rest)."""
+        return sum(segment.size for segment in self._segments)
 
     @property
     def failed(self) -> BaseException | None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal
 
 import asyncpg
@@ -28,6 +29,8 @@ from mta.queue.sql import query
 #: commits, delivery's statements (and the store's upkeep), and the fixed two (the NOTIFY
 #: listener and the health check, queue figures and wake-ups).
 Share = Literal["intake", "delivery", "maintenance"]
+#: Told of each wait for a slot: the share, the seconds waited, and whether it timed out.
+AcquireObserver = Callable[[Share, float, bool], None]
 
 
 async def _keep_session(_: asyncpg.Connection) -> None:
@@ -49,7 +52,8 @@ def unavailable_on_error(name: str) -> Iterator[None]:
 class SharedPool:
     """One process's asyncpg pool, sized by the budget, split into role shares."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings,
+                 on_acquire: AcquireObserver | None = None) -> None:
         self._pool = pool
         self._db = settings.database
         # I6: each role has its own share of the pool, so delivery under load never
@@ -59,9 +63,12 @@ class SharedPool:
             "delivery": asyncio.Semaphore(settings.node.workers),
             "maintenance": asyncio.Semaphore(FIXED_CONNECTIONS_PER_PROCESS),
         }
+        #: The node's metrics hook (``Metrics.observe_acquire``), or None.
+        self.on_acquire = on_acquire
 
     @classmethod
-    async def open(cls, dsn: str, settings: Settings) -> SharedPool:
+    async def open(cls, dsn: str, settings: Settings,
+                   on_acquire: AcquireObserver | None = None) -> SharedPool:
         """Create the pool. It holds at most ``workers + intake_db_slots + 2`` connections."""
         budget = connection_budget(settings)
         try:
@@ -79,7 +86,7 @@ class SharedPool:
             )
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"cannot open the connection pool: {exc}") from exc
-        return cls(pool, settings)
+        return cls(pool, settings, on_acquire)
 
     async def close(self) -> None:
         """Close every connection, waiting at most the commit timeout."""
@@ -102,7 +109,11 @@ class SharedPool:
     async def slot(self, share: Share) -> AsyncIterator[None]:
         """Hold a slot of ``share``; waiting longer than the acquire timeout fails."""
         semaphore = self._shares[share]
-        if not await acquire_within(semaphore, self._db.acquire_timeout):
+        started = time.perf_counter()
+        acquired = await acquire_within(semaphore, self._db.acquire_timeout)
+        if self.on_acquire is not None:
+            self.on_acquire(share, time.perf_counter() - started, not acquired)
+        if not acquired:
             raise StoreUnavailable(f"no {share} database slot became free in time")
         try:
             yield
