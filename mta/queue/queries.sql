@@ -310,21 +310,24 @@ FROM changed
 RETURNING delivery_id;
 
 -- name: delivery_operator_transition
--- An operator ($4, reason $5) moves deliveries $1 from state $2 to state $3, as action
--- $6 of node $7: in the deliveries' timelines, and in the audit trail with what changed.
+-- An operator ($4, reason $5) moves deliveries $1 from any of states $2 to state $3, as
+-- action $6 of node $7, with evidence $8 (the reason when null; it also becomes the last
+-- reply): in the deliveries' timelines, and in the audit trail with what changed.
 WITH changed AS (
     UPDATE deliveries
     SET state = $3,
         next_attempt_at = CASE WHEN $3 = 'queued' THEN now() ELSE next_attempt_at END,
         finished_at = CASE WHEN $3 IN ('delivered', 'failed') THEN now() END,
-        possible_duplicate = possible_duplicate OR ($2 = 'uncertain' AND $3 = 'queued'),
+        possible_duplicate = possible_duplicate OR (state = 'uncertain' AND $3 = 'queued'),
         hold_reason = CASE WHEN $3 = 'held' THEN $5 END,
+        last_reply = CASE WHEN $8::text IS NULL THEN last_reply ELSE $8::text END,
+        last_reply_code = CASE WHEN $8::text IS NULL THEN last_reply_code END,
         updated_at = now()
-    WHERE id = ANY($1::bigint[]) AND state = $2
+    WHERE id = ANY($1::bigint[]) AND state = ANY($2::text[])
     RETURNING id, state
 ), events AS (
     INSERT INTO delivery_events (delivery_id, state, detail, actor)
-    SELECT id, state, $5, $4 FROM changed
+    SELECT id, state, coalesce($8::text, $5), $4 FROM changed
 ), audited AS (
     INSERT INTO audit (node, operator, action, reason, requested, changed)
     SELECT $7, $4, $6, $5, $1::bigint[], coalesce(array_agg(id ORDER BY id), '{}')
@@ -601,3 +604,62 @@ WITH incoming AS (
     WHERE id IN (SELECT message_id FROM added) AND done_at IS NOT NULL
 )
 SELECT count(*) FROM added;
+
+-- Queue tools (mta queue summary | list | show | retry | hold | release | delete). Every
+-- statement on deliveries with work left names its states as constants, so that each
+-- walks its state's partial index (deliveries_due, deliveries_lease_expiry,
+-- deliveries_needs_operator) and never reads delivered or failed history.
+
+-- name: queue_summary
+-- Deliveries with work left by state, next hop and message age bucket (the index of the
+-- first bound in minutes $1 the age is below; 0 under the first), with their messages'
+-- bytes (a message counts once per delivery).
+WITH pending AS (
+    SELECT state, next_hop, message_id FROM deliveries WHERE state IN ('queued', 'deferred')
+    UNION ALL
+    SELECT state, next_hop, message_id FROM deliveries WHERE state = 'leased'
+    UNION ALL
+    SELECT state, next_hop, message_id FROM deliveries WHERE state IN ('uncertain', 'held')
+)
+SELECT p.state, p.next_hop,
+       width_bucket(extract(epoch FROM now() - m.received_at)::float8 / 60,
+                    $1::float8[]) AS bucket,
+       count(*) AS count, sum(m.size_bytes)::bigint AS bytes
+FROM pending AS p JOIN messages AS m ON m.id = p.message_id
+GROUP BY 1, 2, 3;
+
+-- name: delivery_filter
+-- Deliveries in state $1 (one state per call: a constant in the plan, so its partial
+-- index serves it) at next hop $2 (any when null), of messages received more than $3
+-- seconds ago from sender $4 (any when null; case-insensitive), oldest message first,
+-- at most $5, with their message's envelope.
+SELECT d.id, d.message_id, m.mail_from, d.recipient, d.next_hop, d.state, d.attempts,
+       d.last_reply_code, d.last_reply, d.possible_duplicate, d.hold_reason, d.updated_at,
+       d.next_attempt_at, d.last_attempt_at, m.received_at, m.size_bytes
+FROM deliveries AS d JOIN messages AS m ON m.id = d.message_id
+WHERE d.state = $1 AND ($2::text IS NULL OR d.next_hop = $2)
+  AND m.received_at <= now() - make_interval(secs => $3)
+  AND ($4::text IS NULL OR lower(m.mail_from) = lower($4::text))
+ORDER BY m.received_at, d.id
+LIMIT $5;
+
+-- name: delivery_ids_of_messages
+-- The deliveries of messages $1 in any of states $2.
+SELECT id FROM deliveries
+WHERE message_id = ANY($1::uuid[]) AND state = ANY($2::text[]) ORDER BY id;
+
+-- name: delivery_states_of
+-- The state of each of deliveries $1 (those that exist).
+SELECT id, state FROM deliveries WHERE id = ANY($1::bigint[]);
+
+-- name: message_of_delivery
+-- The message delivery $1 belongs to.
+SELECT message_id FROM deliveries WHERE id = $1;
+
+-- name: messages_by_header
+-- Messages whose Message-ID header is $1 (angle brackets optional), oldest first. No
+-- index: it reads the messages table (an operator's look-up, not a node's).
+SELECT id FROM messages
+WHERE message_id_header IN ($1, '<' || trim(BOTH '<>' FROM $1) || '>')
+ORDER BY received_at, id
+LIMIT 100;

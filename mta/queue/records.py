@@ -10,6 +10,10 @@ from typing import Literal
 
 #: Delivery states after which nothing more happens (a message with only these is done).
 FINAL_STATES = frozenset({"delivered", "failed"})
+#: Delivery states with work left, for an operator or the node itself.
+PENDING_STATES = ("queued", "deferred", "leased", "uncertain", "held")
+#: Every delivery state (DESIGN.md, Delivery states).
+ALL_STATES = (*PENDING_STATES, "delivered", "failed", "rerouted")
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,6 @@ class ClaimedDelivery:
 OutcomeState = Literal["delivered", "deferred", "failed", "uncertain"]
 
 
-#: Delivery states with work left, for an operator or the node itself.
-PENDING_STATES = ("queued", "deferred", "leased", "uncertain", "held")
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,33 @@ class DeliveryListing:
     possible_duplicate: bool
     hold_reason: str | None
     updated_at: datetime
+    #: Filled by the queue tools' filter (``delivery_filter``), None in older listings.
+    next_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    received_at: datetime | None = None
+    size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    """Which deliveries a queue tool lists or acts on (None: any)."""
+
+    states: tuple[str, ...] = PENDING_STATES
+    destination: str | None = None
+    older_than_s: float = 0.0
+    sender: str | None = None
+
+
+@dataclass(frozen=True)
+class QueueGroup:
+    """Deliveries with work left sharing a state, a next hop and an age bucket."""
+
+    state: str
+    next_hop: str
+    #: Index into the summary's bounds: 0 is younger than the first bound.
+    bucket: int
+    count: int
+    bytes: int
 
 
 @dataclass(frozen=True)

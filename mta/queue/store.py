@@ -24,8 +24,6 @@ from mta.queue.records import (
     AttemptOutcome,
     AuditRecord,
     ClaimedDelivery,
-    DeliveryEvent,
-    DeliveryListing,
     DeliveryRecord,
     Envelope,
     MessageRecord,
@@ -39,6 +37,7 @@ from mta.queue.records import (
 )
 from mta.queue.server import STORE_ERRORS
 from mta.queue.sql import query
+from mta.queue.store_queue import QueueTools
 
 #: The channel intake notifies and delivery workers listen on.
 NEW_WORK_CHANNEL = "mta_new_work"
@@ -63,7 +62,7 @@ def _insert_args(message: NewMessage) -> tuple[Any, ...]:
             [recipient_next_hop(rcpt) for rcpt in message.recipients])
 
 
-class Store:
+class Store(QueueTools):
     """One node process's view of its store, over a pool sized by the budget (I6)."""
 
     def __init__(self, pool: SharedPool, settings: Settings) -> None:
@@ -211,11 +210,6 @@ class Store:
                                if o.state in FINAL_STATES and o.delivery_id not in finished})
         return applied
 
-    async def _mark_done(self, delivery_ids: set[int]) -> None:
-        """Set ``done_at`` on messages whose every delivery is now final."""
-        if delivery_ids:
-            await self._pool.run("message_mark_done", "execute", list(delivery_ids))
-
     async def set_aside(self, record: SetAside) -> int:
         """Keep ``record`` (outcomes the store refused) and make its deliveries that
         ``record.owner`` still leases uncertain; the kept record's id."""
@@ -244,36 +238,6 @@ class Store:
         rows = await self._pool.run("delivery_release_unsent", "fetch", owner, list(delivery_ids),
                                reason, crash_limit, crash_window_s, len(delivery_ids) == 1)
         return {row["delivery_id"] for row in rows}
-
-    async def _operator_transition(self, ids: Sequence[int], source: str, target: str,
-                                   operator: str, reason: str, action: str) -> set[int]:
-        rows = await self._pool.run("delivery_operator_transition", "fetch", list(ids), source,
-                               target, operator, reason, action, self._node)
-        changed = {row["delivery_id"] for row in rows}
-        await self._mark_done(changed)
-        return changed
-
-    async def resend_uncertain(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
-        """Queue ``uncertain`` deliveries again; they carry ``possible_duplicate`` from now on."""
-        return await self._operator_transition(ids, "uncertain", "queued", operator, reason,
-                                               "resend")
-
-    async def mark_uncertain_delivered(self, ids: Sequence[int], operator: str,
-                                       reason: str) -> set[int]:
-        """Record an operator's word that ``uncertain`` deliveries did arrive."""
-        return await self._operator_transition(ids, "uncertain", "delivered", operator, reason,
-                                               "mark-delivered")
-
-    async def hold(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
-        """Hold queued or deferred deliveries; nothing sends them until released."""
-        held = await self._operator_transition(ids, "queued", "held", operator, reason, "hold")
-        return held | await self._operator_transition(ids, "deferred", "held", operator, reason,
-                                                      "hold")
-
-    async def release_held(self, ids: Sequence[int], operator: str, reason: str) -> set[int]:
-        """Put ``held`` deliveries back in the queue, due now."""
-        return await self._operator_transition(ids, "held", "queued", operator, reason,
-                                               "release")
 
     async def node_mode(self, node: str) -> NodeMode | None:
         """``node``'s mode in this store, or None when none was ever set (active)."""
@@ -309,16 +273,6 @@ class Store:
         """Delete audit records older than ``older_than_s``; returns how many."""
         status = await self._pool.run("audit_purge", "execute", older_than_s, limit)
         return int(str(status).rsplit(" ", 1)[-1])
-
-    async def deliveries_in_state(self, state: str, limit: int = 1000) -> list[DeliveryListing]:
-        """Deliveries in ``state``, oldest change first."""
-        rows = await self._pool.run("delivery_list_in_state", "fetch", state, limit)
-        return [DeliveryListing(**dict(row)) for row in rows]
-
-    async def delivery_events(self, delivery_id: int) -> list[DeliveryEvent]:
-        """One delivery's evidence timeline, oldest first."""
-        rows = await self._pool.run("delivery_events_list", "fetch", delivery_id)
-        return [DeliveryEvent(**dict(row)) for row in rows]
 
     async def lease_owners(self, pattern: str) -> dict[str, list[int]]:
         """Owners matching the LIKE ``pattern`` that hold leases, with their delivery ids."""
