@@ -20,6 +20,8 @@ from tests.support.intake import running_node
 from tests.support.nodes import NodeHandle, start_node, wait_for
 from tests.support.sink import Faults, Sink
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
 
 def sample(node: NodeHandle, name: str, **labels: str) -> float | None:
     """One sample of the node's registry, or None when it is not exported."""
@@ -130,3 +132,21 @@ async def test_the_smtp_certificate_expiry_is_exported(
         assert status == 200 and match is not None, text
         assert float(match[1]) == expires.timestamp()
         assert 'listener="admin"' not in text
+
+
+async def test_every_metric_a_delivering_node_exports_is_in_the_readme(
+    make_settings: Callable[..., Settings], sink: Sink,
+) -> None:
+    readme = README.read_text(encoding="utf-8")
+    node = await start_node(delivering(make_settings, sink))
+    try:
+        await submit_tagged(node.port, "g3", recipients=["a@example.com"])
+        await wait_for(lambda: sample(node, "mta_delivery_last_success_timestamp_seconds"),
+                       timeout=10)
+        names = {family.name + ("_total" if family.type == "counter" else "")
+                 for family in node.node.metrics.registry.collect()}
+        names = {"mta_node_info" if name == "mta_node" else name for name in names}
+        missing = sorted(name for name in names if f"`{name}" not in readme)
+        assert missing == []
+    finally:
+        await node.stop()
