@@ -613,8 +613,8 @@ SELECT count(*) FROM added;
 -- name: queue_summary
 -- Deliveries with work left by state, next hop and message age bucket (the index of the
 -- first bound in minutes $1 the age is below; 0 under the first), with their messages'
--- bytes (a message counts once per delivery). Both sides are index-only scans of the
--- pending rows (deliveries_pending_shape, messages_pending_shape): no history is read.
+-- bytes (a message counts once per delivery). The deliveries side is an index-only scan
+-- of the pending rows (deliveries_pending_shape): no delivery history is read.
 SELECT d.state, d.next_hop,
        width_bucket(extract(epoch FROM now() - m.received_at)::float8 / 60,
                     $1::float8[]) AS bucket,
