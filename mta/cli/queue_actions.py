@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mta.cli.common import ConfigOption, console, fail, operator_name
+from mta.cli.common import ConfigOption, console, fail, load, operator_name
 from mta.cli.queue_common import (
     DestinationOption,
     OlderOption,
@@ -25,9 +26,11 @@ from mta.cli.queue_common import (
     make_filter,
     run_store,
 )
-from mta.queue import Store
-from mta.queue.ids import parse_queue_id
-from mta.queue.records import ALL_STATES, PENDING_STATES
+from mta.delivery.dsn import FailedRecipient, build_dsn
+from mta.delivery.settlement import DSN_HEADERS_MAX_BYTES
+from mta.queue import NewMessage, Store
+from mta.queue.ids import new_message_id, parse_queue_id, queue_id
+from mta.queue.records import ALL_STATES, PENDING_STATES, DeletedMessage
 
 TargetsArgument = Annotated[list[str] | None, typer.Argument(
     help="Delivery ids or queue ids (all of a message's deliveries); or give a filter.",
@@ -138,14 +141,52 @@ def delete(reason: ReasonOption, targets: TargetsArgument = None, state: StateOp
            sender: SenderOption = None, yes: YesOption = False,
            include_uncertain: Annotated[bool, typer.Option(
                "--include-uncertain", help="Delete uncertain deliveries too.")] = False,
+           bounce: Annotated[bool, typer.Option(
+               "--bounce", help="Send the sender a DSN (committed with the deletion).")] = False,
            config: ConfigOption = None, operator: OperatorOption = None) -> None:
-    """Fail deliveries ("deleted by <operator>: <reason>"), sending no DSN. Leased ones
-    are never deleted; the records stay until retention."""
+    """Fail deliveries ("deleted by <operator>: <reason>"), sending no DSN unless
+    ``--bounce``. Leased ones are never deleted; the records stay until retention."""
     who = operator_name(operator)
     sources = ("queued", "deferred", "held", *(("uncertain",) if include_uncertain else ()))
-    act_on(config, targets, sources, "deleted",
-           lambda store, ids: store.delete(ids, who, reason,
-                                           include_uncertain=include_uncertain),
-           state=state, destination=destination, older_than=older_than, sender=sender,
-           yes=yes,
+    reporting_mta = load(config).ehlo_name
+
+    def dsn(message: DeletedMessage) -> NewMessage | None:
+        return _deletion_dsn(message, reporting_mta, f"deleted by {who}: {reason}")
+
+    def act(store: Store, ids: list[int]) -> Awaitable[set[int]]:
+        if bounce:
+            return store.delete_with_bounce(ids, who, reason,
+                                            include_uncertain=include_uncertain,
+                                            head_bytes=DSN_HEADERS_MAX_BYTES, bounce=dsn)
+        return store.delete(ids, who, reason, include_uncertain=include_uncertain)
+
+    act_on(config, targets, sources, "deleted", act, state=state, destination=destination,
+           older_than=older_than, sender=sender, yes=yes,
            hint=" (uncertain ones with --include-uncertain; leased ones never)")
+
+
+def _deletion_dsn(message: DeletedMessage, reporting_mta: str,
+                  evidence: str) -> NewMessage | None:
+    """The DSN for an operator's deletion (status 5.0.0, our own words as the diagnostic);
+    None for the null sender, a suppressed DSN, or input a DSN cannot carry."""
+    if not message.mail_from:
+        return None
+    end = message.head.find(b"\r\n\r\n")
+    headers = (message.head[:end + 2] if end >= 0
+               else message.head[:message.head.rfind(b"\r\n") + 2])
+    now = datetime.now(UTC)
+    try:
+        body = build_dsn(
+            reporting_mta=reporting_mta, original_sender=message.mail_from,
+            original_headers=headers, arrival_date=message.received_at,
+            queue_id=queue_id(message.id), now=now,
+            failures=[FailedRecipient(recipient=r, status="5.0.0", action="failed",
+                                      remote_mta=None, diagnostic=f"X-mta-fleet; {evidence}",
+                                      last_attempt=now) for r in message.recipients])
+    except ValueError:
+        return None
+    if body is None:
+        return None
+    return NewMessage(id=new_message_id(), mail_from="", recipients=[message.mail_from],
+                      trace_headers=b"", body=body, client_address="127.0.0.1",
+                      helo_name=reporting_mta, auth_user=None, message_id_header=None)

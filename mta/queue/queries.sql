@@ -659,3 +659,12 @@ SELECT id FROM messages
 WHERE message_id_header IN ($1, '<' || trim(BOTH '<>' FROM $1) || '>')
 ORDER BY received_at, id
 LIMIT 100;
+
+-- name: delivery_bounce_sources
+-- What a DSN for deliveries $1 needs: each one's recipient and its message's envelope,
+-- added trace headers and the first $2 bytes of its body.
+SELECT d.id, d.recipient, d.message_id, m.mail_from, m.received_at,
+       m.trace_headers || substring(m.body FROM 1 FOR $2) AS head
+FROM deliveries AS d JOIN messages AS m ON m.id = d.message_id
+WHERE d.id = ANY($1::bigint[])
+ORDER BY d.message_id, d.id;

@@ -253,3 +253,15 @@ class DeliveryEvent:
 def recipient_next_hop(recipient: str) -> str:
     """The next hop a recipient is grouped by: its domain, lower-cased."""
     return recipient.rpartition("@")[2].lower()
+
+
+@dataclass(frozen=True)
+class DeletedMessage:
+    """What an operator's ``delete --bounce`` DSN needs of one message."""
+
+    id: uuid.UUID
+    mail_from: str
+    received_at: datetime
+    #: The added trace headers and the first bytes of the body as received.
+    head: bytes
+    recipients: tuple[str, ...]

@@ -24,6 +24,7 @@ from mta.queue.records import (
     AttemptOutcome,
     AuditRecord,
     ClaimedDelivery,
+    DeletedMessage,
     DeliveryRecord,
     Envelope,
     MessageRecord,
@@ -238,6 +239,35 @@ class Store(QueueTools):
         rows = await self._pool.run("delivery_release_unsent", "fetch", owner, list(delivery_ids),
                                reason, crash_limit, crash_window_s, len(delivery_ids) == 1)
         return {row["delivery_id"] for row in rows}
+
+    async def delete_with_bounce(self, ids: Sequence[int], operator: str, reason: str, *,
+                                 include_uncertain: bool, head_bytes: int,
+                                 bounce: Callable[[DeletedMessage], NewMessage | None]
+                                 ) -> set[int]:
+        """:meth:`delete`, and the DSNs ``bounce`` builds for each message's deleted
+        deliveries committed in the same transaction (a deletion never lacks its DSN)."""
+        sources = ["queued", "deferred", "held", *(["uncertain"] if include_uncertain else [])]
+        with unavailable_on_error("delivery_operator_transition"):
+            async with self._pool.connection("maintenance") as conn, conn.transaction():
+                rows = await conn.fetch(
+                    query("delivery_operator_transition"), list(ids), sources, "failed",
+                    operator, reason, "delete", self._node, f"deleted by {operator}: {reason}",
+                    timeout=self._db.commit_timeout)
+                changed = {row["delivery_id"] for row in rows}
+                found = await conn.fetch(query("delivery_bounce_sources"), sorted(changed),
+                                         head_bytes, timeout=self._db.commit_timeout)
+                by_message: dict[uuid.UUID, list[asyncpg.Record]] = {}
+                for row in found:
+                    by_message.setdefault(row["message_id"], []).append(row)
+                for message_id, group in by_message.items():
+                    dsn = bounce(DeletedMessage(
+                        message_id, group[0]["mail_from"], group[0]["received_at"],
+                        bytes(group[0]["head"]), tuple(r["recipient"] for r in group)))
+                    if dsn is not None:
+                        await conn.execute(query("message_insert"), *_insert_args(dsn),
+                                           timeout=self._db.commit_timeout)
+        await self._mark_done(changed)
+        return changed
 
     async def node_mode(self, node: str) -> NodeMode | None:
         """``node``'s mode in this store, or None when none was ever set (active)."""

@@ -284,3 +284,33 @@ def test_a_narrow_terminal_wraps_other_columns_never_ids() -> None:
                 out=console)
     text = out.getvalue()
     assert qid in text and "123456789" in text
+
+
+async def test_delete_with_bounce_commits_one_dsn_per_message(
+    tmp_path: Path, db_dsn: str, make_settings: Callable[..., Settings]
+) -> None:
+    store = await Store.open(db_dsn, make_settings())
+    try:
+        message = await _enqueue(store, ["a@spam.example", "b@spam.example"])
+    finally:
+        await store.close()
+    config = _config(tmp_path, db_dsn)
+    deleted = await run_mta("queue", "delete", queue_id(message), "--reason", "spam",
+                            "--operator", "alice", "--bounce", "--config", config)
+    assert deleted.returncode == 0, deleted.stderr
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        dsns = await conn.fetch("SELECT m.body, d.recipient FROM messages AS m "
+                                "JOIN deliveries AS d ON d.message_id = m.id "
+                                "WHERE m.mail_from = ''")
+        states = await conn.fetch("SELECT state FROM deliveries WHERE message_id = $1",
+                                  message)
+    finally:
+        await conn.close()
+    assert [r["state"] for r in states] == ["failed", "failed"]
+    (dsn,) = dsns
+    assert dsn["recipient"] == "app@example.org"
+    body = bytes(dsn["body"])
+    assert b"deleted by alice: spam" in body
+    assert b"a@spam.example" in body and b"b@spam.example" in body
+    assert b"Status: 5.0.0" in body
