@@ -90,6 +90,11 @@ CASES = [
         series("mta_queue_due_lag_seconds", "0x5 60+60x10"),
         series("mta_node_mode", "0x15", mode="active"),
         series("mta_node_mode", "1x15", mode="isolated")]),
+    Case("MtaWorkersStalled", "13m", [  # a draining node: MtaNodeNotActive covers it
+        series("mta_delivery_heartbeat_timestamp_seconds", "0+60x5 300x10"),
+        series("mta_queue_due_lag_seconds", "0x15"),
+        series("mta_node_mode", "0x15", mode="active"),
+        series("mta_node_mode", "1x15", mode="draining")]),
     Case("MtaWorkersStalled", "13m", [
         series("mta_delivery_heartbeat_timestamp_seconds", "0x15"),
         series("mta_queue_due_lag_seconds", "0x15"),
