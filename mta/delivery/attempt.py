@@ -287,7 +287,9 @@ class Attempts:
             elif outcome.state == "deferred":
                 self.metrics.delivery_deferred.labels(
                     defer_reason(by_recipient[delivery.recipient])).inc()
-            log.info("delivery.outcome", queue_id=queue_id(message.id), delivery=delivery.id,
+            log.info("delivery.outcome", queue_id=queue_id(message.id),
+                     message_id=message.message_id_header, delivery_id=delivery.id,
+                     destination=delivery.next_hop, attempt=delivery.attempts + 1,
                      recipient=delivery.recipient, state=outcome.state,
                      reply=outcome.reply, host=host)
 

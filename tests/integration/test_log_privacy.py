@@ -39,7 +39,15 @@ async def test_logs_are_json_name_the_node_and_hide_local_parts(
         for local in LOCALS:
             assert local not in text, f"{local} appears in the log"
         assert "@x.example" in text, "the domain stays"
-        accepted = [r for r in records if r.get("event") == "intake.accepted"]
-        assert accepted and accepted[0]["mail_from"].startswith("h-")
+        (accepted,) = [r for r in records if r.get("event") == "intake.accepted"]
+        assert accepted["mail_from"].startswith("h-")
+        assert accepted["message_id"] == "<private@test>" and accepted["queue_id"]
+        outcomes = [r for r in records if r.get("event") == "delivery.outcome"
+                    and r["queue_id"] == accepted["queue_id"]]  # (not the DSN's)
+        assert {r["state"] for r in outcomes} == {"delivered", "deferred", "failed"}
+        for record in outcomes:  # one event per transition, with what names it
+            assert record["message_id"] == "<private@test>"
+            assert record["destination"] == "x.example" and record["attempt"] == 1
+            assert isinstance(record["delivery_id"], int)
     finally:
         await node.close()
