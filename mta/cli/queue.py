@@ -90,10 +90,9 @@ def _plain(row: DeliveryListing) -> dict[str, object]:
 
 def _uncertain_evidence(row: DeliveryListing) -> dict[str, str]:
     """What the store holds to decide on an uncertain delivery; "-" for what it does not
-    record (the remote host and the time between the dot and the lost reply are in the
-    node's logs only)."""
+    record (the time between the dot and the lost reply is in the node's logs only)."""
     text = f"{row.last_reply_code or ''} {row.last_reply or ''}".strip()
-    return {"remote_host": "-",
+    return {"remote_host": row.last_host or "-",
             "attempt_at": row.last_attempt_at.isoformat(timespec="seconds")
             if row.last_attempt_at else "-",
             "dot_written": "yes" if DOT_SENT in text else "-",

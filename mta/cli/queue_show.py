@@ -17,8 +17,6 @@ from mta.queue.records import DeliveryEvent, DeliveryRecord, MessageRecord
 
 #: Bytes of a message read to show its headers (the body is read only with --body).
 HEADERS_READ = 65536
-#: What show says about remote hosts: the store does not record them.
-NO_REMOTE_HOSTS = "remote hosts: not recorded in the store (the node's logs name them)"
 
 
 @dataclass
@@ -77,7 +75,7 @@ def show(message: Annotated[str, typer.Argument(
     if as_json:
         print_json({"messages": [
             {"message": s.message, "headers": s.headers, "body": s.body,
-             "remote_hosts": None,
+             "remote_hosts": _remote_hosts(s),
              "deliveries": [{**_delivery_json(d), "events": events}
                             for d, events in s.deliveries]} for s in found]})
         return
@@ -109,7 +107,7 @@ def _print_one(one: Shown) -> None:
     console.print("  headers:")
     for line in one.headers.splitlines():
         console.print(f"    {line}")
-    console.print(f"  {NO_REMOTE_HOSTS}")
+    console.print(f"  remote hosts: {', '.join(_remote_hosts(one)) or '-'}")
     for delivery, events in one.deliveries:
         flags = " possible_duplicate" if delivery.possible_duplicate else ""
         due = (f", next attempt {delivery.next_attempt_at.isoformat(timespec='seconds')}"
@@ -118,11 +116,18 @@ def _print_one(one: Shown) -> None:
                       f"{delivery.attempts} attempt(s){flags}{due}{_handoff(delivery)}")
         for event in events:
             code = f" {event.reply_code}" if event.reply_code is not None else ""
+            host = f" at {event.host}" if event.host else ""
             console.print(f"    {event.at.isoformat(timespec='seconds')} {event.state}{code} "
-                          f"by {event.actor}: {event.detail}")
+                          f"by {event.actor}{host}: {event.detail}")
     if one.body is not None:
         console.print("  body:")
         console.print(one.body)
+
+
+def _remote_hosts(one: Shown) -> list[str]:
+    """The remote hosts the message's attempts talked to, in order of first use."""
+    hosts = [e.host for _, events in one.deliveries for e in events if e.host]
+    return list(dict.fromkeys(hosts))
 
 
 def _handoff(delivery: DeliveryRecord) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 import uuid
@@ -270,8 +271,9 @@ class Attempts:
                             error=str(exc))
             fault_point("delivery.after_reply_journaled")
         age = (datetime.now(UTC) - message.received_at).total_seconds()
-        outcomes = [self._outcome(d, by_recipient[d.recipient], age, uncertain_mode)
-                    for d in deliveries]
+        outcomes = [dataclasses.replace(
+            self._outcome(d, by_recipient[d.recipient], age, uncertain_mode), host=host or None)
+            for d in deliveries]
         failed = [by_recipient[d.recipient] for d, o in zip(deliveries, outcomes, strict=True)
                   if o.state == "failed"]
         await self.settler.apply(Settlement(attempt_id or "", outcomes, message, failed, host))

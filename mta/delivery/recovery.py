@@ -83,6 +83,8 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
                 outcomes = [_replayed(reply, policy, mode) for reply in attempt.replies]
                 outcomes += [_unanswered(delivery_id, policy, mode)
                              for delivery_id in attempt.missing]
+                outcomes = [dataclasses.replace(o, host=attempt.dot.host or None)
+                            for o in outcomes]
                 bounce = await _replayed_bounce(store, attempt, outcomes, reporting_mta)
                 done = await store.record_outcomes(attempt.owner, outcomes, bounce=bounce)
             except (StoreRejected, ValueError) as exc:  # refused, or a reply no server sends

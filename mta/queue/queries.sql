@@ -185,12 +185,13 @@ WHERE id = ANY($2::bigint[]) AND lease_owner = $1
 RETURNING id;
 
 -- name: delivery_record_outcomes
--- Apply attempt outcomes to deliveries leased to owner $1, each with its evidence event.
+-- Apply attempt outcomes to deliveries leased to owner $1, each with its evidence event
+-- and the remote host it talked to ($8, null when none was reached).
 WITH outcome AS (
     SELECT *
     FROM unnest($2::bigint[], $3::text[], $4::integer[], $5::text[], $6::float8[],
-                $7::boolean[])
-        AS o (id, state, reply_code, reply, retry_in_s, possible_duplicate)
+                $7::boolean[], $8::text[])
+        AS o (id, state, reply_code, reply, retry_in_s, possible_duplicate, host)
     WHERE o.state IN ('delivered', 'deferred', 'failed', 'uncertain')
 ), changed AS (
     UPDATE deliveries AS d
@@ -204,15 +205,16 @@ WITH outcome AS (
                                ELSE d.next_attempt_at END,
         finished_at = CASE WHEN o.state IN ('delivered', 'failed') THEN now() END,
         possible_duplicate = d.possible_duplicate OR o.possible_duplicate,
+        last_host = coalesce(o.host, d.last_host),
         lease_owner = NULL,
         lease_expires_at = NULL,
         updated_at = now()
     FROM outcome AS o
     WHERE d.id = o.id AND d.lease_owner = $1
-    RETURNING d.id, d.message_id, d.state, d.last_reply_code, d.last_reply
+    RETURNING d.id, d.message_id, d.state, d.last_reply_code, d.last_reply, o.host
 ), events AS (
-    INSERT INTO delivery_events (delivery_id, state, reply_code, detail, actor)
-    SELECT id, state, last_reply_code, coalesce(last_reply, ''), $1 FROM changed
+    INSERT INTO delivery_events (delivery_id, state, reply_code, detail, actor, host)
+    SELECT id, state, last_reply_code, coalesce(last_reply, ''), $1, host FROM changed
 ), done AS (
     -- A message whose every delivery is now final, as this statement sees it. A sibling
     -- finished by a concurrent statement looks unfinished here: the caller then runs
@@ -385,7 +387,7 @@ LIMIT $2;
 
 -- name: delivery_events_list
 -- The evidence timeline of one delivery, oldest first.
-SELECT at, state, reply_code, detail, actor
+SELECT at, state, reply_code, detail, actor, host
 FROM delivery_events WHERE delivery_id = $1 ORDER BY id;
 
 -- name: delivery_lease_owners
@@ -631,7 +633,7 @@ GROUP BY 1, 2, 3;
 -- at most $5, with their message's envelope.
 SELECT d.id, d.message_id, m.mail_from, d.recipient, d.next_hop, d.state, d.attempts,
        d.last_reply_code, d.last_reply, d.possible_duplicate, d.hold_reason, d.updated_at,
-       d.next_attempt_at, d.last_attempt_at, m.received_at, m.size_bytes
+       d.next_attempt_at, d.last_attempt_at, m.received_at, m.size_bytes, d.last_host
 FROM deliveries AS d JOIN messages AS m ON m.id = d.message_id
 WHERE d.state = $1 AND ($2::text IS NULL OR d.next_hop = $2)
   AND m.received_at <= now() - make_interval(secs => $3)

@@ -131,6 +131,8 @@ class AttemptOutcome:
     reply: str
     retry_in_s: float = 0.0
     possible_duplicate: bool = False
+    #: The remote host the attempt talked to (None when it reached none).
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,8 @@ class DeliveryListing:
     last_attempt_at: datetime | None = None
     received_at: datetime | None = None
     size_bytes: int | None = None
+    #: The remote host of its last attempt.
+    last_host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,8 @@ class DeliveryEvent:
     reply_code: int | None
     detail: str
     actor: str
+    #: The remote host of the attempt this event records, when there was one.
+    host: str | None = None
 
 
 def recipient_next_hop(recipient: str) -> str:

@@ -188,7 +188,8 @@ class Store(QueueTools):
         failed = {o.delivery_id for o in outcomes if o.state == "failed"}
         args = (owner, [o.delivery_id for o in outcomes], [o.state for o in outcomes],
                 [o.reply_code for o in outcomes], [o.reply for o in outcomes],
-                [o.retry_in_s for o in outcomes], [o.possible_duplicate for o in outcomes])
+                [o.retry_in_s for o in outcomes], [o.possible_duplicate for o in outcomes],
+                [o.host for o in outcomes])
         if bounce is None or not failed:
             rows = await self._pool.run("delivery_record_outcomes", "fetch", *args)
             applied = {row["delivery_id"] for row in rows}

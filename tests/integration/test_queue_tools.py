@@ -30,11 +30,13 @@ async def _enqueue(store: Store, recipients: list[str], *, sender: str = "app@ex
     return message_id
 
 
-async def _settle(store: Store, state: str, reply: str, code: int | None = None) -> list[int]:
-    """Claim everything due and record ``state`` for each."""
+async def _settle(store: Store, state: str, reply: str, code: int | None = None,
+                  host: str | None = None) -> list[int]:
+    """Claim everything due and record ``state`` for each (an attempt at ``host``)."""
     claimed = await store.claim_due("worker-1", 100, 60.0)
     await store.record_outcomes("worker-1", [
-        AttemptOutcome(d.id, state, code, reply, retry_in_s=3600.0) for d in claimed])  # type: ignore[arg-type]
+        AttemptOutcome(d.id, state, code, reply, retry_in_s=3600.0, host=host)  # type: ignore[arg-type]
+        for d in claimed])
     return sorted(d.id for d in claimed)
 
 
@@ -141,7 +143,7 @@ async def test_show_finds_a_message_by_delivery_id_queue_id_or_message_id(
     assert f"message {queue_id(first)}" in out and queue_id(second) not in out
     assert "Subject: hello there" in out and "Received: from h" in out
     assert "body text" not in out, "the body only with --body"
-    assert "next attempt " in out and "remote hosts: not recorded" in out
+    assert "next attempt " in out and "remote hosts: -\n" in out, "none reached yet"
 
     by_header = await run_mta("queue", "show", "same@example.org", "--config", config)
     assert by_header.returncode == 0, by_header.stderr
@@ -258,7 +260,8 @@ async def test_uncertain_lists_the_evidence_to_decide(
     store = await Store.open(db_dsn, make_settings())
     try:
         await _enqueue(store, ["a@x.example"])
-        (delivery,) = await _settle(store, "uncertain", "network error after end of data")
+        (delivery,) = await _settle(store, "uncertain", "network error after end of data",
+                                    host="mx1.x.example")
     finally:
         await store.close()
     config = _config(tmp_path, db_dsn)
@@ -268,9 +271,13 @@ async def test_uncertain_lists_the_evidence_to_decide(
     assert row["id"] == delivery
     evidence = row["evidence"]
     assert evidence["dot_written"] == "yes" and evidence["attempt_at"] != "-"
-    assert evidence["remote_host"] == "-" and evidence["reply_lost_after"] == "-"
+    assert evidence["remote_host"] == "mx1.x.example" and evidence["reply_lost_after"] == "-"
     piped = await run_mta("queue", "uncertain", "--config", config)
     assert "remote_host\tattempt_at\tdot_written\treply_lost_after" in piped.stdout
+    shown = await run_mta("queue", "show", str(delivery), "--json", "--config", config)
+    assert json.loads(shown.stdout)["messages"][0]["remote_hosts"] == ["mx1.x.example"]
+    text = await run_mta("queue", "show", str(delivery), "--config", config)
+    assert "remote hosts: mx1.x.example" in text.stdout and "at mx1.x.example" in text.stdout
 
 
 def test_a_narrow_terminal_wraps_other_columns_never_ids() -> None:
