@@ -108,7 +108,12 @@ class Deliverer:
         while not stop.is_set():
             self._metrics.delivery_heartbeat.set(time.time())
             if self.isolated:
-                # An isolated node delivers nothing (I8); its mail stays as it is.
+                # An isolated node claims and sends nothing (I8); its mail stays as it is.
+                # What already happened is still written down: outcomes the store
+                # missed while it was down, and leases a failed claim left behind
+                # (nothing was sent for those), so that reroute can move them.
+                with contextlib.suppress(StoreUnavailable):
+                    await self.settler.apply_held_back(self._in_flight)
                 self._metrics.delivery_paused_rounds.labels("isolated").inc()
                 await _first_of([], stop, self.wake, timeout=self.delivery.poll_interval)
                 self.wake.clear()
