@@ -152,21 +152,16 @@ def reroute(
         _node(fleet, target)
     who = operator_name(operator)
     why = reason or f"move pending mail off {node}"
-    report = _run_reroute(fleet, node, to or [], batch, rate, dry_run, as_json)
+    report = _run_reroute(fleet, node, to or [], batch, rate, dry_run, as_json, who, why)
     if dry_run:
         _print_plan(report, as_json)
         return
-    counts = {"moved": report.moved_total, "already_moved": report.already_moved,
-              **{f"moved_to_{name}": n for name, n in report.moved.items()},
-              **{f"skipped_{state}": n for state, n in report.skipped.items()}}
-    result = "partial" if report.skipped.get("in_handoff") else "ok"
-    _audit(fleet, data_dir, "reroute", node, who, why, result, counts)
-    _record_on_node(fleet, node, "reroute", who, why, result, counts)
+    _audit(fleet, data_dir, "reroute", node, who, why, report.result, report.counts())
     _print_report(report, as_json)
 
 
 def _run_reroute(fleet: Fleet, node: str, to: list[str], batch: int, rate: float | None,
-                 dry_run: bool, as_json: bool) -> RerouteReport:
+                 dry_run: bool, as_json: bool, operator: str, reason: str) -> RerouteReport:
     show = console.is_terminal and not as_json and not dry_run
     with Progress("[progress.description]{task.description}", BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=console,
@@ -177,7 +172,8 @@ def _run_reroute(fleet: Fleet, node: str, to: list[str], batch: int, rate: float
             progress.update(task, completed=done, total=total)
 
         try:
-            rerouter = Rerouter(fleet, node, to, batch=batch, rate=rate, progress=advance)
+            rerouter = Rerouter(fleet, node, to, batch=batch, rate=rate, progress=advance,
+                                operator=operator, reason=reason)
             return asyncio.run(rerouter.run(dry_run=dry_run))
         except RerouteRefused as exc:
             fail(f"reroute refused: {exc}", code=1)

@@ -220,7 +220,10 @@ class Controller:
     async def _reroute(self, node: NodeEntry) -> None:
         """Move the node's pending mail, as a rule with ``reroute = true`` asks."""
         try:
-            report = await Rerouter(self._fleet, node.name, []).run()
+            report = await Rerouter(self._fleet, node.name, [],
+                                    operator=self._operator(self.leadership.term
+                                                            if self.leadership else None),
+                                    reason="controller: a rule with reroute = true").run()
         except (RerouteRefused, MtaError) as exc:  # logged; the controller goes on
             log.error("controller.reroute_failed", node=node.name, error=str(exc))
             return

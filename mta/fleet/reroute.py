@@ -61,6 +61,17 @@ class RerouteReport:
         """Deliveries this run copied."""
         return sum(self.moved.values())
 
+    @property
+    def result(self) -> str:
+        """``partial`` while handoffs wait for a target, else ``ok`` (for the audit)."""
+        return "partial" if self.skipped.get("in_handoff") else "ok"
+
+    def counts(self) -> dict[str, int]:
+        """What the audit keeps of the run."""
+        return {"moved": self.moved_total, "already_moved": self.already_moved,
+                **{f"moved_to_{name}": n for name, n in self.moved.items()},
+                **{f"skipped_{state}": n for state, n in self.skipped.items()}}
+
 
 Progress = Callable[[int, int], None]
 
@@ -81,7 +92,8 @@ class Rerouter:
     """One reroute run from ``source`` to ``targets``."""
 
     def __init__(self, fleet: Fleet, source: str, targets: Sequence[str], *, batch: int = 500,
-                 rate: float | None = None, progress: Progress | None = None) -> None:
+                 rate: float | None = None, progress: Progress | None = None,
+                 operator: str = "reroute", reason: str = "") -> None:
         self._fleet = fleet
         self._source = fleet.node(source)
         names = list(dict.fromkeys(targets)) or [n.name for n in fleet.nodes
@@ -103,6 +115,8 @@ class Rerouter:
         self._stack = contextlib.AsyncExitStack()
         self._done = 0
         self._total = 0
+        self._operator = operator
+        self._reason = reason or f"move pending mail off {source}"
 
     async def run(self, *, dry_run: bool = False) -> RerouteReport:
         """Move everything pending that can move (``dry_run``: only say what would)."""
@@ -133,6 +147,9 @@ class Rerouter:
                 raise RerouteRefused(str(exc)) from None
             self.report.skipped = {"leased": left.leased, "uncertain": left.uncertain,
                                    "held": left.held, "in_handoff": left.in_handoff}
+            # In the source node's own audit table, on the store the run already holds.
+            await source.store.record_audit("reroute", self._operator, self._reason,
+                                            self.report.result, self.report.counts())
             return self.report
 
     async def _plan(self, source: NodeStore) -> RerouteReport:
