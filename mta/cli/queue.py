@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -72,12 +73,13 @@ def list_uncertain(config: ConfigOption = None, limit: LimitOption = 1000,
                                    for row, e in zip(rows, evidence, strict=True)]})
     else:
         lines = [[str(row.id), queue_id(row.message_id), row.mail_from or "<>", row.recipient,
-                  row.next_hop, str(row.attempts), e["remote_host"], e["attempt_at"],
-                  e["dot_written"], e["reply_lost_after"], e["last_evidence"]]
+                  row.next_hop, str(row.attempts), e["remote_host"], e["attempt_started"],
+                  e["dot_at"] if e["dot_at"] != "-" else e["dot_written"],
+                  e["reply_lost_after"], e["last_evidence"]]
                  for row, e in zip(rows, evidence, strict=True)]
         print_table(f"{len(rows)} uncertain",
                     ["delivery", "queue_id", "from", "to", "destination", "attempts",
-                     "remote_host", "attempt_at", "dot_written", "reply_lost_after",
+                     "remote_host", "attempt_started", "dot_written", "reply_lost_after",
                      "last_evidence"], lines)
     say_where(config)
 
@@ -90,13 +92,25 @@ def _plain(row: DeliveryListing) -> dict[str, object]:
 
 def _uncertain_evidence(row: DeliveryListing) -> dict[str, str]:
     """What the store holds to decide on an uncertain delivery; "-" for what it does not
-    record (the time between the dot and the lost reply is in the node's logs only)."""
+    know (attempts recorded before migration 0015 kept no times)."""
     text = f"{row.last_reply_code or ''} {row.last_reply or ''}".strip()
+    dot_written = row.last_dot_at is not None or DOT_SENT in text
+    if row.last_dot_at is not None and row.last_reply_lost_at is not None:
+        lost_after = f"{(row.last_reply_lost_at - row.last_dot_at).total_seconds():.1f}s"
+    elif row.last_dot_at is not None:
+        lost_after = "never answered (the process stopped)"
+    else:
+        lost_after = "-"
     return {"remote_host": row.last_host or "-",
-            "attempt_at": row.last_attempt_at.isoformat(timespec="seconds")
-            if row.last_attempt_at else "-",
-            "dot_written": "yes" if DOT_SENT in text else "-",
-            "reply_lost_after": "-", "last_evidence": text or "-"}
+            "attempt_started": _when(row.last_attempt_started_at),
+            "dot_written": "yes" if dot_written else "-",
+            "dot_at": _when(row.last_dot_at),
+            "reply_lost_after": lost_after,
+            "recorded_at": _when(row.last_attempt_at), "last_evidence": text or "-"}
+
+
+def _when(at: datetime | None) -> str:
+    return at.isoformat(timespec="milliseconds") if at is not None else "-"
 
 
 @queue_app.command("held")

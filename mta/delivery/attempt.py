@@ -36,7 +36,13 @@ from mta.delivery.outbound.transaction import (
     Source,
     Transaction,
 )
-from mta.delivery.retry import RetryPolicy, classify, classify_dns, next_attempt_delay
+from mta.delivery.retry import (
+    RetryPolicy,
+    classify,
+    classify_dns,
+    next_attempt_delay,
+    reply_lost,
+)
 from mta.delivery.routing import Router
 from mta.delivery.settlement import Settlement, Settler
 from mta.delivery.shaping import Shaper
@@ -131,6 +137,9 @@ class Progress:
     journal_error: JournalError | None = None
     #: The outcomes were written to the store or held back for it.
     settled: bool = False
+    #: Unix times the session started and the dot-pending record was written.
+    started_at: float | None = None
+    dot_at: float | None = None
 
 
 class Attempts:
@@ -199,11 +208,13 @@ class Attempts:
                 progress.journal_error = exc
                 raise
             progress.dot_pending = True
+            progress.dot_at = time.time()
             fault_point("delivery.after_dot_pending")
 
         sending_since = time.perf_counter()
         async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key):
             session_since = time.perf_counter()
+            progress.started_at = time.time()
             try:
                 async with self.connections.session(hop) as conn:
                     results = await conn.send(
@@ -271,8 +282,12 @@ class Attempts:
                             error=str(exc))
             fault_point("delivery.after_reply_journaled")
         age = (datetime.now(UTC) - message.received_at).total_seconds()
+        ended_at = time.time()
         outcomes = [dataclasses.replace(
-            self._outcome(d, by_recipient[d.recipient], age, uncertain_mode), host=host or None)
+            self._outcome(d, by_recipient[d.recipient], age, uncertain_mode), host=host or None,
+            started_at=progress.started_at, dot_at=progress.dot_at,
+            reply_lost_at=ended_at if reply_lost(by_recipient[d.recipient].code,
+                                                  by_recipient[d.recipient].data_sent) else None)
             for d in deliveries]
         failed = [by_recipient[d.recipient] for d, o in zip(deliveries, outcomes, strict=True)
                   if o.state == "failed"]

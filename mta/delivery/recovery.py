@@ -12,7 +12,7 @@ from pathlib import Path
 from mta.config import UncertainMode
 from mta.delivery.outbound.transaction import RecipientResult, reply_line
 from mta.delivery.owner import like_literal, owner_prefix
-from mta.delivery.retry import RetryPolicy, classify
+from mta.delivery.retry import RetryPolicy, classify, reply_lost
 from mta.delivery.settlement import bounce_for, raw_evidence
 from mta.errors import StoreRejected
 from mta.journal.files import lock_file_exists
@@ -83,8 +83,8 @@ async def recover(store: Store, journal_dir: Path, node_name: str, policy: Retry
                 outcomes = [_replayed(reply, policy, mode) for reply in attempt.replies]
                 outcomes += [_unanswered(delivery_id, policy, mode)
                              for delivery_id in attempt.missing]
-                outcomes = [dataclasses.replace(o, host=attempt.dot.host or None)
-                            for o in outcomes]
+                outcomes = [dataclasses.replace(o, host=attempt.dot.host or None,
+                                                dot_at=attempt.dot.at) for o in outcomes]
                 bounce = await _replayed_bounce(store, attempt, outcomes, reporting_mta)
                 done = await store.record_outcomes(attempt.owner, outcomes, bounce=bounce)
             except (StoreRejected, ValueError) as exc:  # refused, or a reply no server sends
@@ -190,7 +190,9 @@ def _unanswered(delivery_id: int, policy: RetryPolicy, mode: UncertainMode) -> A
 
 def _replayed(reply: ReplyReceived, policy: RetryPolicy, mode: UncertainMode) -> AttemptOutcome:
     decision = classify(reply.code, reply.data_sent, age=0.0, policy=policy, uncertain_mode=mode)
+    lost = reply_lost(reply.code, reply.data_sent)
     return AttemptOutcome(reply.delivery_id, decision.outcome, reply.code or None,
                           f"{reply_line(reply.code, outside_text(reply.text))} "
                           f"({decision.reason}, journal replay)",
-                          policy.minimal_backoff, decision.possible_duplicate)
+                          policy.minimal_backoff, decision.possible_duplicate,
+                          reply_lost_at=reply.at if lost else None)

@@ -120,6 +120,12 @@ def classify(
     return _defer(f"{what} after end of data", age, policy, possible_duplicate=True)
 
 
+def reply_lost(code: int, data_sent: bool) -> bool:
+    """The final dot may have reached the server and no usable reply to it came (a
+    network error, code 0, or a 1xx/3xx no server may send there)."""
+    return data_sent and code // 100 not in (2, 4, 5)
+
+
 def classify_dns(permanent: bool, *, age: float, policy: RetryPolicy) -> Decision:
     """Classify a routing answer: a permanent DNS answer (NXDOMAIN, null MX) fails, a
     temporary one (SERVFAIL, a timeout, no usable host) defers until the lifetime ends."""

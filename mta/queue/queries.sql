@@ -186,12 +186,15 @@ RETURNING id;
 
 -- name: delivery_record_outcomes
 -- Apply attempt outcomes to deliveries leased to owner $1, each with its evidence event
--- and the remote host it talked to ($8, null when none was reached).
+-- and the remote host it talked to ($8, null when none was reached), with the unix times
+-- the attempt started ($9), wrote the final dot ($10) and lost the reply ($11), each null
+-- when unknown or when it did not happen.
 WITH outcome AS (
     SELECT *
     FROM unnest($2::bigint[], $3::text[], $4::integer[], $5::text[], $6::float8[],
-                $7::boolean[], $8::text[])
-        AS o (id, state, reply_code, reply, retry_in_s, possible_duplicate, host)
+                $7::boolean[], $8::text[], $9::float8[], $10::float8[], $11::float8[])
+        AS o (id, state, reply_code, reply, retry_in_s, possible_duplicate, host,
+              started_at, dot_at, reply_lost_at)
     WHERE o.state IN ('delivered', 'deferred', 'failed', 'uncertain')
 ), changed AS (
     UPDATE deliveries AS d
@@ -206,6 +209,9 @@ WITH outcome AS (
         finished_at = CASE WHEN o.state IN ('delivered', 'failed') THEN now() END,
         possible_duplicate = d.possible_duplicate OR o.possible_duplicate,
         last_host = coalesce(o.host, d.last_host),
+        last_attempt_started_at = to_timestamp(o.started_at),
+        last_dot_at = to_timestamp(o.dot_at),
+        last_reply_lost_at = to_timestamp(o.reply_lost_at),
         lease_owner = NULL,
         lease_expires_at = NULL,
         updated_at = now()
@@ -633,7 +639,8 @@ GROUP BY 1, 2, 3;
 -- at most $5, with their message's envelope.
 SELECT d.id, d.message_id, m.mail_from, d.recipient, d.next_hop, d.state, d.attempts,
        d.last_reply_code, d.last_reply, d.possible_duplicate, d.hold_reason, d.updated_at,
-       d.next_attempt_at, d.last_attempt_at, m.received_at, m.size_bytes, d.last_host
+       d.next_attempt_at, d.last_attempt_at, m.received_at, m.size_bytes, d.last_host,
+       d.last_attempt_started_at, d.last_dot_at, d.last_reply_lost_at
 FROM deliveries AS d JOIN messages AS m ON m.id = d.message_id
 WHERE d.state = $1 AND ($2::text IS NULL OR d.next_hop = $2)
   AND m.received_at <= now() - make_interval(secs => $3)

@@ -133,6 +133,11 @@ class AttemptOutcome:
     possible_duplicate: bool = False
     #: The remote host the attempt talked to (None when it reached none).
     host: str | None = None
+    #: Unix times the attempt started, wrote the final dot and lost the reply to it
+    #: (None when unknown or when it did not happen): the evidence behind ``uncertain``.
+    started_at: float | None = None
+    dot_at: float | None = None
+    reply_lost_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,10 @@ class DeliveryListing:
     size_bytes: int | None = None
     #: The remote host of its last attempt.
     last_host: str | None = None
+    #: When its last attempt started, wrote the final dot and lost the reply.
+    last_attempt_started_at: datetime | None = None
+    last_dot_at: datetime | None = None
+    last_reply_lost_at: datetime | None = None
 
 
 @dataclass(frozen=True)

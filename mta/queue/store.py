@@ -189,7 +189,8 @@ class Store(QueueTools):
         args = (owner, [o.delivery_id for o in outcomes], [o.state for o in outcomes],
                 [o.reply_code for o in outcomes], [o.reply for o in outcomes],
                 [o.retry_in_s for o in outcomes], [o.possible_duplicate for o in outcomes],
-                [o.host for o in outcomes])
+                [o.host for o in outcomes], [o.started_at for o in outcomes],
+                [o.dot_at for o in outcomes], [o.reply_lost_at for o in outcomes])
         if bounce is None or not failed:
             rows = await self._pool.run("delivery_record_outcomes", "fetch", *args)
             applied = {row["delivery_id"] for row in rows}

@@ -162,7 +162,8 @@ async def test_lease_holder_statements_probe_the_primary_key(
         args: tuple[Any, ...] = {
             "delivery_record_outcomes": ("owner", ids, ["delivered"] * 5, [250] * 5,
                                          ["2.0.0 ok"] * 5, [0.0] * 5, [False] * 5,
-                                         ["mx.test"] * 5),
+                                         ["mx.test"] * 5, [None] * 5, [None] * 5,
+                                         [None] * 5),
             "delivery_renew_leases": ("owner", ids, 30.0),
             "delivery_give_back": ("owner", ids),
         }[statement]

@@ -3,6 +3,7 @@ the fault hook, restarted, and checked against what the sink really received."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from mta.config import Settings
 from mta.queue import Store
 from tests.support.delivery import state_of, submit_tagged
 from tests.support.nodes import wait_for
-from tests.support.process import NodeProcess
+from tests.support.process import NodeProcess, run_mta
 from tests.support.sink import Faults, Sink
 
 SIGKILL_STATUS = -9
@@ -50,6 +51,11 @@ async def test_kill_with_the_dot_pending_leaves_the_delivery_uncertain_and_unsen
         await wait_for(lambda: _is(db_dsn, settings, later, "delivered"), timeout=15)
         assert sink.count("crash1@test", "user@example.com") == 0
         assert await state_of(db_dsn, settings, message_id) == "uncertain"
+        shown = await run_mta("queue", "uncertain", "--json", "--config",
+                              str(node.config_path))
+        (row,) = json.loads(shown.stdout)["deliveries"]
+        assert row["evidence"]["dot_at"] != "-", "the replay keeps the dot's time"
+        assert row["evidence"]["reply_lost_after"] == "never answered (the process stopped)"
     finally:
         await node.close()
 

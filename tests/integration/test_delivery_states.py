@@ -266,7 +266,7 @@ async def test_a_message_finished_by_two_concurrent_outcome_writes_is_still_mark
         async with other.transaction():
             rows = await other.fetch(query("delivery_record_outcomes"), "owner-b",
                                      [second.id], ["delivered"], [250], ["250 ok"], [0.0],
-                                     [False], [None])
+                                     [False], [None], [None], [None], [None])
             assert [row["message_done"] for row in rows] == [False], "first is still leased"
             await store.record_outcomes("owner-a", [
                 AttemptOutcome(first.id, "delivered", 250, "250 ok")])

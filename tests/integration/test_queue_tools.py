@@ -7,6 +7,7 @@ import io
 import json
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -16,7 +17,11 @@ from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id, queue_id
 from mta.queue.records import AttemptOutcome
+from tests.support.delivery import only_state, submit_tagged
+from tests.support.intake import store_of
+from tests.support.nodes import start_node, wait_for
 from tests.support.process import NodeProcess, run_mta, write_config
+from tests.support.sink import Faults, running_sink
 
 
 async def _enqueue(store: Store, recipients: list[str], *, sender: str = "app@example.org",
@@ -270,10 +275,10 @@ async def test_uncertain_lists_the_evidence_to_decide(
     (row,) = json.loads(result.stdout)["deliveries"]
     assert row["id"] == delivery
     evidence = row["evidence"]
-    assert evidence["dot_written"] == "yes" and evidence["attempt_at"] != "-"
+    assert evidence["dot_written"] == "yes" and evidence["recorded_at"] != "-"
     assert evidence["remote_host"] == "mx1.x.example" and evidence["reply_lost_after"] == "-"
     piped = await run_mta("queue", "uncertain", "--config", config)
-    assert "remote_host\tattempt_at\tdot_written\treply_lost_after" in piped.stdout
+    assert "remote_host\tattempt_started\tdot_written\treply_lost_after" in piped.stdout
     shown = await run_mta("queue", "show", str(delivery), "--json", "--config", config)
     assert json.loads(shown.stdout)["messages"][0]["remote_hosts"] == ["mx1.x.example"]
     text = await run_mta("queue", "show", str(delivery), "--config", config)
@@ -321,3 +326,36 @@ async def test_delete_with_bounce_commits_one_dsn_per_message(
     assert b"deleted by alice: spam" in body
     assert b"a@spam.example" in body and b"b@spam.example" in body
     assert b"Status: 5.0.0" in body
+
+
+async def test_uncertain_says_how_long_after_the_dot_the_reply_was_lost(
+    tmp_path: Path, db_dsn: str, make_settings: Callable[..., Settings]
+) -> None:
+    """A real node sends to a sink that never answers the dot: the evidence names when
+    the attempt started, when the dot went out, and the 2 s until the reply was lost."""
+    async with running_sink(faults=Faults(hang=True), hang_limit=30) as hung:
+        node = await start_node(make_settings(delivery={
+            "enabled": True, "poll_interval": 60.0, "data_end_timeout": 2.0,
+            "routes": [{"domain": "*", "host": "127.0.0.1", "port": hung.port,
+                        "tls": "none"}]}))
+        try:
+            message = await submit_tagged(node.port, "lost", recipients=["a@hung.example"])
+
+            async def uncertain() -> bool:
+                return await only_state(store_of(node), message) == "uncertain"
+
+            await wait_for(uncertain, timeout=15)
+        finally:
+            hung.release()
+            await node.stop()
+    result = await run_mta("queue", "uncertain", "--json", "--config",
+                           _config(tmp_path, db_dsn))
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["deliveries"]
+    evidence = row["evidence"]
+    assert evidence["remote_host"] != "-" and evidence["dot_written"] == "yes"
+    started = datetime.fromisoformat(evidence["attempt_started"])
+    dot_at = datetime.fromisoformat(evidence["dot_at"])
+    assert started <= dot_at <= datetime.fromisoformat(evidence["recorded_at"])
+    lost_after = float(evidence["reply_lost_after"].removesuffix("s"))
+    assert 2.0 <= lost_after < 10.0, evidence
