@@ -6,13 +6,12 @@ age of the store-wide figures keeps growing until they are refreshed again.
 
 from __future__ import annotations
 
-import _ssl
-import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from cryptography import x509
 from prometheus_client import Gauge
 
 from mta.admin.metrics import Metrics
@@ -69,10 +68,8 @@ def export_journal(metrics: Metrics, journal: JournalFigures) -> None:
 
 def certificate_expiry(path: Path) -> float:
     """Unix time at which the first certificate in the PEM file ``path`` expires."""
-    # The standard library's own decoder (ssl's tests use it): no extra dependency.
-    decoded = _ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]
-    not_after = decoded["notAfter"]
-    return float(ssl.cert_time_to_seconds(str(not_after)))
+    certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    return certificate.not_valid_after_utc.timestamp()
 
 
 def export_certificates(metrics: Metrics, certificates: dict[str, Path | None]) -> None:
