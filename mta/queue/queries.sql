@@ -59,7 +59,7 @@ SELECT coalesce(sum(size_bytes), 0)::bigint FROM messages WHERE done_at IS NULL;
 -- Deliveries with work left per state (each count walks its state's partial index),
 -- leases past their expiry (a live process that stopped renewing them), how long the most
 -- overdue due delivery has waited, the oldest unfinished message, and the deliveries
--- made in the last minute.
+-- made, rerouted off this store and rerouted onto it in the last minute.
 SELECT
     (SELECT count(*) FROM deliveries WHERE state = 'queued') AS queued,
     (SELECT count(*) FROM deliveries WHERE state = 'deferred') AS deferred,
@@ -75,7 +75,13 @@ SELECT
               WHERE done_at IS NULL ORDER BY received_at LIMIT 1), 0) AS oldest_message_s,
     (SELECT count(*) FROM deliveries
      WHERE state = 'delivered' AND finished_at > now() - interval '60 seconds')
-        AS delivered_last_minute;
+        AS delivered_last_minute,
+    (SELECT count(*) FROM deliveries
+     WHERE state = 'rerouted' AND updated_at > now() - interval '60 seconds')
+        AS rerouted_out_last_minute,
+    (SELECT count(*) FROM deliveries
+     WHERE origin_delivery IS NOT NULL AND created_at > now() - interval '60 seconds')
+        AS rerouted_in_last_minute;
 
 -- name: queue_by_destination
 -- Deliveries with work left per next hop and state, the $1 largest groups first.

@@ -119,6 +119,9 @@ class QueueStats:
     oldest_message_s: float
     #: Deliveries delivered in the last 60 seconds.
     delivered_last_minute: int = 0
+    #: Deliveries rerouted off this store, and onto it, in the last 60 seconds.
+    rerouted_out_last_minute: int = 0
+    rerouted_in_last_minute: int = 0
 
 
 @dataclass(frozen=True)

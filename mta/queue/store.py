@@ -105,7 +105,9 @@ class Store(QueueTools):
             by_state={state: int(row[state]) for state in PENDING_STATES},
             expired_leases=int(row["expired_leases"]),
             due_lag_s=float(row["due_lag_s"]), oldest_message_s=float(row["oldest_message_s"]),
-            delivered_last_minute=int(row["delivered_last_minute"]))
+            delivered_last_minute=int(row["delivered_last_minute"]),
+            rerouted_out_last_minute=int(row["rerouted_out_last_minute"]),
+            rerouted_in_last_minute=int(row["rerouted_in_last_minute"]))
 
     async def queue_by_destination(self, limit: int = 100) -> list[tuple[str, str, int]]:
         """(next hop, state, count) of the deliveries with work left, largest first."""

@@ -106,6 +106,9 @@ async def test_a_receipt_names_the_copy_and_the_copy_names_its_origin(
         original = await source.message(listing.message_id)
         assert original is not None and original.done_at is not None
         assert copy.received_at == original.received_at, "its lifetime does not restart"
+        assert (await source.queue_stats()).rerouted_out_last_minute == 1
+        assert (await target.queue_stats()).rerouted_in_last_minute == 1
+        assert (await source.queue_stats()).rerouted_in_last_minute == 0
 
         on_source = await run_mta("queue", "show", queue_id(listing.message_id), "--config",
                                   str(fleet.nodes["a"].config_path))
