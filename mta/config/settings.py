@@ -182,6 +182,10 @@ class AdmissionSection(_Section):
     max_queued_bytes: NonNegativeBytes = ByteSize(20 * 1024 * 1024 * 1024)
 
 
+#: RFC 5321 4.5.3.1.8 makes servers take at least 100 recipients; few take more than 1000.
+RecipientsPerTransaction = Annotated[int, Field(ge=1, le=1000)]
+
+
 class RouteSection(_Section):
     """A static route: mail for ``domain`` (or ``*``) goes to ``host:port``."""
 
@@ -193,6 +197,8 @@ class RouteSection(_Section):
     password: str | None = None
     #: After a lost reply to the dot: unset means ``delivery.uncertain_mode``.
     uncertain_mode: UncertainMode | None = None
+    #: Recipients per SMTP transaction: unset means ``delivery.recipients_per_transaction``.
+    recipients_per_transaction: RecipientsPerTransaction | None = None
 
     @field_validator("domain")
     @classmethod
@@ -217,6 +223,8 @@ class DeliverySection(_Section):
     lease_seconds: PositiveFloat = 300.0
     poll_interval: PositiveFloat = 5.0
     uncertain_mode: UncertainMode = "uncertain"
+    #: At most this many RCPTs per transaction (Postfix's default_destination_recipient_limit).
+    recipients_per_transaction: RecipientsPerTransaction = 50
     nameservers: tuple[str, ...] = ()
     dns_port: Annotated[int, Field(ge=1, le=65535)] = 53
     dns_timeout: PositiveFloat = 5.0

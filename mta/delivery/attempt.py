@@ -29,6 +29,7 @@ import structlog
 from mta.admin.metrics import Metrics
 from mta.concurrency import ByteBudget
 from mta.config import DeliverySection, UncertainMode
+from mta.delivery.body import Body
 from mta.delivery.outbound.cache import ConnectionCache
 from mta.delivery.outbound.transaction import (
     SETUP_PHASES,
@@ -43,7 +44,7 @@ from mta.delivery.retry import (
     next_attempt_delay,
     reply_lost,
 )
-from mta.delivery.routing import Router
+from mta.delivery.routing import NextHop, Router
 from mta.delivery.settlement import Settlement, Settler
 from mta.delivery.shaping import Shaper
 from mta.errors import RoutePermFailure, RouteTempFailure, StoreUnavailable
@@ -55,65 +56,6 @@ from mta.queue.records import AttemptOutcome, ClaimedDelivery, Envelope
 from mta.queue.store import Store
 
 log = structlog.get_logger(__name__)
-
-#: Bytes of a body handed to the SMTP client at a time.
-BODY_CHUNK_BYTES = 64 * 1024
-
-
-class Body:
-    """A message's content, read only right before DATA and held only while it is written.
-
-    ``load`` takes the message's size from the process's sending budget (``workers`` times
-    the largest message size), then reads the body: the bodies in memory for delivery
-    never pass that budget (I4), whatever the number of sessions waiting for a slow
-    server, while many small messages go out at once. The bytes are given back as soon
-    as the content has been handed to the connection (before the reply to the dot,
-    which a hung server may never send), or when the attempt ends.
-    """
-
-    def __init__(self, store: Store, envelope: Envelope, sending: ByteBudget) -> None:
-        self._store = store
-        self._message_id = envelope.id
-        self._size = envelope.size_bytes
-        self._sending = sending
-        self._holding = 0
-        self._content: tuple[bytes, bytes] | None = None
-        #: Why the body could not be read (the attempt stopped before DATA).
-        self.unavailable: StoreUnavailable | None = None
-
-    async def load(self) -> None:
-        """Take the body's size from the sending budget, then read it; raises if the store
-        cannot give it."""
-        self._holding = await self._sending.acquire(self._size)
-        try:
-            content = await self._store.message_content(self._message_id)
-        except StoreUnavailable as exc:
-            self.unavailable = exc
-            raise
-        if content is None:
-            raise LookupError("the message is gone from the store")
-        self._content = content
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The trace headers, then the body in bounded slices; its bytes are freed after."""
-        try:
-            if self._content is None:
-                raise LookupError("the body was not loaded before DATA")
-            trace, body = self._content
-            yield trace
-            view = memoryview(body)
-            for start in range(0, len(view), BODY_CHUNK_BYTES):
-                yield bytes(view[start:start + BODY_CHUNK_BYTES])
-        finally:
-            self.release()
-
-    def release(self) -> None:
-        """Drop the content and give its bytes back to the budget (once)."""
-        self._content = None
-        if self._holding:
-            self._sending.release(self._holding)
-            self._holding = 0
-
 
 class NotSent(Exception):
     """A group failed before anything reached the remote server."""
@@ -135,11 +77,20 @@ class Progress:
     dot_pending: bool = False
     #: Why the journal refused the dot-pending record (the dot was not written).
     journal_error: JournalError | None = None
-    #: The outcomes were written to the store or held back for it.
-    settled: bool = False
-    #: Unix times the session started and the dot-pending record was written.
+    #: The deliveries of the transaction going out now.
+    current: frozenset[int] = frozenset()
+    #: Deliveries whose outcomes were written to the store or held back for it.
+    settled: set[int] = dataclasses.field(default_factory=set)
+    #: Unix times the transaction started and the dot-pending record was written.
     started_at: float | None = None
     dot_at: float | None = None
+    #: When the first transaction started waiting for its destination slot.
+    since: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def start_transaction(self, attempt_id: str, delivery_ids: set[int]) -> None:
+        """A new transaction of the group begins: nothing of it is pending yet."""
+        self.attempt_id, self.current = attempt_id, frozenset(delivery_ids)
+        self.dot_pending, self.dot_at, self.started_at = False, None, time.time()
 
 
 class Attempts:
@@ -188,11 +139,36 @@ class Attempts:
                                        "connect", False, "local") for d in deliveries]
             await self._settle(message, deliveries, results, progress, host=hop.key)
             return
-        progress.attempt_id = uuid.uuid4().hex
-        body = Body(self.store, message, self._sending)
-
-        ids = {d.recipient: d.id for d in deliveries}
         uncertain_mode = hop.uncertain_mode or self.delivery.uncertain_mode
+        limit = hop.recipients_per_transaction or self.delivery.recipients_per_transaction
+        pending, pushback = list(deliveries), None
+        async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key):
+            # Every transaction settles at least one delivery, so this ends in time.
+            for _ in range(len(deliveries)):
+                batch, pending = pending[:limit], pending[limit:]
+                again, pushback = await self._transaction(message, hop, batch, progress,
+                                                          uncertain_mode)
+                pending = again + pending
+                if not pending or pushback is not None:
+                    break
+            if pending:
+                # The destination pushed back (no reply, a 421, a 4xx to the session):
+                # the rest is not tried on it now, and waits like the failed transaction.
+                results = [RecipientResult(d.recipient, 0, f"not sent: an earlier transaction "
+                                           f"of this attempt failed: {pushback}", "connect",
+                                           False, "local") for d in pending]
+                await self._settle(message, pending, results, progress, host=hop.key)
+
+    async def _transaction(self, message: Envelope, hop: NextHop,
+                           deliveries: list[ClaimedDelivery], progress: Progress,
+                           uncertain_mode: UncertainMode,
+                           ) -> tuple[list[ClaimedDelivery], str | None]:
+        """One SMTP transaction for ``deliveries``, settled. Returns the deliveries to send
+        again at once (a ``452`` to their RCPT after others were taken: too many
+        recipients), and the destination's pushback, if any."""
+        progress.start_transaction(uuid.uuid4().hex, {d.id for d in deliveries})
+        body = Body(self.store, message, self._sending)
+        ids = {d.recipient: d.id for d in deliveries}
 
         async def before_data() -> None:
             await body.load()
@@ -202,7 +178,7 @@ class Attempts:
             try:
                 await self.journal.append_durable(DotPending(
                     progress.attempt_id, tuple(ids[rcpt] for rcpt in accepted),
-                    str(message_id), hop.hosts[0].name if hop.hosts else hop.key,
+                    str(message.id), hop.hosts[0].name if hop.hosts else hop.key,
                     time.time(), uncertain_mode))
             except JournalError as exc:
                 progress.journal_error = exc
@@ -211,28 +187,26 @@ class Attempts:
             progress.dot_at = time.time()
             fault_point("delivery.after_dot_pending")
 
-        sending_since = time.perf_counter()
-        async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key):
-            session_since = time.perf_counter()
-            progress.started_at = time.time()
-            try:
-                async with self.connections.session(hop) as conn:
-                    results = await conn.send(
-                        Transaction(message.mail_from, [d.recipient for d in deliveries],
-                                    body.chunks()),
-                        before_data=before_data, before_dot=before_dot)
-            finally:
-                body.release()
-                self.metrics.delivery_send_seconds.labels(
-                    self.metrics.destination(hop.key)).observe(time.perf_counter() - session_since)
+        label = self.metrics.destination(hop.key)
+        session_since = time.perf_counter()
+        try:
+            async with self.connections.session(hop) as conn:
+                results = await conn.send(
+                    Transaction(message.mail_from, [d.recipient for d in deliveries],
+                                body.chunks()),
+                    before_data=before_data, before_dot=before_dot)
+        finally:
+            body.release()
+            self.metrics.delivery_send_seconds.labels(label).observe(
+                time.perf_counter() - session_since)
         if body.unavailable is not None:
             # The body could not be read right before DATA: certainly not sent.
             raise NotSent(f"store unavailable before the attempt ({body.unavailable})")
         if progress.journal_error is not None:
             raise JournalDown(f"the journal is down: {progress.journal_error}")
-        label = self.metrics.destination(hop.key)
         self.metrics.delivery_attempt_seconds.labels(label).observe(
-            time.perf_counter() - sending_since)
+            time.perf_counter() - progress.since)
+        progress.since = time.perf_counter()
         if any(r.code == 0 and r.source == "smtp" for r in results):
             self.metrics.delivery_timeouts.labels(label).inc()
         pushback = destination_pushback(results)
@@ -240,8 +214,16 @@ class Attempts:
             self.shaper.record_failure(hop.key, pushback)
         elif any(r.source == "smtp" and r.phase in ("rcpt", "data_end") for r in results):
             self.shaper.record_success(hop.key)  # the transaction got to its recipients
-        await self._settle(message, deliveries, results, progress, host=hop.key,
-                           uncertain_mode=uncertain_mode)
+        again = too_many_recipients(deliveries, results)
+        if again:
+            log.info("delivery.too_many_recipients", queue_id=queue_id(message.id),
+                     destination=deliveries[0].next_hop, sent=len(deliveries) - len(again),
+                     again=len(again))
+        resent = {d.recipient for d in again}
+        await self._settle(message, [d for d in deliveries if d.recipient not in resent],
+                           [r for r in results if r.recipient not in resent],
+                           progress, host=hop.key, uncertain_mode=uncertain_mode)
+        return again, pushback
 
     @contextlib.asynccontextmanager
     async def _renewing(self, ids: list[int]) -> AsyncIterator[None]:
@@ -292,7 +274,7 @@ class Attempts:
         failed = [by_recipient[d.recipient] for d, o in zip(deliveries, outcomes, strict=True)
                   if o.state == "failed"]
         await self.settler.apply(Settlement(attempt_id or "", outcomes, message, failed, host))
-        progress.settled = True
+        progress.settled.update(d.id for d in deliveries)
         label = self.metrics.destination(host)
         for delivery, outcome in zip(deliveries, outcomes, strict=True):
             self.metrics.delivery_outcomes.labels(outcome.state, label).inc()
@@ -324,6 +306,18 @@ class Attempts:
         return AttemptOutcome(delivery.id, decision.outcome, result.code or None,
                               f"{result.reply} ({decision.reason}, {result.phase})", retry_in,
                               decision.possible_duplicate)
+
+
+def too_many_recipients(deliveries: Sequence[ClaimedDelivery],
+                        results: Sequence[RecipientResult]) -> list[ClaimedDelivery]:
+    """The deliveries whose RCPT got ``452`` while others of the same transaction went
+    out with the data: the server takes no more recipients per transaction (RFC 5321
+    4.5.3.1.10), so they go in the next one. A ``452`` with no recipient taken is the
+    server's trouble and is deferred as any ``4xx``."""
+    if not any(r.phase == "data_end" for r in results):
+        return []
+    refused = {r.recipient for r in results if r.phase == "rcpt" and r.code == 452}
+    return [d for d in deliveries if d.recipient in refused]
 
 
 def defer_reason(result: RecipientResult) -> str:

@@ -33,7 +33,7 @@ from mta.delivery.shaping import Shaper
 from mta.errors import StoreUnavailable
 from mta.journal.writer import Journal
 from mta.queue.ids import queue_id
-from mta.queue.records import AttemptOutcome, ClaimedDelivery, OutcomeState
+from mta.queue.records import AttemptOutcome, ClaimedDelivery
 from mta.queue.store import Store
 
 log = structlog.get_logger(__name__)
@@ -255,17 +255,21 @@ class Deliverer:
         except Exception as exc:
             log.exception("delivery.group_failed", queue_id=queue_id(message_id),
                           domain=domain)
-            if progress.settled:
+            left = [d for d in deliveries if d.id not in progress.settled]
+            if not left:
                 return
             # Decide as a journal replay would: once the dot is pending, the message may
-            # have arrived, so the deliveries are uncertain; before that, not sent.
-            state: OutcomeState = "uncertain" if progress.dot_pending else "deferred"
-            reason = (f"internal error after the dot was pending: {exc!r}"
-                      if progress.dot_pending else f"not sent: internal error: {exc!r}")
+            # have arrived, so the transaction's deliveries are uncertain; before that,
+            # and for the group's transactions not yet begun, not sent.
+            pending = progress.current if progress.dot_pending else frozenset()
             self.settler.hold_back(Settlement(
                 progress.attempt_id if progress.dot_pending else "",
-                [AttemptOutcome(d.id, state, None, reason, self.policy.minimal_backoff)
-                 for d in deliveries]))
+                [AttemptOutcome(d.id, "uncertain", None,
+                                f"internal error after the dot was pending: {exc!r}")
+                 if d.id in pending else
+                 AttemptOutcome(d.id, "deferred", None, f"not sent: internal error: {exc!r}",
+                                self.policy.minimal_backoff)
+                 for d in left]))
             self.wake.set()  # the claim loop writes held-back outcomes first
 
 

@@ -87,6 +87,8 @@ class NextHop:
     password: str | None = None
     #: The route's choice after a lost reply to the dot (None: the node's default).
     uncertain_mode: UncertainMode | None = None
+    #: The route's recipients per transaction (None: the node's default).
+    recipients_per_transaction: int | None = None
 
 
 def route_key(route: RouteSection) -> str:
@@ -229,7 +231,8 @@ class Router:
             host, ttl = MailHost(route.host, (route.host,), 0), math.inf
         return NextHop(key=route_key(route), hosts=(host,), port=route.port, tls=route.tls,
                        source="route", expires_at=now + ttl, username=route.username,
-                       password=route.password, uncertain_mode=route.uncertain_mode)
+                       password=route.password, uncertain_mode=route.uncertain_mode,
+                       recipients_per_transaction=route.recipients_per_transaction)
 
     async def _resolve_host(self, name: str, preference: int) -> tuple[MailHost, float]:
         """The host with its A then AAAA addresses, and their smallest TTL.

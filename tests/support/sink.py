@@ -12,6 +12,7 @@ commands arrived together.
 Faults (``Faults``, replaceable at any time through ``sink.faults``):
 
 - ``reject``: a reply (e.g. ``550 5.1.1 no such user``) to RCPT for given recipients;
+- ``max_recipients``: ``452 4.5.3`` to every RCPT past that many in one transaction;
 - ``hang``: never reply to the final dot, until ``release()`` (or ``hang_limit``);
 - ``greet=False``: accept TCP but never send a greeting (a hung destination);
 - ``data_reply``: the reply to every final dot instead of ``250`` (e.g. a ``554``);
@@ -46,6 +47,7 @@ ACCEPTED = "250 2.0.0 Ok: received"
 #: How much of each chunk read from a client ``record_reads`` keeps.
 READ_RECORD_BYTES = 512
 HANG_TIMEOUT = "421 4.4.2 Sink hang limit reached, closing connection"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class Faults:
     greet: bool = True
     #: The reply to every final dot instead of ``250`` (a ``5xx`` rejects the content).
     data_reply: str | None = None
+    #: Recipients one transaction takes; RCPTs past it get ``TOO_MANY_RECIPIENTS``.
+    max_recipients: int | None = None
 
     def __post_init__(self) -> None:
         fractions = (self.tempfail, self.drop_mid_data, self.drop_after_dot)
@@ -189,6 +193,9 @@ class _Handler:
         reply = rejected.get(address.lower())
         if reply is not None:
             return reply
+        limit = self.sink.faults.max_recipients
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
