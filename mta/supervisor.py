@@ -17,6 +17,7 @@ from typing import TextIO
 
 import structlog
 
+from mta.allocator import fix_mmap_threshold
 from mta.config import Settings, connection_budget
 from mta.delivery.reconcile import ReconcileReport, journal_dir, reconcile
 from mta.errors import ConfigError, StoreUnavailable
@@ -147,6 +148,8 @@ def run_process(settings: Settings, database: Database, sockets: Mapping[str, so
                 index: int) -> None:
     """Run one node process's event loop until SIGTERM (uvloop when available). The first
     process keeps the node's embedded server running."""
+
+    fix_mmap_threshold()
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -13,6 +13,7 @@ from mta.config import Settings, connection_budget, memory_bound_bytes
 from mta.config.budget import (
     DELIVERY_COPIES_PER_MESSAGE,
     FIXED_CONNECTIONS_PER_PROCESS,
+    INTAKE_CHUNK_BYTES,
     INTAKE_COPIES_PER_MESSAGE,
 )
 from mta.errors import BudgetExceeded, StoreUnavailable, UnsafeDatabase
@@ -69,9 +70,9 @@ def config_check(config: ConfigOption = None) -> None:
                 "x max_message_size" if settings.delivery.enabled else "")
     console.print(
         f"memory bound per process: {_human(memory_bound_bytes(settings))} "
-        f"(data_concurrency {settings.smtp.data_concurrency} x {INTAKE_COPIES_PER_MESSAGE} "
-        f"copies x max_message_size {_human(int(settings.smtp.max_message_size))}"
-        f"{delivery} + base)"
+        f"(data_concurrency {settings.smtp.data_concurrency} x ({INTAKE_COPIES_PER_MESSAGE} "
+        f"copy x max_message_size {_human(int(settings.smtp.max_message_size))} + 1/8 "
+        f"growth + {_human(INTAKE_CHUNK_BYTES)} of chunks){delivery} + base)"
     )
     per_destination = settings.delivery.max_connections_per_destination
     console.print(

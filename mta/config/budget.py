@@ -10,9 +10,15 @@ from mta.config.loader import Settings
 #: listener and admin/maintenance work.
 FIXED_CONNECTIONS_PER_PROCESS = 2
 
-#: Copies of one message that intake may hold at once while it reads DATA,
-#: undoes dot-stuffing, prepends trace headers and hands the body to the driver.
-INTAKE_COPIES_PER_MESSAGE = 4
+#: Copies of one message intake holds while it reads DATA: one. Each chunk is checked
+#: and unstuffed as it arrives and appended to the body, and a large body is streamed to
+#: the store a slice at a time (mta.queue.message_copy), never copied whole.
+INTAKE_COPIES_PER_MESSAGE = 1
+#: What a growing body may hold beyond its size: a bytearray over-allocates by 1/8.
+INTAKE_GROWTH_SLACK = 1 / 8
+#: Per DATA phase, beside the body: the stream's buffer, the chunk read, its unstuffed
+#: piece and the slice being handed to the driver (256 KiB each, rounded up).
+INTAKE_CHUNK_BYTES = 1024 * 1024
 
 #: Copies of one body a delivery holds: the row as the driver returns it, and the chunk
 #: being dot-stuffed onto the socket (bounded, counted as a second copy to be safe).
@@ -77,11 +83,16 @@ def budget_violation(budget: ConnectionBudget, limits: ServerLimits, reserve: in
     )
 
 
+def intake_bytes_per_message(size: int) -> int:
+    """What one DATA phase of a message of ``size`` bytes may hold at most."""
+    return int(INTAKE_COPIES_PER_MESSAGE * size * (1 + INTAKE_GROWTH_SLACK)) + INTAKE_CHUNK_BYTES
+
+
 def memory_bound_bytes(settings: Settings) -> int:
     """Upper bound of one node process's memory, from its configuration alone."""
     smtp = settings.smtp
     size = int(smtp.max_message_size)
-    intake = smtp.data_concurrency * INTAKE_COPIES_PER_MESSAGE * size
+    intake = smtp.data_concurrency * intake_bytes_per_message(size)
     delivery = (settings.node.workers * DELIVERY_COPIES_PER_MESSAGE * size
                 if settings.delivery.enabled else 0)
     return BASE_MEMORY_BYTES + intake + delivery

@@ -35,43 +35,84 @@ async def read_data(reader: asyncio.StreamReader, *, max_size: int, max_line: in
     """Read one DATA phase from ``reader``: scan for CRLF.CRLF in chunks, refuse only after
     the terminator, and give back what follows the dot (pipelined commands).
 
-    ``on_chunk`` is called per chunk read (the session's idle timer)."""
-    limit = max_size
-    buf = bytearray(b"\r\n")  # the CRLF of the DATA line: the body may end at once
-    scan_from = 0
-    discarded = 0
+    Each chunk is checked and unstuffed as it arrives and appended to the body, so the
+    body is the only copy of the message held, plus one chunk (I4). ``on_chunk`` is
+    called per chunk read (the session's idle timer)."""
+    body = _Unstuffer(max_size)
+    # The CRLF of the DATA line: the body may end at once, or start with a stuffed dot.
+    tail = b"\r\n"
     while True:
         chunk = await reader.read(READ_CHUNK)
         if not chunk:
             raise ConnectionResetError("connection closed during DATA")
         on_chunk()
-        buf += chunk
-        end = buf.find(_END_OF_DATA, scan_from)
+        data = tail + chunk
+        end = data.find(_END_OF_DATA)
         if end >= 0:
+            body.feed(data, end + 2)
             break
-        scan_from = max(len(buf) - len(_END_OF_DATA) + 1, 0)
-        if len(buf) - 2 > limit:
-            keep = len(_END_OF_DATA) - 1
-            discarded += len(buf) - keep
-            del buf[:-keep]
-            scan_from = 0
-    leftover = bytes(buf[end + len(_END_OF_DATA):])
+        # Keep what could start the terminator, and never split a CRLF: the line and
+        # dot checks then see whole line ends in one piece.
+        cut = max(len(data) - len(_END_OF_DATA) + 1, 0)
+        if cut and data[cut - 1] == 0x0D:
+            cut -= 1
+        body.feed(data, cut)
+        tail = data[cut:]
+    leftover = data[end + len(_END_OF_DATA):]
     if leftover:
         # Pipelined commands after the dot belong to the command reader.
         reader._buffer[:0] = leftover  # type: ignore[attr-defined]
-    del buf[end + 2:]
-    if discarded or len(buf) - 2 > limit:
-        return DataOutcome(None, replies.MESSAGE_TOO_BIG.format(limit=limit), "too_big")
-    crlf = buf.count(b"\r\n")
-    if buf.count(b"\n") != crlf or buf.count(b"\r") != crlf:
-        return DataOutcome(None, replies.BARE_NEWLINE, "bare_newline")
-    if b"\r\n." in buf:
-        buf = buf.replace(b"\r\n.", b"\r\n")
-    if has_long_line(buf, max_line):
-        # Measured unstuffed: the transparency dot does not count (RFC 5321 4.5.3.1.6).
-        return DataOutcome(None, replies.LINE_TOO_LONG.format(limit=max_line), "line_too_long")
-    del buf[:2]
-    return DataOutcome(buf, None, None)
+    return body.outcome(max_line)
+
+
+class _Unstuffer:
+    """The body as it is read: line ends checked and dot-stuffing undone per piece."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        #: Starts with the DATA line's CRLF, dropped at the end (cheap at the front).
+        self.buf = bytearray()
+        self.size = 0
+        self.too_big = False
+        self.bare_newline = False
+        #: The last piece ended a line: a dot starting this one is a stuffed dot.
+        self.line_start = False
+
+    def feed(self, data: bytes, stop: int) -> None:
+        """Take ``data[:stop]``, stuffed as it came; it ends on a line end or mid-line,
+        never between the CR and LF of one."""
+        piece = data[:stop] if stop < len(data) else data
+        if not piece:
+            return
+        crlf = piece.count(b"\r\n")
+        if piece.count(b"\n") != crlf or piece.count(b"\r") != crlf:
+            self.bare_newline = True
+        ends_line = piece.endswith(b"\n")
+        if self.line_start and piece.startswith(b"."):
+            piece = piece[1:]
+        self.line_start = ends_line
+        if b"\r\n." in piece:
+            piece = piece.replace(b"\r\n.", b"\r\n")
+        self.size += len(piece)
+        if self.size - 2 > self.limit:
+            self.too_big = True
+        if not (self.too_big or self.bare_newline):
+            self.buf += piece
+
+    def outcome(self, max_line: int) -> DataOutcome:
+        """The body, or the refusal: too big, a bare CR or LF, or a line too long."""
+        if self.too_big:
+            return DataOutcome(None, replies.MESSAGE_TOO_BIG.format(limit=self.limit),
+                               "too_big")
+        if self.bare_newline:
+            return DataOutcome(None, replies.BARE_NEWLINE, "bare_newline")
+        buf = self.buf
+        if has_long_line(buf, max_line):
+            # Measured unstuffed: the transparency dot does not count (RFC 5321 4.5.3.1.6).
+            return DataOutcome(None, replies.LINE_TOO_LONG.format(limit=max_line),
+                               "line_too_long")
+        del buf[:2]
+        return DataOutcome(buf, None, None)
 
 
 def has_long_line(data: bytearray, limit: int) -> bool:

@@ -33,6 +33,13 @@ INSERT INTO deliveries (message_id, recipient, next_hop)
 SELECT message.id, rcpt.recipient, rcpt.next_hop
 FROM message, unnest($10::text[], $11::text[]) AS rcpt (recipient, next_hop);
 
+-- name: deliveries_insert_for_message
+-- One queued delivery per recipient $2 (at next hop $3) of message $1, whose row was
+-- streamed in by COPY in the same transaction (large bodies, Store.enqueue).
+INSERT INTO deliveries (message_id, recipient, next_hop)
+SELECT $1, rcpt.recipient, rcpt.next_hop
+FROM unnest($2::text[], $3::text[]) AS rcpt (recipient, next_hop);
+
 -- name: message_get
 -- One message's envelope and metadata, without its body.
 SELECT id, mail_from, size_bytes, client_address, helo_name, auth_user,

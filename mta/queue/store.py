@@ -17,6 +17,7 @@ import asyncpg
 
 from mta.config import Settings
 from mta.errors import StaleTerm, StoreUnavailable
+from mta.queue.message_copy import COLUMNS, STREAM_BODY_BYTES, message_row
 from mta.queue.pool import SharedPool, unavailable_on_error
 from mta.queue.records import (
     FINAL_STATES,
@@ -95,8 +96,23 @@ class Store(QueueTools):
         return self._pool.slot("intake")
 
     async def enqueue(self, message: NewMessage) -> None:
-        """Commit a message and its deliveries durably, or raise ``StoreUnavailable``."""
-        await self._pool.run("message_insert", "execute", *_insert_args(message), share="intake")
+        """Commit a message and its deliveries durably, or raise ``StoreUnavailable``.
+
+        A large body is streamed in by COPY (see :mod:`mta.queue.message_copy`) rather
+        than copied whole into the driver's buffer; both commit in one transaction."""
+        if len(message.body) < STREAM_BODY_BYTES:
+            await self._pool.run("message_insert", "execute", *_insert_args(message),
+                                 share="intake")
+            return
+        timeout = self._db.commit_timeout
+        with unavailable_on_error("message_copy"):
+            async with self._pool.connection("intake") as conn, conn.transaction():
+                await conn.copy_to_table("messages", source=message_row(message),
+                                         columns=COLUMNS, format="binary", timeout=timeout)
+                await conn.execute(query("deliveries_insert_for_message"), message.id,
+                                   list(message.recipients),
+                                   [recipient_next_hop(r) for r in message.recipients],
+                                   timeout=timeout)
 
     async def queue_stats(self) -> QueueStats:
         """Deliveries with work left per state, the due lag and the oldest message's age."""
