@@ -17,7 +17,7 @@ from aiohttp import web
 from mta.admin.http import start_admin
 from mta.admin.metrics import Metrics
 from mta.admin.scrape import export_scrape_gauges
-from mta.config import Settings
+from mta.config import ProcessRole, Settings
 from mta.delivery.deliverer import Deliverer
 from mta.delivery.reconcile import reconcile
 from mta.delivery.start import start_delivery
@@ -25,12 +25,13 @@ from mta.errors import StaleTerm, StoreUnavailable
 from mta.intake.admission import Admission
 from mta.intake.listener import start_listeners, start_unavailable
 from mta.intake.policy import Intake
+from mta.node_loops import keep_embedded_alive, refresh_queue_gauges
 from mta.queue import EmbeddedPostgres, Store, migrate_dsn
 from mta.queue.dedup import DedupStore, DedupUnavailable
 from mta.queue.mode_file import ModeKeeper
 from mta.queue.pool import SharedPool
 from mta.queue.preflight import preflight
-from mta.queue.records import PENDING_STATES, NodeModeName
+from mta.queue.records import NodeModeName
 from mta.queue.retention import Retention
 from mta.queue.wakeup import Notifier, listen_for_work
 from mta.supervision import Supervisor
@@ -49,12 +50,15 @@ class Node:
     """Composes one node process. ``start`` it, ``stop`` it, or ``run`` until a signal."""
 
     def __init__(self, settings: Settings, dsn: str, sockets: Mapping[str, socket.socket],
-                 *, reports_queue: bool = True, embedded: EmbeddedPostgres | None = None) -> None:
+                 *, reports_queue: bool = True, embedded: EmbeddedPostgres | None = None,
+                 role: ProcessRole = "both") -> None:
         """``reports_queue``: this process exports the store-wide queue gauges (one
         process per node does, so that summing over processes counts the queue once).
         ``embedded``: the node's embedded server, which this process restarts when it
-        dies (one process per node does)."""
+        dies (one process per node does). ``role``: whether it takes SMTP, delivers, or
+        both (``node.intake_processes``, ``node.delivery_processes``)."""
         self.embedded = embedded
+        self.role = role
         self.settings = settings
         self.dsn = dsn
         self.sockets = sockets
@@ -98,6 +102,7 @@ class Node:
             "sessions": self.intake.session_count if self.intake else 0,
             "failing_tasks": sorted(self._loops.failing | self._delivery_loops.failing),
             "mode": self.modes.mode,
+            "role": self.role,
         }
 
     async def start(self) -> None:
@@ -113,14 +118,17 @@ class Node:
                                         self.settings.admin.tls_context())
         self._loops.start("health", self._health_loop)
         if self.embedded is not None:
-            self._loops.start("embedded-store", self._embedded_store_loop)
+            embedded, stop = self.embedded, self._stop_background
+            self._loops.start("embedded-store",
+                              lambda: keep_embedded_alive(embedded, self.metrics, stop))
         try:
             self.store = await self._open_store()
         except StoreUnavailable as exc:
             if not self.wait_for_store:
                 raise
             log.warning("node.waiting_for_store", error=str(exc).splitlines()[0])
-            self._servers = await start_unavailable(self.sockets)
+            if self.role != "delivery":
+                self._servers = await start_unavailable(self.sockets)
             self._waiting = asyncio.create_task(self._start_when_store_answers(),
                                                 name="waiting-for-store")
             return
@@ -146,7 +154,8 @@ class Node:
 
     async def _open_store(self) -> Store:
         """The store, over a pool whose slot waits feed the metrics."""
-        pool = await SharedPool.open(self.dsn, self.settings, self.metrics.observe_acquire)
+        pool = await SharedPool.open(self.dsn, self.settings, self.metrics.observe_acquire,
+                                     self.role)
         return Store(pool, self.settings)
 
     async def state(self) -> dict[str, Any]:
@@ -220,7 +229,7 @@ class Node:
         admission = Admission(self.store, self.settings, self.metrics)
         await admission.run_once()
         dedup = self.settings.dedup
-        if dedup.enabled:
+        if dedup.enabled and self.role != "delivery":
             self._dedup = await DedupStore.open(
                 dedup.database, self.settings.node.name, connections=dedup.connections,
                 window_s=dedup.window, timeout_s=dedup.timeout)
@@ -237,12 +246,15 @@ class Node:
         self._loops.start("admission", lambda: admission.run(stop))
         self._loops.start("retention", lambda: retention.run(stop))
         if self.reports_queue:
-            self._loops.start("queue-stats", self._queue_stats_loop)
+            store, stats_age = self.store, self._stats_age
+            interval = self.settings.database.queued_bytes_refresh
+            self._loops.start("queue-stats", lambda: refresh_queue_gauges(
+                store, self.metrics, stats_age, interval, stop))
         else:
             self.metrics.drop_queue_gauges(self._stats_age.gauge)
         notifier = Notifier(self.store, self.settings.node.name)
         self.intake.on_accepted.append(notifier.poke)
-        if self.settings.delivery.enabled:
+        if self.settings.delivery.enabled and self.role != "intake":
             self.deliverer = await start_delivery(self.settings, self.store, self.metrics)
             self._apply_mode(self.modes.mode)
             self.intake.on_accepted.append(self.deliverer.wake.set)
@@ -252,31 +264,10 @@ class Node:
         wake = self.deliverer.wake if self.deliverer is not None else asyncio.Event()
         self._loops.start("listener",
                           lambda: listen_for_work(store, wake, stop, self._mode_changed))
-        self._servers = await start_listeners(self.intake, self.settings, self.sockets)
+        if self.role != "delivery":
+            self._servers = await start_listeners(self.intake, self.settings, self.sockets)
         log.info("node.started", node=self.settings.node.name,
                  listen=self.settings.smtp.listen, pool=self.store.pool_size)
-
-    async def _embedded_store_loop(self) -> None:
-        """Start the node's embedded server again whenever it is found dead (a crash, an
-        OOM kill), with backoff while it will not start; each restart is counted."""
-        assert self.embedded is not None
-        server, delay = self.embedded, STORE_RETRY_FIRST_S
-        while not self._stop_background.is_set():
-            wait = HEALTH_INTERVAL_S
-            if server.postmaster_pid() is None:
-                log.warning("node.embedded_store_died", data_dir=str(server.base_dir))
-                try:
-                    await asyncio.to_thread(server.start)
-                except StoreUnavailable as exc:
-                    log.warning("node.embedded_store_restart_failed",
-                                error=str(exc).splitlines()[0], retry_in_s=delay)
-                    wait, delay = delay, min(delay * 2, STORE_RETRY_MAX_S)
-                else:
-                    self.metrics.embedded_store_restarts.inc()
-                    log.warning("node.embedded_store_restarted", pid=server.postmaster_pid())
-                    delay = STORE_RETRY_FIRST_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_background.wait(), wait)
 
     async def _health_loop(self) -> None:
         while not self._stop_background.is_set():
@@ -306,24 +297,6 @@ class Node:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_either(self._stop_background, self._mode_changed),
                                        HEALTH_INTERVAL_S)
-
-    async def _queue_stats_loop(self) -> None:
-        """Refresh the queue gauges; while the store is down they keep their last values."""
-        assert self.store is not None
-        for state in PENDING_STATES:  # every state is exported from the start, as 0
-            self.metrics.queue_deliveries.labels(state)
-        while not self._stop_background.is_set():
-            with contextlib.suppress(StoreUnavailable):
-                stats = await self.store.queue_stats()
-                for state, count in stats.by_state.items():
-                    self.metrics.queue_deliveries.labels(state).set(count)
-                self.metrics.queue_expired_leases.set(stats.expired_leases)
-                self.metrics.queue_due_lag_seconds.set(stats.due_lag_s)
-                self.metrics.queue_oldest_message_seconds.set(stats.oldest_message_s)
-                self._stats_age.refreshed()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_background.wait(),
-                                       self.settings.database.queued_bytes_refresh)
 
     async def _dedup_purge_loop(self) -> None:
         """Forget dedup keys past their window, a bounded batch every few minutes."""

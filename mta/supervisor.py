@@ -154,9 +154,10 @@ def run_process(settings: Settings, database: Database, sockets: Mapping[str, so
     async def main() -> None:
         stop = asyncio.Event()
         _install_signal_handlers(asyncio.get_running_loop(), stop)
-        node = Node(settings, database.dsn, process_sockets(sockets, index),
+        role = settings.node.roles()[index]
+        node = Node(settings, database.dsn, process_sockets(sockets, index, role),
                     reports_queue=index == 0,
-                    embedded=database.embedded if index == 0 else None)
+                    embedded=database.embedded if index == 0 else None, role=role)
         await node.run(stop)
 
     try:
@@ -168,7 +169,7 @@ def run_process(settings: Settings, database: Database, sockets: Mapping[str, so
 
 
 def serve(settings: Settings) -> int:
-    """Start the store, check, migrate, bind, and run ``node.processes`` processes."""
+    """Start the store, check, migrate, bind, and run ``node.process_count`` processes."""
     database = open_database(settings, adopt=True)
     try:
         try:
@@ -180,7 +181,7 @@ def serve(settings: Settings) -> int:
             # processes (they check and migrate once it answers), not a reason to exit.
             log.warning("node.store_unreachable_at_start", error=str(exc).splitlines()[0])
         sockets = bind_listeners(settings)
-        if settings.node.processes == 1:
+        if settings.node.process_count == 1:
             run_process(settings, database, sockets, 0)
             return 0
         return _run_children(settings, database, sockets)
@@ -204,7 +205,7 @@ def _run_children(settings: Settings, database: Database,
     """Fork one child per process; forward SIGTERM/SIGINT/SIGUSR1; stop all if one dies."""
     children: dict[int, int] = {}
     supervisor = os.getpid()
-    for index in range(settings.node.processes):
+    for index in range(settings.node.process_count):
         pid = os.fork()
         if pid == 0:
             code = 0

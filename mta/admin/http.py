@@ -58,7 +58,9 @@ def build_admin_app(metrics: Metrics, node: AdminTarget,
 
     async def readyz(_: web.Request) -> web.Response:
         state = node.status()
-        ready = bool(state["accepting"] and state["store_up"] and state["journal_up"]
+        # A delivery-only process takes no SMTP: it is ready when it can deliver.
+        takes_mail = state["accepting"] or state.get("role") == "delivery"
+        ready = bool(takes_mail and state["store_up"] and state["journal_up"]
                      and not state["failing_tasks"] and state["mode"] == "active")
         return web.json_response({"ready": ready, **state}, status=200 if ready else 503)
 

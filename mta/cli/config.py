@@ -15,7 +15,9 @@ from mta.config.budget import (
     FIXED_CONNECTIONS_PER_PROCESS,
     INTAKE_CHUNK_BYTES,
     INTAKE_COPIES_PER_MESSAGE,
+    role_shares,
 )
+from mta.config.settings import ProcessRole
 from mta.errors import BudgetExceeded, StoreUnavailable, UnsafeDatabase
 from mta.queue.preflight import preflight
 
@@ -54,31 +56,51 @@ def _mask_dsn(dsn: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _role_counts(settings: Settings) -> dict[ProcessRole, int]:
+    counts: dict[ProcessRole, int] = {}
+    for role in settings.node.roles():
+        counts[role] = counts.get(role, 0) + 1
+    return counts
+
+
+def _memory_line(settings: Settings, role: ProcessRole) -> str:
+    """The memory bound of one process of ``role``, with what it is made of."""
+    size = _human(int(settings.smtp.max_message_size))
+    parts = []
+    if role != "delivery":
+        parts.append(f"data_concurrency {settings.smtp.data_concurrency} x "
+                     f"({INTAKE_COPIES_PER_MESSAGE} copy x max_message_size {size} + 1/8 "
+                     f"growth + {_human(INTAKE_CHUNK_BYTES)} of chunks)")
+    if role != "intake" and settings.delivery.enabled:
+        parts.append(f"workers {settings.node.workers} x {DELIVERY_COPIES_PER_MESSAGE} "
+                     f"copies x max_message_size {size}")
+    who = "per process" if role == "both" else f"per {role} process"
+    return (f"memory bound {who}: {_human(memory_bound_bytes(settings, role))} "
+            f"({' + '.join([*parts, 'base'])})")
+
+
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
     """Print effective settings, the connection budget and memory bound; refuse violations."""
     settings = load(config)
     console.print(_settings_table(settings))
     budget = connection_budget(settings)
-    console.print(
-        f"connection budget: pool {budget.pool_size} per process = workers "
-        f"{settings.node.workers} + intake_db_slots {settings.node.intake_db_slots} + "
-        f"{FIXED_CONNECTIONS_PER_PROCESS}; "
-        f"{budget.processes} process(es) -> {budget.node_total} connections"
-    )
-    delivery = (f" + workers {settings.node.workers} x {DELIVERY_COPIES_PER_MESSAGE} copies "
-                "x max_message_size" if settings.delivery.enabled else "")
-    console.print(
-        f"memory bound per process: {_human(memory_bound_bytes(settings))} "
-        f"(data_concurrency {settings.smtp.data_concurrency} x ({INTAKE_COPIES_PER_MESSAGE} "
-        f"copy x max_message_size {_human(int(settings.smtp.max_message_size))} + 1/8 "
-        f"growth + {_human(INTAKE_CHUNK_BYTES)} of chunks){delivery} + base)"
-    )
+    for role, count in _role_counts(settings).items():
+        shares = role_shares(settings, role)
+        parts = " + ".join(f"{name} {shares[name]}" for name in ("delivery", "intake")
+                           if name in shares)
+        who = "per process" if role == "both" else f"per {role} process"
+        console.print(f"connection budget: pool {sum(shares.values())} {who} = {parts} + "
+                      f"{FIXED_CONNECTIONS_PER_PROCESS}; x {count}")
+    console.print(f"connection budget: {budget.processes} process(es) -> "
+                  f"{budget.node_total} connections")
+    for role in _role_counts(settings):
+        console.print(_memory_line(settings, role))
     per_destination = settings.delivery.max_connections_per_destination
+    senders = sum(role != "intake" for role in settings.node.roles())
     console.print(
-        f"connections per destination: {per_destination} per process x "
-        f"{settings.node.processes} process(es) -> {per_destination * settings.node.processes} "
-        "for the node"
+        f"connections per destination: {per_destination} per delivering process x "
+        f"{senders} process(es) -> {per_destination * senders} for the node"
     )
     if not settings.database.dsn:
         from mta.supervisor import embedded_server

@@ -10,6 +10,7 @@ from mta.config.budget import (
 from mta.config.loader import Settings, describe_validation_error, load_settings, read_toml
 from mta.config.settings import (
     DeliverySection,
+    ProcessRole,
     RouteSection,
     TlsPolicy,
     UncertainMode,
@@ -20,6 +21,7 @@ from mta.config.settings import (
 __all__ = [
     "ConnectionBudget",
     "DeliverySection",
+    "ProcessRole",
     "RouteSection",
     "ServerLimits",
     "Settings",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mta.config.loader import Settings
+from mta.config.settings import ProcessRole
 
 #: Connections per process that are neither workers nor intake: the NOTIFY
 #: listener and admin/maintenance work.
@@ -32,20 +33,38 @@ BASE_MEMORY_BYTES = 96 * 1024 * 1024
 class ConnectionBudget:
     """How many database connections a node opens and how many it may open."""
 
+    #: The largest pool of one of its processes.
     pool_size: int
     processes: int
-    #: Connections each process may open to the fleet database for dedup keys.
+    #: Connections each intake-running process may open to the fleet database (dedup).
     dedup_per_process: int = 0
+    #: Each process's pool, by index (empty: every process holds ``pool_size``).
+    pools: tuple[int, ...] = ()
+    #: Processes that take SMTP (and so may open dedup connections); None: all.
+    intake_processes: int | None = None
 
     @property
     def node_total(self) -> int:
         """Connections this node opens to its store at most, across its processes."""
-        return self.pool_size * self.processes
+        return sum(self.pools) if self.pools else self.pool_size * self.processes
 
     @property
     def dedup_total(self) -> int:
         """Connections this node opens to the fleet database (dedup) at most."""
-        return self.dedup_per_process * self.processes
+        takers = self.processes if self.intake_processes is None else self.intake_processes
+        return self.dedup_per_process * takers
+
+
+def role_shares(settings: Settings, role: ProcessRole) -> dict[str, int]:
+    """The pool shares of a process of ``role`` (I6): ``workers`` for delivery,
+    ``intake_db_slots`` for intake, and the fixed ones, which also serve the odd statement
+    of a role the process does not run."""
+    shares = {"maintenance": FIXED_CONNECTIONS_PER_PROCESS}
+    if role in ("both", "intake"):
+        shares["intake"] = settings.node.intake_db_slots
+    if role in ("both", "delivery"):
+        shares["delivery"] = settings.node.workers
+    return shares
 
 
 @dataclass(frozen=True)
@@ -63,10 +82,12 @@ class ServerLimits:
 
 def connection_budget(settings: Settings) -> ConnectionBudget:
     """Derive the pool size from workers and intake slots; it is never set by hand."""
-    node = settings.node
-    pool = node.workers + node.intake_db_slots + FIXED_CONNECTIONS_PER_PROCESS
+    roles = settings.node.roles()
+    pools = tuple(sum(role_shares(settings, role).values()) for role in roles)
     dedup = settings.dedup.connections if settings.dedup.enabled else 0
-    return ConnectionBudget(pool_size=pool, processes=node.processes, dedup_per_process=dedup)
+    return ConnectionBudget(pool_size=max(pools), processes=len(roles),
+                            dedup_per_process=dedup, pools=pools,
+                            intake_processes=sum(role != "delivery" for role in roles))
 
 
 def budget_violation(budget: ConnectionBudget, limits: ServerLimits, reserve: int) -> str | None:
@@ -88,11 +109,13 @@ def intake_bytes_per_message(size: int) -> int:
     return int(INTAKE_COPIES_PER_MESSAGE * size * (1 + INTAKE_GROWTH_SLACK)) + INTAKE_CHUNK_BYTES
 
 
-def memory_bound_bytes(settings: Settings) -> int:
-    """Upper bound of one node process's memory, from its configuration alone."""
+def memory_bound_bytes(settings: Settings, role: ProcessRole = "both") -> int:
+    """Upper bound of the memory of one node process of ``role``, from its configuration
+    alone: intake's DATA phases, delivery's bodies being sent, and the base."""
     smtp = settings.smtp
     size = int(smtp.max_message_size)
-    intake = smtp.data_concurrency * intake_bytes_per_message(size)
+    intake = (smtp.data_concurrency * intake_bytes_per_message(size)
+              if role != "delivery" else 0)
     delivery = (settings.node.workers * DELIVERY_COPIES_PER_MESSAGE * size
-                if settings.delivery.enabled else 0)
+                if settings.delivery.enabled and role != "intake" else 0)
     return BASE_MEMORY_BYTES + intake + delivery

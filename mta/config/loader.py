@@ -58,9 +58,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _admin_ports_fit(self) -> Settings:
         _, port = parse_host_port(self.admin.listen)
-        last = port + self.node.processes - 1
+        last = port + self.node.process_count - 1
         if port and last > 65_535:
-            raise ValueError(f"admin.listen: node process {self.node.processes - 1} would "
+            raise ValueError(f"admin.listen: node process {self.node.process_count - 1} would "
                              f"serve admin HTTP on port {last}, past 65535 (each process "
                              "uses the configured port plus its index)")
         return self

@@ -43,17 +43,53 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+#: What a node process does: take SMTP, deliver, or both.
+ProcessRole = Literal["both", "intake", "delivery"]
+
+
 class NodeSection(_Section):
     """Identity, data directory and the sizing that derives the connection pool."""
 
     name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
     data_dir: Path = Path("./data")
     processes: PositiveInt = 1
+    #: Postfix's split: this many processes only take SMTP and this many only deliver
+    #: (both 0: every one of ``processes`` does both). Set, they make ``processes``.
+    intake_processes: Annotated[int, Field(ge=0)] = 0
+    delivery_processes: Annotated[int, Field(ge=0)] = 0
     workers: PositiveInt = 8
     intake_db_slots: PositiveInt = 8
     #: Seconds between reads of the node's mode from its store, the fallback to the
     #: NOTIFY that announces a change at once.
     mode_poll: PositiveFloat = 5.0
+
+    @model_validator(mode="after")
+    def _split_makes_processes(self) -> NodeSection:
+        split = (self.intake_processes, self.delivery_processes)
+        if split == (0, 0):
+            return self
+        if 0 in split:
+            raise ValueError("intake_processes and delivery_processes are set together "
+                             "(each at least 1), or neither")
+        if "processes" in self.model_fields_set:
+            raise ValueError("processes and intake_processes/delivery_processes are "
+                             "exclusive: set one or the other")
+        return self
+
+    @property
+    def process_count(self) -> int:
+        """How many processes the node runs, whatever their roles."""
+        return self.intake_processes + self.delivery_processes or self.processes
+
+    def roles(self) -> tuple[ProcessRole, ...]:
+        """Each process's role, by index: the intake ones first (the first process also
+        reports the queue and keeps the embedded server)."""
+        both: tuple[ProcessRole, ...] = ("both",)
+        intake: tuple[ProcessRole, ...] = ("intake",)
+        delivery: tuple[ProcessRole, ...] = ("delivery",)
+        if self.intake_processes == 0:
+            return both * self.process_count
+        return intake * self.intake_processes + delivery * self.delivery_processes
 
 
 class DatabaseSection(_Section):

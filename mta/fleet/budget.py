@@ -37,10 +37,15 @@ class NodeBudget:
     reserve: int
     dsn: str
     connect_timeout: float
+    #: The node's exact total when its processes' pools differ (separate intake and
+    #: delivery processes, each counted by its role); ``pool`` is then the largest.
+    exact_total: int | None = None
 
     @property
     def total(self) -> int | None:
         """Connections the node opens at most, across its processes."""
+        if self.exact_total is not None:
+            return self.exact_total
         return None if self.pool is None or self.processes is None else self.pool * self.processes
 
 
@@ -129,7 +134,7 @@ def _node_budget(name: str, settings: Settings | None, dsn: str) -> NodeBudget:
     budget = connection_budget(settings)
     return NodeBudget(name, budget.processes, budget.pool_size,
                       settings.database.connections_reserve, dsn,
-                      settings.database.connect_timeout)
+                      settings.database.connect_timeout, exact_total=budget.node_total)
 
 
 def group_by_server(fleet: Fleet) -> list[ServerGroup]:
@@ -154,7 +159,8 @@ def group_by_server(fleet: Fleet) -> list[ServerGroup]:
             _place_by_dsn(groups, NodeBudget(
                 f"{entry.name} (dedup)", budget.processes, budget.dedup_per_process,
                 settings.database.connections_reserve, settings.dedup.database,
-                settings.database.connect_timeout), settings.dedup.database)
+                settings.database.connect_timeout, exact_total=budget.dedup_total),
+                settings.dedup.database)
     return groups
 
 

@@ -8,7 +8,7 @@ import ssl
 from collections.abc import Mapping
 from typing import cast
 
-from mta.config import Settings, parse_host_port
+from mta.config import ProcessRole, Settings, parse_host_port
 from mta.intake import replies
 from mta.intake.policy import Intake
 from mta.intake.protocol import IntakeSMTP
@@ -57,20 +57,24 @@ def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
     if settings.smtp.tls_listen:
         sockets["tls"] = bind_socket(settings.smtp.tls_listen)
     host, port = parse_host_port(settings.admin.listen)
-    for index in range(settings.node.processes):
+    for index in range(settings.node.process_count):
         sockets[f"admin-{index}"] = _bind(host, port + index if port else 0)
     return sockets
 
 
-def process_sockets(sockets: Mapping[str, socket.socket], index: int) -> dict[str, socket.socket]:
-    """What node process ``index`` serves: the shared SMTP listeners and, as ``admin``, its
-    own admin HTTP socket. The other processes' admin sockets are closed in it."""
-    mine = {key: sock for key, sock in sockets.items() if not key.startswith("admin-")}
+def process_sockets(sockets: Mapping[str, socket.socket], index: int,
+                    role: ProcessRole = "both") -> dict[str, socket.socket]:
+    """What node process ``index`` serves: the shared SMTP listeners (unless it only
+    delivers) and, as ``admin``, its own admin HTTP socket. The sockets it does not serve
+    are closed in it."""
+    mine: dict[str, socket.socket] = {}
     for key, sock in sockets.items():
         if key == f"admin-{index}":
             mine["admin"] = sock
-        elif key.startswith("admin-"):
+        elif key.startswith("admin-") or role == "delivery":
             sock.close()
+        else:
+            mine[key] = sock
     return mine
 
 

@@ -18,8 +18,9 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from mta.concurrency import acquire_within
-from mta.config import Settings, connection_budget
-from mta.config.budget import FIXED_CONNECTIONS_PER_PROCESS
+from mta.config import Settings
+from mta.config.budget import role_shares
+from mta.config.settings import ProcessRole
 from mta.errors import StoreRejected, StoreUnavailable
 from mta.faults import fault_delay
 from mta.queue.server import REJECTED_ERRORS, STORE_ERRORS
@@ -53,29 +54,35 @@ class SharedPool:
     """One process's asyncpg pool, sized by the budget, split into role shares."""
 
     def __init__(self, pool: asyncpg.Pool, settings: Settings,
-                 on_acquire: AcquireObserver | None = None) -> None:
+                 on_acquire: AcquireObserver | None = None, role: ProcessRole = "both") -> None:
         self._pool = pool
         self._db = settings.database
         # I6: each role has its own share of the pool, so delivery under load never
-        # holds the connections intake commits with (nor the health check's).
+        # holds the connections intake commits with (nor the health check's). A role
+        # the process does not run has no share: its odd statement takes a fixed slot.
+        sizes = role_shares(settings, role)
+        maintenance = asyncio.Semaphore(sizes["maintenance"])
         self._shares: dict[Share, asyncio.Semaphore] = {
-            "intake": asyncio.Semaphore(settings.node.intake_db_slots),
-            "delivery": asyncio.Semaphore(settings.node.workers),
-            "maintenance": asyncio.Semaphore(FIXED_CONNECTIONS_PER_PROCESS),
+            "intake": asyncio.Semaphore(sizes["intake"]) if "intake" in sizes else maintenance,
+            "delivery": (asyncio.Semaphore(sizes["delivery"]) if "delivery" in sizes
+                         else maintenance),
+            "maintenance": maintenance,
         }
         #: The node's metrics hook (``Metrics.observe_acquire``), or None.
         self.on_acquire = on_acquire
 
     @classmethod
     async def open(cls, dsn: str, settings: Settings,
-                   on_acquire: AcquireObserver | None = None) -> SharedPool:
-        """Create the pool. It holds at most ``workers + intake_db_slots + 2`` connections."""
-        budget = connection_budget(settings)
+                   on_acquire: AcquireObserver | None = None,
+                   role: ProcessRole = "both") -> SharedPool:
+        """Create the pool of a process of ``role``: ``workers`` for delivery,
+        ``intake_db_slots`` for intake, plus 2 (I6)."""
+        size = sum(role_shares(settings, role).values())
         try:
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=1,
-                max_size=budget.pool_size,
+                max_size=size,
                 timeout=settings.database.connect_timeout,
                 command_timeout=settings.database.commit_timeout,
                 reset=_keep_session,
@@ -86,7 +93,7 @@ class SharedPool:
             )
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"cannot open the connection pool: {exc}") from exc
-        return cls(pool, settings, on_acquire)
+        return cls(pool, settings, on_acquire, role)
 
     async def close(self) -> None:
         """Close every connection, waiting at most the commit timeout."""

@@ -59,7 +59,8 @@ token = "s3cret-admin-token"
     assert "in use now (information only)" in result.stdout
     assert "budget 18 fits" in result.stdout
     # max_connections_per_destination is per process: the node's figure is printed.
-    assert "connections per destination: 20 per process x 2 process(es) -> 40" in result.stdout
+    assert ("connections per destination: 20 per delivering process x 2 process(es) -> 40"
+            in result.stdout)
 
 
 async def test_config_check_refuses_a_budget_over_max_connections(

@@ -3,10 +3,11 @@
 A newsletter of 300 messages of 5 MB, each for a batch of 100 subscribers on one
 destination, is submitted over SMTP by 10 concurrent sessions to ``mta serve`` (a
 subprocess, delivery on, a static route to a recording sink on loopback) and delivered:
-600 transactions of 50 recipients, 30,000 deliveries. The scheduler in the incident needed 1.5 GB for
-this queue and died in a 512 MB dyno. Here every node process's peak memory (``VmHWM``)
-stays below the bound that ``mta config check`` prints for the node's own config file,
-and that bound is under 256 MiB, half of that dyno. Every body arrives byte-identical.
+600 transactions of 50 recipients, 30,000 deliveries. The scheduler in the incident
+needed 1.5 GB for this queue and died in a 512 MB dyno. Here every node process's peak
+memory (``VmHWM``) stays below the bound that ``mta config check`` prints for the node's
+own config file, and that bound is under 256 MiB, half of that dyno. Every body arrives
+byte-identical.
 """
 
 from __future__ import annotations

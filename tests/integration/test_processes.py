@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 
+from mta.config import Settings
+from mta.queue import Store
 from tests.support.admin import admin_get, healthz, metric
 from tests.support.delivery import submit_tagged
 from tests.support.nodes import wait_for
@@ -188,3 +192,69 @@ async def test_two_delivering_processes_share_one_journal_directory_and_deliver_
         assert all(sink.count(f"p{n}@test", "user@example.com") == 1 for n in range(30))
     finally:
         await node.close()
+
+
+async def test_separate_intake_and_delivery_processes_split_the_work(
+    tmp_path: Path, db_dsn: str, sink: Sink, make_settings: Callable[..., Settings],
+) -> None:
+    """Postfix's split (issue 13): one process takes SMTP, two deliver. Intake's 250s come
+    from the first only, the deliveries from the others only (woken by NOTIFY), each pool
+    holds its role's share (I6), and a mode set on the node reaches every process."""
+    node = NodeProcess.configure(
+        tmp_path / "node", db_dsn, node={"intake_processes": 1, "delivery_processes": 2},
+        delivery={"enabled": True, "poll_interval": 60.0,
+                  "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port,
+                              "tls": "none"}]})
+    node.spawn()
+    try:
+        await node.wait_started(3, timeout=60)
+        roles = [(await healthz(node.admin_port + index))["role"] for index in range(3)]
+        assert roles == ["intake", "delivery", "delivery"]
+        for n in range(30):
+            await submit_tagged(node.smtp_port, f"split{n}")
+        await sink.wait_for_count(30, timeout=30)
+        assert all(sink.count(f"split{n}@test", "user@example.com") == 1 for n in range(30))
+
+        async def delivered_by(index: int) -> float:
+            return await labelled(node.admin_port + index, "mta_delivery_outcomes_total",
+                                  'outcome="delivered"')
+
+        await wait_for(lambda: _sums_to(delivered_by, [1, 2], 30), timeout=10)
+        assert await delivered_by(0) == 0, "the intake process delivers nothing"
+        accepted = [await metric(node.admin_port + index, "mta_intake_accepted_messages_total")
+                    for index in range(3)]
+        assert accepted == [30, 0, 0]
+        pools = [await metric(node.admin_port + index, "mta_store_pool_max_connections")
+                 for index in range(3)]
+        assert pools == [4 + 2, 2 + 2, 2 + 2], "each by its role: intake 4, workers 2, + 2"
+        (ready_delivery, _) = await admin_get(node.admin_port + 1, "/readyz")
+        assert ready_delivery == 200, "a delivery process is ready without SMTP"
+
+        store = await Store.open(db_dsn, make_settings())
+        try:
+            await store.set_node_mode("proc-node", "draining", "split drill", "alice")
+        finally:
+            await store.close()
+
+        async def all_draining() -> bool:
+            return all([await labelled(node.admin_port + index, "mta_node_mode",
+                                       'mode="draining"') == 1 for index in range(3)])
+
+        await wait_for(all_draining, timeout=15)
+    finally:
+        node.signal(signal.SIGTERM)
+        assert await node.wait_exit(30) == 0
+        await node.close()
+
+
+async def labelled(port: int, name: str, label: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``label`` (``key="value"``)."""
+    status, text = await admin_get(port, "/metrics")
+    assert status == 200, status
+    return sum(float(m[1]) for m in re.finditer(
+        rf"^{name}{{[^}}]*{re.escape(label)}[^}}]*}} (\S+)$", text, re.MULTILINE))
+
+
+async def _sums_to(read: Callable[[int], Awaitable[float]], indexes: list[int],
+                   total: float) -> bool:
+    return sum([await read(index) for index in indexes]) == total

@@ -106,7 +106,9 @@ class NodeProcess:
         """A node on ``dsn`` with free SMTP and admin ports; sections override by keyword."""
         workdir.mkdir(parents=True, exist_ok=True)
         smtp_port = free_port()
-        processes = int(overrides.get("node", {}).get("processes", 1))
+        node = overrides.get("node", {})
+        processes = int(node.get("processes", 0)) or (
+            int(node.get("intake_processes", 0)) + int(node.get("delivery_processes", 0))) or 1
         admin_port = free_port_run(processes, avoid=frozenset({smtp_port}))
         sections: dict[str, dict[str, Any]] = {
             "node": {"name": "proc-node", "data_dir": str(workdir / "data"),

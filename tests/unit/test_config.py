@@ -13,6 +13,7 @@ from mta.config import (
     load_settings,
     memory_bound_bytes,
 )
+from mta.config.budget import BASE_MEMORY_BYTES
 from mta.errors import ConfigError
 
 
@@ -131,3 +132,31 @@ def test_memory_bound_counts_delivery_bodies_when_delivery_runs(tmp_path: Path) 
     off = load_settings(write(tmp_path, base + "[delivery]\nenabled = false\n"))
     on = load_settings(write(tmp_path, base + "[delivery]\nenabled = true\n"))
     assert memory_bound_bytes(on) - memory_bound_bytes(off) == 3 * 2 * 1024 * 1024
+
+
+def test_split_processes_are_counted_by_role(tmp_path: Path) -> None:
+    """I6 and I4 per role: an intake process holds intake_db_slots + 2 connections and
+    no delivery bodies, a delivery process workers + 2 and no DATA phases."""
+    settings = load_settings(write(tmp_path, "[node]\nintake_processes = 2\n"
+                                   "delivery_processes = 3\nworkers = 6\nintake_db_slots = 4\n"
+                                   "[smtp]\nmax_message_size = '1MiB'\n"))
+    assert settings.node.roles() == ("intake", "intake", "delivery", "delivery", "delivery")
+    budget = connection_budget(settings)
+    assert budget.pools == (6, 6, 8, 8, 8) and budget.node_total == 36
+    assert budget.processes == settings.node.process_count == 5
+    mib = 1024 * 1024
+    intake = memory_bound_bytes(settings, "intake")
+    delivery = memory_bound_bytes(settings, "delivery")
+    assert delivery == BASE_MEMORY_BYTES + 6 * 2 * mib
+    assert intake == BASE_MEMORY_BYTES + 16 * (mib + mib // 8 + mib)
+    assert intake + delivery == memory_bound_bytes(settings, "both") + BASE_MEMORY_BYTES
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[node]\nintake_processes = 1\n", "set together"),
+    ("[node]\ndelivery_processes = 2\n", "set together"),
+    ("[node]\nprocesses = 2\nintake_processes = 1\ndelivery_processes = 1\n", "exclusive"),
+])
+def test_a_half_set_split_is_refused(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_settings(write(tmp_path, text))

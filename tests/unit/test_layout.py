@@ -15,12 +15,12 @@ ROOT = Path(mta.__file__).parent
 #: Each top-level part of ``mta`` and how low it sits: a module imports only parts at
 #: its own level or below. The shared leaves sit below everything that uses them.
 LEVELS = {
-    "mta": 0, "errors": 0, "concurrency": 0, "faults": 0, "mail": 0,
+    "mta": 0, "errors": 0, "concurrency": 0, "faults": 0, "mail": 0, "allocator": 0,
     "config": 1,
     "admin": 2,
     "queue": 3, "journal": 3,
     "intake": 4, "delivery": 4,
-    "node": 5, "supervision": 5,
+    "node": 5, "supervision": 5, "node_loops": 5,
     "supervisor": 6,
     "fleet": 7,
     "cli": 8, "__main__": 9,
