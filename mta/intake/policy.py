@@ -39,6 +39,7 @@ from mta.mail.text import outside_text
 from mta.queue import NewMessage, Store
 from mta.queue.dedup import DedupStore, DedupUnavailable, Seen
 from mta.queue.ids import new_message_id, queue_id
+from mta.queue.intake_batch import EnqueueBatcher
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +72,8 @@ class Intake:
                  admission: Admission, dedup: DedupStore | None = None) -> None:
         self.settings = settings
         self.store = store
+        #: Group commit: concurrent sessions' messages share a transaction (I1 holds).
+        self.commits = EnqueueBatcher(store, settings.node.intake_db_slots)
         #: Fleet-wide de-duplication of client retries, when ``[dedup]`` is on.
         self.dedup = dedup
         self.metrics = metrics
@@ -235,7 +238,7 @@ class Intake:
         started = time.perf_counter()
         try:
             self.admission.check(size)
-            await self.store.enqueue(NewMessage(
+            await self.commits.enqueue(NewMessage(
                 id=message_uuid, mail_from=submission.mail_from, recipients=recipients,
                 trace_headers=trace_bytes, body=body, client_address=client_ip,
                 helo_name=helo, auth_user=auth_user,

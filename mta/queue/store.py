@@ -95,6 +95,15 @@ class Store(QueueTools):
         """Hold one of ``intake_db_slots``; waiting longer than the acquire timeout fails."""
         return self._pool.slot("intake")
 
+    async def enqueue_many(self, messages: Sequence[NewMessage]) -> None:
+        """Commit small messages and their deliveries in one transaction, pipelined in
+        one round trip (group commit at intake); all or none."""
+        with unavailable_on_error("message_insert"):
+            async with self._pool.connection("intake") as conn:
+                await conn.executemany(query("message_insert"),
+                                       [_insert_args(m) for m in messages],
+                                       timeout=self._db.commit_timeout)
+
     async def enqueue(self, message: NewMessage) -> None:
         """Commit a message and its deliveries durably, or raise ``StoreUnavailable``.
 
