@@ -6,6 +6,11 @@ session reusing its connection (smtp-source ``-d``) unless told otherwise. Laten
 the time from sending MAIL FROM to reading the 250 reply after the final dot. It only
 sends to loopback addresses, and it stops after N messages or when the timeout expires.
 
+Unlike smtp-source it can send a given message (``--body-file``: headers and body as
+they should arrive; it is dot-stuffed and CRLF-terminated here, and each copy gets its
+own ``Date`` and ``Message-Id`` on top) and spread each message's recipients over
+``--domains D`` domains (``d0.bench.example`` ... in turn).
+
 Run with ``python -m bench.loadgen --port 2625 -n 5000 -s 20 --size 1024 -r 1``.
 """
 
@@ -20,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from email.utils import formatdate
+from pathlib import Path
 
 SENDER = "sender@bench.example"
 RECIPIENT_DOMAIN = "bench.example"
@@ -63,6 +69,22 @@ def make_body(size: int) -> bytes:
     if rest == 1:  # a line cannot be 1 byte long: lengthen the last full line instead
         return line * (full - 1) + b"x" * (_LINE + 1) + b"\r\n"
     return line * full + b"x" * (rest - 2) + b"\r\n"
+
+
+def prepare_content(message: bytes) -> bytes:
+    """A message as DATA sends it: CRLF line ends, leading dots doubled, ending in CRLF."""
+    lines = message.replace(b"\r\n", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                    for line in lines)
+
+
+def recipient(seq: int, n: int, recipients: int, domains: int = 0) -> str:
+    """The ``n``-th (1-based) recipient of message ``seq``: unique over the run; with
+    ``domains`` the message's recipients take the domains d0..d{domains-1} in turn."""
+    domain = f"d{(n - 1) % domains}.{RECIPIENT_DOMAIN}" if domains else RECIPIENT_DOMAIN
+    return f"{seq * recipients + n}r@{domain}"
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -109,18 +131,23 @@ class _Session:
         self.writer.write(line + b"\r\n")
         await _expect(self.reader, first_digit)
 
-    async def send(self, seq: int, recipients: int, body: bytes) -> float:
-        """Send one message; return seconds from MAIL FROM to the final 250."""
+    async def send(
+        self, seq: int, recipients: int, body: bytes, *, content: bool = False, domains: int = 0
+    ) -> float:
+        """Send one message; return seconds from MAIL FROM to the final 250.
+
+        ``body`` follows our own From/To/Date/Message-Id header, or with ``content`` it is
+        the whole prepared message (``prepare_content``) after a Date and Message-Id.
+        """
         started = time.perf_counter()
         await self.command(f"MAIL FROM:<{SENDER}>".encode(), b"2")
         for n in range(1, recipients + 1):
-            rcpt = f"{seq * recipients + n}r@{RECIPIENT_DOMAIN}"
+            rcpt = recipient(seq, n, recipients, domains)
             await self.command(f"RCPT TO:<{rcpt}>".encode(), b"2")
         await self.command(b"DATA", b"3")
-        header = (
-            f"From: <{SENDER}>\r\nTo: <r@{RECIPIENT_DOMAIN}>\r\n"
-            f"Date: {formatdate()}\r\nMessage-Id: <{seq}.{started}@{HELO_NAME}>\r\n\r\n"
-        )
+        header = f"Date: {formatdate()}\r\nMessage-Id: <{seq}.{started}@{HELO_NAME}>\r\n"
+        if not content:
+            header = f"From: <{SENDER}>\r\nTo: <r@{RECIPIENT_DOMAIN}>\r\n{header}\r\n"
         self.writer.write(header.encode())
         self.writer.write(body)
         self.writer.write(b".\r\n")
@@ -148,6 +175,8 @@ async def _worker(
     body: bytes,
     reuse_connections: bool,
     latencies: list[float],
+    content: bool = False,
+    domains: int = 0,
 ) -> None:
     session: _Session | None = None
     try:
@@ -157,7 +186,9 @@ async def _worker(
                 return
             if session is None:
                 session = await _Session.open(host, port)
-            latencies.append(await session.send(seq, recipients, body))
+            latencies.append(
+                await session.send(seq, recipients, body, content=content, domains=domains)
+            )
             if not reuse_connections:
                 await session.close()
                 session = None
@@ -176,12 +207,19 @@ async def loadgen(
     recipients: int = 1,
     reuse_connections: bool = True,
     timeout: float = 600.0,
+    content: bytes | None = None,
+    domains: int = 0,
 ) -> LoadgenResult:
-    """Send ``messages`` messages over ``sessions`` parallel SMTP sessions to host:port."""
+    """Send ``messages`` messages over ``sessions`` parallel SMTP sessions to host:port.
+
+    ``content``: send this message (headers and body) instead of ``size`` bytes of ours;
+    ``domains``: spread each message's recipients over that many domains.
+    """
     check_loopback(host)
-    if min(messages, sessions, recipients) < 1 or size < 0:
+    if min(messages, sessions, recipients) < 1 or size < 0 or domains < 0:
         raise ValueError("messages, sessions and recipients must be >= 1, size >= 0")
-    body = make_body(size)
+    body = make_body(size) if content is None else prepare_content(content)
+    size = size if content is None else len(body)
     remaining = iter(range(messages))
 
     def take() -> int | None:
@@ -195,7 +233,8 @@ async def loadgen(
             for _ in range(min(sessions, messages)):
                 group.create_task(
                     _worker(
-                        host, port, take, messages, recipients, body, reuse_connections, latencies
+                        host, port, take, messages, recipients, body, reuse_connections,
+                        latencies, content is not None, domains,
                     )
                 )
     except ExceptionGroup as group_error:  # report the first failing session's error
@@ -227,6 +266,8 @@ def run_loadgen(
     recipients: int = 1,
     reuse_connections: bool = True,
     timeout: float = 600.0,
+    content: bytes | None = None,
+    domains: int = 0,
 ) -> LoadgenResult:
     """Blocking wrapper around :func:`loadgen`, on uvloop when it is installed."""
     coro = loadgen(
@@ -238,6 +279,8 @@ def run_loadgen(
         recipients=recipients,
         reuse_connections=reuse_connections,
         timeout=timeout,
+        content=content,
+        domains=domains,
     )
     try:
         import uvloop
@@ -258,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-r", "--recipients", type=int, default=1)
     parser.add_argument("--no-reuse", action="store_true", help="one connection per message")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--body-file", type=Path, help="send this message (headers + body)")
+    parser.add_argument("--domains", type=int, default=0, help="spread recipients over D domains")
     args = parser.parse_args(argv)
     result = run_loadgen(
         args.host,
@@ -268,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         recipients=args.recipients,
         reuse_connections=not args.no_reuse,
         timeout=args.timeout,
+        content=args.body_file.read_bytes() if args.body_file else None,
+        domains=args.domains,
     )
     print(json.dumps(asdict(result)))
 

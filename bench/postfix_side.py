@@ -44,8 +44,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from bench.cpu import TreeCpu, postfix_pids
 from bench.loadgen import RECIPIENT_DOMAIN, SENDER, check_loopback, run_loadgen
 
 Mode = Literal["accept", "relay"]
@@ -289,6 +290,54 @@ class PostfixInstance:
         path = self.root / "maillog"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def pids(self) -> list[int]:
+        """Master and every daemon of this instance (not its smtp-sink): ``bench.cpu``."""
+        return postfix_pids(self.queue_dir)
+
+    def in_flight(self) -> int:
+        """Queue files not yet final: incoming, active and deferred."""
+        return sum(self.queued(q) for q in ("incoming", "active", "deferred"))
+
+    def outcomes(self) -> MaillogOutcomes:
+        """What the instance's log says it did with each recipient (see MaillogOutcomes)."""
+        return MaillogOutcomes.read(self.root / "maillog")
+
+
+_STATUS = re.compile(rb" to=<([^>]*)>,.* status=(\w+)")
+
+
+@dataclass(frozen=True)
+class MaillogOutcomes:
+    """Delivery outcomes in a Postfix maillog: one ``to=<..>, .. status=..`` line each.
+
+    ``sent`` counts status=sent lines, ``sent_unique`` distinct recipients among them:
+    ``expected - sent_unique`` were lost (or not yet delivered), ``sent - sent_unique``
+    delivered twice. ``other`` counts deferred, bounced and any other status.
+    """
+
+    sent: int
+    sent_unique: int
+    other: dict[str, int]
+
+    @classmethod
+    def read(cls, path: Path) -> MaillogOutcomes:
+        """Parse the log at ``path`` (empty if missing)."""
+        seen: set[bytes] = set()
+        sent = 0
+        other: dict[str, int] = {}
+        with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
+            for line in f:
+                match = _STATUS.search(line)
+                if match is None:
+                    continue
+                if match[2] == b"sent":
+                    sent += 1
+                    seen.add(match[1].lower())
+                else:
+                    status = match[2].decode()
+                    other[status] = other.get(status, 0) + 1
+        return cls(sent, len(seen), other)
+
 
 def _main_cf(root: Path, sink_port: int, mode: Mode, overrides: Mapping[str, str]) -> str:
     params = {
@@ -335,11 +384,13 @@ def start_postfix(
     mode: Mode = "accept",
     base_dir: Path | None = None,
     main_cf: Mapping[str, str] | None = None,
+    master_cf: str = "",
 ) -> Iterator[PostfixInstance]:
     """Run a throwaway Postfix on 127.0.0.1:port relaying to an smtp-sink on sink_port.
 
-    Must run as root. ``main_cf`` overrides or adds main.cf parameters. On exit (also on
-    error) Postfix and the sink are stopped and the temp dir is removed.
+    Must run as root. ``main_cf`` overrides or adds main.cf parameters, ``master_cf`` is
+    appended to master.cf (e.g. extra transports). On exit (also on error) Postfix and
+    the sink are stopped and the temp dir is removed.
     """
     if os.geteuid() != 0:
         raise PermissionError("a private Postfix instance must be started as root")
@@ -352,7 +403,8 @@ def start_postfix(
         (root / "data").mkdir()
         shutil.chown(root / "data", "postfix", "postfix")
         (conf / "main.cf").write_text(_main_cf(root, sink_port, mode, main_cf or {}))
-        (conf / "master.cf").write_text(_MASTER_CF.format(listen=f"{LOOPBACK}:{port}"))
+        (conf / "master.cf").write_text(_MASTER_CF.format(listen=f"{LOOPBACK}:{port}")
+                                        + master_cf)
         instance = PostfixInstance(port, mode, root, sink)
         try:
             if _postfix(conf, "start") != 0:
@@ -466,6 +518,13 @@ class Measurement:
     generator_cpu: float
     other_cpu: float
     command: list[str]
+    #: CPU seconds of the instance (master and every daemon, not smtp-sink; ``bench.cpu``)
+    #: from the generator's start until done with nothing left in incoming/active/deferred.
+    postfix_cpu_s: float | None = None
+    sink_cpu_s: float | None = None
+    #: Transactions the sink counted, and (relay) the maillog's outcomes per recipient.
+    sink_messages: int | None = None
+    outcomes: dict[str, Any] | None = None
 
 
 def measure(
@@ -502,6 +561,8 @@ def measure(
         baseline = sink.delivered()
         w = workload
         meter = CpuMeter(root)
+        postfix_cpu = TreeCpu(instance.pids) if instance is not None else None
+        sink_cpu = TreeCpu(lambda: [sink.process.pid])
         started = time.perf_counter()
         p50: float | None = None
         p99: float | None = None
@@ -540,11 +601,22 @@ def measure(
                 raise RuntimeError("accept mode delivered mail; the HOLD rule did not apply")
         else:
             done = sink.wait_for(baseline + workload.messages, timeout)
+        if instance is not None:
+            _poll(lambda: instance.in_flight() == 0, 10.0)  # qmgr removes the queue files
+        postfix_seconds = postfix_cpu.stop() if postfix_cpu is not None else None
+        sink_seconds = sink_cpu.stop()
+        outcomes = None
+        if instance is not None and instance.mode == "relay":
+            expected = w.messages * w.recipients
+            _poll(lambda: instance.outcomes().sent >= expected, 5.0)  # postlogd may lag
+            outcomes = asdict(instance.outcomes())
         other_cpu = meter.others_share()
+        sink_messages = sink.delivered() - baseline
     n = workload.messages
     return Measurement(
         workload.name, target, generator, n, accepted, n / accepted,
         done - started, n / (done - started), p50, p99, generator_cpu, other_cpu, command,
+        postfix_seconds, sink_seconds, sink_messages, outcomes,
     )  # fmt: skip
 
 

@@ -58,6 +58,7 @@ from typing import Any
 
 import asyncpg
 
+from bench.cpu import TreeCpu, descendants, node_pids
 from bench.intake import (
     ADMIN_PORT,
     NODE_PORT,
@@ -112,10 +113,12 @@ tls = "none"
 class StoreCheck:
     """What the store and the sink say after a run: zero loss, zero duplicates.
 
-    ``transactions`` is how many SMTP transactions the node recorded as delivered: each
-    group's outcomes are written by one statement, so one (message, event time) pair is
-    one transaction. The sink must have counted exactly that many; ``split_messages``
-    were sent in more than one transaction (so the sink counts more than N messages).
+    ``transactions`` is how many SMTP transactions the node recorded as delivered: the
+    deliveries of one transaction share the time its dot went out (``last_dot_at``), so
+    one (message, dot time) pair is one transaction (outcomes are written in batches, so
+    the event time is no key: transactions of one message can share it). The sink must
+    have counted exactly that many; ``split_messages`` were sent in more than one
+    transaction (so the sink counts more than N messages).
     ``sink_recipients`` (with ``--verify-recipients``): RCPTs in the sink's dump, which
     must name every recipient exactly once.
     """
@@ -168,6 +171,13 @@ class RelayRun:
     profile: str | None = None
     metrics: dict[str, float] | None = None
     evidence: str | None = None
+    #: CPU seconds (``bench.cpu``: whole process trees, reaped children included) from the
+    #: source's start until every outcome is recorded (before the store check's queries):
+    #: the node's processes, its embedded PostgreSQL's, and smtp-sink (apart: not the
+    #: node's cost).
+    node_cpu_s: float = 0.0
+    postgres_cpu_s: float = 0.0
+    sink_cpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -274,23 +284,39 @@ def _log_events(data_dir: Path) -> dict[str, int]:
     return dict(counts)
 
 
+async def _wait_final(conn: asyncpg.Connection, timeout: float) -> int:
+    """Wait until no delivery is queued or leased, while they progress (STALL_S); return
+    how many still are."""
+    deadline = time.monotonic() + timeout
+    last, progressed = -1, time.monotonic()
+    while True:
+        pending = int(await conn.fetchval(
+            "SELECT count(*) FROM deliveries WHERE state IN ('queued', 'leased')"))
+        now = time.monotonic()
+        if pending != last:
+            last, progressed = pending, now
+        if pending == 0 or now > deadline or now - progressed > STALL_S:
+            return pending
+        await asyncio.sleep(0.2)
+
+
+async def wait_until_final(dsn: str, timeout: float = SETTLE_TIMEOUT_S) -> int:
+    """Wait until the node has recorded every delivery's outcome (or stalled, STALL_S, or
+    ``timeout``); return how many deliveries are still queued or leased."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await _wait_final(conn, timeout)
+    finally:
+        await conn.close()
+
+
 async def _store_check(dsn: str, messages: int, recipients: int, sink: SmtpSink,
                        timeout: float, dump: Path | None = None
                        ) -> tuple[StoreCheck, list[float]]:
     """Wait until every delivery is final, then check counts; also each message's latency."""
     conn = await asyncpg.connect(dsn)
     try:
-        deadline = time.monotonic() + timeout
-        last, progressed = -1, time.monotonic()
-        while True:
-            pending = await conn.fetchval(
-                "SELECT count(*) FROM deliveries WHERE state IN ('queued', 'leased')")
-            now = time.monotonic()
-            if pending != last:
-                last, progressed = pending, now
-            if pending == 0 or now > deadline or now - progressed > STALL_S:
-                break
-            await asyncio.sleep(0.2)
+        await _wait_final(conn, timeout)
         await asyncio.sleep(DUPLICATE_GRACE_S)
         last_delivered = await conn.fetchval(
             "SELECT extract(epoch FROM max(finished_at))::float8 FROM deliveries "
@@ -313,9 +339,8 @@ async def _store_check(dsn: str, messages: int, recipients: int, sink: SmtpSink,
         groups = await conn.fetchrow(
             "SELECT coalesce(sum(n), 0)::bigint AS transactions, "
             "count(*) FILTER (WHERE n > 1) AS split "
-            "FROM (SELECT message_id, count(DISTINCT e.at) AS n FROM delivery_events e "
-            "JOIN deliveries d ON d.id = e.delivery_id WHERE e.state = 'delivered' "
-            "GROUP BY message_id) AS t")
+            "FROM (SELECT message_id, count(DISTINCT coalesce(last_dot_at, finished_at)) "
+            "AS n FROM deliveries WHERE state = 'delivered' GROUP BY message_id) AS t")
         assert groups is not None
         rows = await conn.fetch(
             "SELECT extract(epoch FROM max(d.finished_at) - m.received_at)::float8 AS s "
@@ -414,6 +439,9 @@ def run_mta(workload: Workload, *, processes: int = 1, profile: Path | None = No
         node_cpu = CpuClock(lambda: process_tree(node.pid))
         pg_cpu = CpuClock(lambda: _postgres_pids(data_dir))
         sink_cpu = CpuClock(lambda: [sink.process.pid])
+        trees = (TreeCpu(lambda: descendants(node.pid)),
+                 TreeCpu(lambda: node_pids(node.pid, data_dir)),
+                 TreeCpu(lambda: [sink.process.pid]))
         meter = CpuMeter(root)
         with ConnectionSampler(dsn) as sampler, _py_spy(node.pid, profile, profile_seconds):
             started, started_epoch = time.perf_counter(), time.time()
@@ -421,6 +449,8 @@ def run_mta(workload: Workload, *, processes: int = 1, profile: Path | None = No
                                      sessions=w.sessions, size=w.size, recipients=w.recipients,
                                      timeout=timeout)
             sink_done = sink.wait_for(w.messages, timeout) - started
+            asyncio.run(wait_until_final(dsn))  # so the CPU counted is the run's, no more
+            node_s, both_s, sink_s = (tree.stop() for tree in trees)
             check, latencies = asyncio.run(_store_check(dsn, w.messages, w.recipients, sink,
                                                         SETTLE_TIMEOUT_S, dump))
             # Done when the sink has N messages and the store has every delivery recorded
@@ -442,7 +472,8 @@ def run_mta(workload: Workload, *, processes: int = 1, profile: Path | None = No
         postgres_cores=cores[1], sink_cores=cores[2], other_cpu=other_cpu, ok=check.ok,
         check=asdict(check), log_events=events, node_settings=settings,
         command=source.command, profile=str(profile) if profile else None,
-        metrics=metrics, evidence=kept,
+        metrics=metrics, evidence=kept, node_cpu_s=node_s,
+        postgres_cpu_s=max(both_s - node_s, 0.0), sink_cpu_s=sink_s,
     )
 
 
