@@ -62,12 +62,34 @@ class NodeRun:
     max_db_connections: int
 
 
+#: Separate intake and delivery processes (``--split I+D``): the node runs I + D
+#: processes with ``node.intake_processes`` / ``node.delivery_processes`` instead of
+#: ``node.processes`` (None: every process does both).
+SPLIT: tuple[int, int] | None = None
+
+
+def parse_split(text: str) -> tuple[int, int]:
+    """``I+D`` as (intake processes, delivery processes), each at least 1."""
+    intake, plus, delivery = text.partition("+")
+    if not (plus and intake.isdigit() and delivery.isdigit() and int(intake) and int(delivery)):
+        raise ValueError(f"--split wants I+D with I, D >= 1, got {text!r}")
+    return int(intake), int(delivery)
+
+
+def _processes_config(processes: int) -> str:
+    if SPLIT is None:
+        return f"processes = {processes}"
+    if sum(SPLIT) != processes:
+        raise ValueError(f"split {SPLIT} is not {processes} processes")
+    return f"intake_processes = {SPLIT[0]}\ndelivery_processes = {SPLIT[1]}"
+
+
 def _node_config(data_dir: Path, processes: int, extra: str = "") -> str:
     return f"""
 [node]
 name = "bench"
 data_dir = "{data_dir}"
-processes = {processes}
+{_processes_config(processes)}
 [smtp]
 listen = "127.0.0.1:{NODE_PORT}"
 hostname = "mx.bench.example"

@@ -58,6 +58,7 @@ from typing import Any
 
 import asyncpg
 
+import bench.intake as bench_intake
 from bench.cpu import TreeCpu, descendants, node_pids
 from bench.intake import (
     ADMIN_PORT,
@@ -645,7 +646,8 @@ def _relay(args: argparse.Namespace) -> int:
         rows.append((workload, _best(mta_runs), _best(postfix_runs),
                      sum(not run.ok for run, _ in mta_runs), len(mta_runs)))
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {platform.platform()}; "
-          f"generator: smtp-source; node processes: {args.processes}; repeat: {args.repeat} "
+          f"generator: smtp-source; node processes: {args.split or args.processes}; "
+          f"repeat: {args.repeat} "
           f"(medians of the clean runs that passed their checks, else of those that passed); "
           f"code: {code_version()}\n")
     print("| workload | messages | mta e2e msg/s | mta accept msg/s | Postfix e2e msg/s | ratio "
@@ -743,6 +745,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="node processes (default: one per core, as an operator sizes "
                              "node.processes)")
+    parser.add_argument("--split", metavar="I+D",
+                        help="I intake + D delivery processes instead of --processes")
     parser.add_argument("--verify-recipients", action="store_true",
                         help="smtp-sink -D dump: check every recipient arrived exactly once")
     parser.add_argument("--py-spy", type=Path, metavar="FILE",
@@ -754,6 +758,12 @@ def main(argv: list[str] | None = None) -> None:
                              help="node peak RSS while draining a preloaded backlog")
     backlog.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     args = parser.parse_args(argv)
+    if args.split:
+        try:
+            bench_intake.SPLIT = bench_intake.parse_split(args.split)
+        except ValueError as exc:
+            parser.error(str(exc))
+        args.processes = sum(bench_intake.SPLIT)
     if os.geteuid() != 0:
         parser.error("run as root (the Postfix side and smtp-sink -u need it)")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # so teardown runs on kill

@@ -35,6 +35,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+import bench.intake as bench_intake
 from bench.postfix_side import WORKLOADS, measure, wait_until_idle
 from bench.relay import POSTFIX_PORT, POSTFIX_SINK_PORT, code_version, run_mta
 from bench.workloads import (
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; medians")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="node processes (default: one per core, as bench.relay)")
+    parser.add_argument("--split", metavar="I+D",
+                        help="I intake + D delivery processes instead of --processes")
     parser.add_argument("--newsletter-postfix", choices=["nexthop", "per-domain", "both"],
                         default="both", help="the newsletter's Postfix routing (see README)")
     parser.add_argument("--min-idle", type=float, default=0.9, help="CPU idle share to wait for")
@@ -256,6 +259,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="rerun a run when other programs used more of the machine")
     parser.add_argument("--attempts", type=int, help="max tries per run (default 2, --quick 1)")
     args = parser.parse_args(argv)
+    if args.split:
+        try:
+            bench_intake.SPLIT = bench_intake.parse_split(args.split)
+        except ValueError as exc:
+            parser.error(str(exc))
+        args.processes = sum(bench_intake.SPLIT)
     args.idle_timeout = args.idle_timeout or (15.0 if args.quick else 300.0)
     args.attempts = args.attempts or (1 if args.quick else 2)
     if os.geteuid() != 0:
@@ -281,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {platform.platform()}; "
           f"{'quick (smoke) sizes' if args.quick else 'full sizes'}: {asdict(sizes)}; "
-          f"node processes: {args.processes}; repeat: {args.repeat} (medians of the clean "
-          f"runs that passed); code: {code_version()}\n")
+          f"node processes: {args.split or args.processes}; repeat: {args.repeat} "
+          f"(medians of the clean runs that passed); code: {code_version()}\n")
     print("\n".join(table(rows, results, mta_row)))
     probes = probe_table(results)
     if probes:
