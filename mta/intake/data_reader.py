@@ -87,7 +87,7 @@ class _Unstuffer:
         crlf = piece.count(b"\r\n")
         if piece.count(b"\n") != crlf or piece.count(b"\r") != crlf:
             self.bare_newline = True
-        ends_line = piece.endswith(b"\n")
+        ends_line = piece.endswith(b"\r\n")
         if self.line_start and piece.startswith(b"."):
             piece = piece[1:]
         self.line_start = ends_line

@@ -48,7 +48,7 @@ async def read_in_chunks(stream: bytes, chunk: int, **limits: int) -> tuple[Data
 pieces = st.sampled_from([b"\r\n", b".", b"..", b"a", b"\r", b"\n", b"\r\n.", b"xyz"])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(body=st.lists(pieces, max_size=40).map(b"".join),
        after=st.sampled_from([b"", b"QUIT\r\n", b"MAIL FROM:<a@b>\r\n"]),
        chunk=st.integers(min_value=1, max_value=9),
@@ -71,6 +71,14 @@ def test_a_stuffed_dot_at_a_chunk_boundary_is_undone(chunk: int) -> None:
     stream = b"line one\r\n..hidden\r\n...two dots" + END
     outcome, _ = asyncio.run(read_in_chunks(stream, chunk, max_size=1000, max_line=998))
     assert outcome.body == bytearray(b"line one\r\n.hidden\r\n..two dots\r\n")
+
+
+def test_a_dot_after_a_bare_lf_is_not_unstuffed() -> None:
+    """Only a dot after CRLF is stuffing: after a bare LF (refused anyway) it counts, so
+    the refusal is the one the whole stream gives (too big here)."""
+    stream = b"\r\n\r\n\r\n\r\n..\r\n..\r\n..xyzxyzxyz\n..\r\n" + END
+    outcome, _ = asyncio.run(read_in_chunks(stream, 1, max_size=30, max_line=3))
+    assert outcome.reason == "too_big"
 
 
 def test_an_oversized_body_is_not_kept_while_the_rest_is_read() -> None:
