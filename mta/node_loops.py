@@ -60,6 +60,8 @@ async def refresh_queue_gauges(store: Store, metrics: Metrics, stats_age: QueueS
             metrics.queue_expired_leases.set(stats.expired_leases)
             metrics.queue_due_lag_seconds.set(stats.due_lag_s)
             metrics.queue_oldest_message_seconds.set(stats.oldest_message_s)
+            metrics.queue_rerouted_last_minute.labels("out").set(stats.rerouted_out_last_minute)
+            metrics.queue_rerouted_last_minute.labels("in").set(stats.rerouted_in_last_minute)
             stats_age.refreshed()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)

@@ -140,6 +140,14 @@ class Metrics:
             "mta_queue_oldest_message_age_seconds",
             "Age of the oldest message with work left.", registry=reg,
         )
+        self.queue_rerouted_last_minute = Gauge(
+            "mta_queue_rerouted_last_minute_deliveries",
+            "Deliveries rerouted off this node's store (out) or onto it (in) in the last "
+            "60 seconds, by an operator's or the controller's reroute (last refresh).",
+            ["direction"], registry=reg,
+        )
+        for direction in ("out", "in"):
+            self.queue_rerouted_last_minute.labels(direction)
         self.heartbeat = Gauge(
             "mta_heartbeat_timestamp_seconds", "Unix time of the event loop's last beat.",
             registry=reg,
@@ -229,5 +237,6 @@ class Metrics:
         process of the node reports them, so that summing over processes counts the
         queue once)."""
         for gauge in (self.queue_deliveries, self.queue_expired_leases,
-                      self.queue_due_lag_seconds, self.queue_oldest_message_seconds, *also):
+                      self.queue_due_lag_seconds, self.queue_oldest_message_seconds,
+                      self.queue_rerouted_last_minute, *also):
             self.registry.unregister(gauge)

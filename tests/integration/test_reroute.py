@@ -14,6 +14,7 @@ import asyncpg
 
 from mta.queue import Store
 from mta.queue.ids import queue_id
+from tests.support.admin import admin_get
 from tests.support.fleet import FleetUnderTest, enqueue_tagged
 from tests.support.nodes import free_port, wait_for
 from tests.support.process import run_mta
@@ -109,6 +110,12 @@ async def test_a_receipt_names_the_copy_and_the_copy_names_its_origin(
         assert (await source.queue_stats()).rerouted_out_last_minute == 1
         assert (await target.queue_stats()).rerouted_in_last_minute == 1
         assert (await source.queue_stats()).rerouted_in_last_minute == 0
+
+        async def counted_in_on_b() -> bool:  # the running target node exports it
+            _, text = await admin_get(fleet.nodes["b"].admin_port, "/metrics")
+            return 'mta_queue_rerouted_last_minute_deliveries{direction="in"} 1.0' in text
+
+        await wait_for(counted_in_on_b, timeout=20)
 
         on_source = await run_mta("queue", "show", queue_id(listing.message_id), "--config",
                                   str(fleet.nodes["a"].config_path))
