@@ -23,10 +23,11 @@ from mta.cli.fleet_common import (
     inventory,
 )
 from mta.errors import ConfigError, MtaError
-from mta.fleet.audit import AuditEntry, FleetAudit, from_node_record
+from mta.fleet.audit import AuditEntry, FleetAudit, merge_node_records
 from mta.fleet.budget import GroupVerdict, check_fleet
 from mta.fleet.inventory import Fleet, duration_seconds
 from mta.fleet.stores import open_node_store
+from mta.queue.records import AuditRecord
 from mta.queue.server import STORE_ERRORS
 
 #: Why a node's store could not be read: it is then skipped, with one line.
@@ -74,9 +75,11 @@ def _why(exc: BaseException) -> str:
 
 async def _gather_audit(fleet: Fleet, data_dir: Path, node: str | None,
                         since: datetime | None, limit: int) -> tuple[list[AuditEntry], int]:
-    """The fleet database's, the spool's and every node's records; and how many sources
-    (the fleet database and the node stores) could be read."""
+    """The fleet database's, the spool's and every node's records, each action once (a
+    fleet command's node record merged into its fleet record); and how many sources (the
+    fleet database and the node stores) could be read."""
     read = 0
+    node_records: list[AuditRecord] = []
     async with FleetAudit.opened(fleet, data_dir) as audit:
         entries = await audit.records(node, since, limit)
         why = audit.unreachable()
@@ -96,16 +99,16 @@ async def _gather_audit(fleet: Fleet, data_dir: Path, node: str | None,
                   file=sys.stderr)
             continue
         read += 1
-        entries += [AuditEntry("node", from_node_record(r)) for r in records]
-    entries.sort(key=lambda e: e.record.at, reverse=True)
-    return entries[:limit], read
+        node_records += records
+    return merge_node_records(entries, node_records)[:limit], read
 
 
 @fleet_app.command("audit")
 def audit(node: NodeFilter = None, since: SinceOption = None, limit: LimitOption = 200,
           as_json: JsonOption = False, fleet_path: FleetOption = None,
           data_dir: DataDirOption = DEFAULT_DATA_DIR) -> None:
-    """Every action: the fleet database's, its spool's and each node's own records."""
+    """Every action: the fleet database's, its spool's and each node's own records (a
+    fleet action the node also recorded is one row, from fleet+node or spool+node)."""
     try:
         when = parse_since(since, datetime.now(UTC)) if since is not None else None
     except ValueError as exc:

@@ -2,7 +2,9 @@
 
 Each takes delivery ids, queue ids (every delivery of the message with work left), or a
 filter (``--state``, ``--destination``, ``--older-than``, ``--sender``). A filter shows
-how many deliveries it matches and asks before acting, unless ``--yes``.
+how many deliveries it matches and asks before acting, unless ``--yes``; the action's
+reason then names it (``abuse check (filter: --destination example.com)``), in the audit
+record, the hold reason and each delivery's timeline.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mta.cli.queue_common import (
     ReasonOption,
     SenderOption,
     StateOption,
+    filter_text,
     make_filter,
     run_store,
 )
@@ -39,7 +42,8 @@ YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Act on a filter's 
                                          "without asking.")]
 #: At most this many deliveries are matched by one filter run.
 FILTER_MAX = 1_000_000
-Act = Callable[[Store, list[int]], Awaitable[set[int]]]
+#: Acts on delivery ids with the reason to record (the operator's, and the filter).
+Act = Callable[[Store, list[int], str], Awaitable[set[int]]]
 
 
 def _targets(targets: Sequence[str]) -> tuple[list[int], list[uuid.UUID]]:
@@ -57,12 +61,18 @@ def _targets(targets: Sequence[str]) -> tuple[list[int], list[uuid.UUID]]:
     return ids, messages
 
 
+def filtered_reason(reason: str, selection: str) -> str:
+    """``reason`` as a filter's action records it: with the filter that chose."""
+    return f"{reason} (filter: {selection})"
+
+
 def act_on(config: Path | None, targets: Sequence[str] | None, sources: Sequence[str],
-           verb: str, act: Act, *, state: str | None, destination: str | None,
+           verb: str, act: Act, *, reason: str, state: str | None, destination: str | None,
            older_than: str | None, sender: str | None, yes: bool,
            hint: str = "") -> None:
-    """Resolve targets or a filter to delivery ids, confirm a filter, act, and report
-    what changed and what was left (exit 2 when something was left)."""
+    """Resolve targets or a filter to delivery ids, confirm a filter, act (with
+    ``reason``; a filter's names the filter), and report what changed and what was left
+    (exit 2 when something was left)."""
     filtered = any(v is not None for v in (state, destination, older_than, sender))
     if filtered and targets:
         fail("give ids or a filter, not both")
@@ -81,6 +91,7 @@ def act_on(config: Path | None, targets: Sequence[str] | None, sources: Sequence
             return
         if not yes and not typer.confirm(f"{verb} {len(ids)} deliveries?", default=False):
             fail("nothing changed", code=1)
+        reason = filtered_reason(reason, filter_text(state, destination, older_than, sender))
     else:
         ids, messages = _targets(targets or [])
 
@@ -92,7 +103,7 @@ def act_on(config: Path | None, targets: Sequence[str] | None, sources: Sequence
         ids = run_store(config, resolve) if messages else ids
 
     async def apply(store: Store) -> tuple[set[int], dict[int, str]]:
-        changed = await act(store, ids)
+        changed = await act(store, ids, reason)
         return changed, await store.delivery_states(sorted(set(ids) - changed))
 
     changed, left = run_store(config, apply)
@@ -110,7 +121,7 @@ def retry(targets: TargetsArgument = None, reason: ReasonOption = "retry now",
     """Make queued or deferred deliveries due now (``resend`` is for uncertain ones)."""
     who = operator_name(operator)
     act_on(config, targets, ("queued", "deferred"), "due now",
-           lambda store, ids: store.retry_now(ids, who, reason), state=state,
+           lambda store, ids, why: store.retry_now(ids, who, why), reason=reason, state=state,
            destination=destination, older_than=older_than, sender=sender, yes=yes)
 
 
@@ -121,7 +132,7 @@ def hold(reason: ReasonOption, targets: TargetsArgument = None, state: StateOpti
     """Hold queued or deferred deliveries: nothing sends them until ``release``."""
     who = operator_name(operator)
     act_on(config, targets, ("queued", "deferred"), "held",
-           lambda store, ids: store.hold(ids, who, reason), state=state,
+           lambda store, ids, why: store.hold(ids, who, why), reason=reason, state=state,
            destination=destination, older_than=older_than, sender=sender, yes=yes)
 
 
@@ -132,8 +143,9 @@ def release(reason: ReasonOption, targets: TargetsArgument = None, state: StateO
     """Put held deliveries back in the queue, due now."""
     who = operator_name(operator)
     act_on(config, targets, ("held",), "released",
-           lambda store, ids: store.release_held(ids, who, reason), state=state,
-           destination=destination, older_than=older_than, sender=sender, yes=yes)
+           lambda store, ids, why: store.release_held(ids, who, why), reason=reason,
+           state=state, destination=destination, older_than=older_than, sender=sender,
+           yes=yes)
 
 
 def delete(reason: ReasonOption, targets: TargetsArgument = None, state: StateOption = None,
@@ -153,15 +165,15 @@ def delete(reason: ReasonOption, targets: TargetsArgument = None, state: StateOp
     def dsn(message: DeletedMessage) -> NewMessage | None:
         return _deletion_dsn(message, reporting_mta, f"deleted by {who}: {reason}")
 
-    def act(store: Store, ids: list[int]) -> Awaitable[set[int]]:
+    def act(store: Store, ids: list[int], why: str) -> Awaitable[set[int]]:
         if bounce:
-            return store.delete_with_bounce(ids, who, reason,
+            return store.delete_with_bounce(ids, who, why,
                                             include_uncertain=include_uncertain,
                                             head_bytes=DSN_HEADERS_MAX_BYTES, bounce=dsn)
-        return store.delete(ids, who, reason, include_uncertain=include_uncertain)
+        return store.delete(ids, who, why, include_uncertain=include_uncertain)
 
-    act_on(config, targets, sources, "deleted", act, state=state, destination=destination,
-           older_than=older_than, sender=sender, yes=yes,
+    act_on(config, targets, sources, "deleted", act, reason=reason, state=state,
+           destination=destination, older_than=older_than, sender=sender, yes=yes,
            hint=" (uncertain ones with --include-uncertain; leased ones never)")
 
 

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import re
+import shlex
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -111,6 +112,20 @@ def make_filter(state: str | None, destination: str | None, older_than: str | No
         states=states, destination=destination.lower() if destination else None,
         older_than_s=parse_age(older_than) if older_than is not None else 0.0,
         sender=None if sender is None else ("" if sender == "<>" else sender))
+
+
+def filter_text(state: str | None, destination: str | None, older_than: str | None,
+                sender: str | None) -> str:
+    """The filter options as given (the destination as matched, lower case), in command
+    line form: ``--state deferred --destination example.com --older-than 2h``."""
+    parts: list[str] = []
+    for option, value in (("--state", state),
+                          ("--destination", destination.lower() if destination else None),
+                          ("--older-than", older_than.strip() if older_than else None),
+                          ("--sender", sender)):
+        if value is not None:
+            parts += [option, shlex.quote(value)]
+    return " ".join(parts)
 
 
 def jsonable(value: Any) -> Any:

@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -22,8 +23,12 @@ from mta.fleet.audit import (
 )
 from mta.fleet.inventory import Fleet, FleetSection, NodeEntry
 from mta.fleet.stores import open_node_store
-from mta.queue import EmbeddedPostgres
+from mta.queue import EmbeddedPostgres, Store
 from mta.queue.migrate import available_migrations
+from tests.support.fleet import FleetUnderTest, enqueue_tagged
+from tests.support.nodes import free_port
+from tests.support.process import run_mta
+from tests.support.sink import Sink
 
 
 def closed_port() -> int:
@@ -188,6 +193,57 @@ async def test_fleet_audit_merges_the_fleet_database_the_spool_and_the_nodes(
     result = mta("fleet", "audit", "--node", "postal-b", "--fleet", str(down_file),
                  "--data-dir", str(data_dir))
     assert result.returncode == 1, (result.stdout, result.stderr)
+
+
+async def test_fleet_audit_lists_a_fleet_action_once_and_keeps_node_only_actions(
+    tmp_path: Path, new_database: Callable[[], str], sink: Sink,
+) -> None:
+    fleet = FleetUnderTest.create(tmp_path, new_database, {"a": free_port(), "b": sink.port})
+    fleet.database = new_database()
+    fleet.write()
+    data_dir = str(tmp_path / "fleet-data")
+    store = await Store.open(fleet.dsns["a"], fleet.settings("a"))
+    try:
+        await enqueue_tagged(store, ["m1", "m2", "m3"])
+        config = str(fleet.nodes["a"].config_path)
+        # A node-only action: an operator's hold on node a (mta queue on that host).
+        (first, *_) = await store.deliveries_in_state("queued")
+        held = await run_mta("queue", "hold", str(first.id), "--reason", "abuse check",
+                             "--operator", "carol", "--config", config)
+        assert held.returncode == 0, held.stderr
+        # Fleet actions, each also written into a's audit table: a mode change (through
+        # its store, a's daemon is down) and a reroute run.
+        isolated = await fleet.fleet("isolate", "a", "--reason", "seed 1 drill",
+                                     "--operator", "alice", "--data-dir", data_dir)
+        assert isolated.returncode == 0, isolated.stderr
+        await fleet.start("b")
+        moved = await fleet.fleet("reroute", "a", "--to", "b", "--reason", "empty it",
+                                  "--operator", "alice", "--data-dir", data_dir)
+        assert moved.returncode == 0, moved.stderr
+        # Another node-only action: a mode the node took without the fleet.
+        await store.set_node_mode("a", "draining", "local check", "dave")
+        on_node = [r.action for r in await store.audit_records()]
+        assert on_node == ["mode:draining", "reroute", "mode:isolated", "hold"]
+
+        listed = await fleet.fleet("audit", "--json", "--data-dir", data_dir)
+        assert listed.returncode == 0, listed.stderr
+        rows = json.loads(listed.stdout)
+        assert [(r["source"], r["node"], r["action"], r["operator"]) for r in rows] == [
+            ("node", "a", "mode:draining", "dave"),
+            ("fleet+node", "a", "reroute", "alice"),
+            ("fleet+node", "a", "isolate", "alice"),
+            ("node", "a", "hold", "carol"),
+        ], "each action once, the node's own ones too"
+        assert rows[1]["counts"]["moved"] == 2 and rows[1]["reason"] == "empty it"
+        assert rows[2]["result"] == "ok via store"
+
+        table = await fleet.fleet("audit", "--node", "a", "--data-dir", data_dir)
+        assert table.returncode == 0, table.stderr
+        actions = [line.split("\t")[3] for line in table.stdout.splitlines()[2:]]
+        assert actions == ["mode:draining", "reroute", "isolate", "hold"]
+    finally:
+        await store.close()
+        await fleet.close()
 
 
 def test_fleet_audit_refuses_a_bad_since(tmp_path: Path) -> None:

@@ -207,6 +207,45 @@ async def test_retry_hold_release_by_id_queue_id_and_filter_are_audited(
     assert audit[2]["operator"] == "alice" and audit[1]["reason"] == "abuse check"
 
 
+async def test_a_hold_by_filter_is_audited_with_its_filter(
+    tmp_path: Path, db_dsn: str, make_settings: Callable[..., Settings]
+) -> None:
+    store = await Store.open(db_dsn, make_settings())
+    try:
+        await _enqueue(store, ["a@slow.example", "b@slow.example"])
+        deferred = await _settle(store, "deferred", "451 later", 451)
+        await _enqueue(store, ["c@slow.example"])
+        await _enqueue(store, ["d@slow.example"], sender="other@example.org")
+    finally:
+        await store.close()
+    config = _config(tmp_path, db_dsn)
+
+    held = await run_mta("queue", "hold", "--state", "deferred", "--destination",
+                         "Slow.Example", "--older-than", "0s", "--sender", "app@example.org",
+                         "--reason", "abuse check", "--operator", "alice", "--yes",
+                         "--config", config)
+    assert held.returncode == 0, held.stderr
+    assert set((await _states(db_dsn, deferred)).values()) == {"held"}
+    by_id = await run_mta("queue", "release", str(deferred[0]), "--reason", "cleared",
+                          "--config", config)
+    assert by_id.returncode == 0, by_id.stderr
+
+    selection = ("abuse check (filter: --state deferred --destination slow.example "
+                 "--older-than 0s --sender app@example.org)")
+    as_json = await run_mta("queue", "audit", "--json", "--config", config)
+    assert as_json.returncode == 0, as_json.stderr
+    audit = json.loads(as_json.stdout)["audit"]
+    assert [(a["action"], a["reason"], a["changed"]) for a in audit] == [
+        ("release", "cleared", deferred[:1]), ("hold", selection, deferred)], \
+        "a filter's action names its filter; an action on ids does not"
+    as_text = await run_mta("queue", "audit", "--config", config)
+    assert as_text.returncode == 0, as_text.stderr
+    (line,) = [line for line in as_text.stdout.splitlines() if "\thold\t" in line]
+    assert f"\t{selection}\t" in line
+    listed = await run_mta("queue", "held", "--json", "--config", config)
+    assert [d["hold_reason"] for d in json.loads(listed.stdout)["deliveries"]] == [selection]
+
+
 async def test_delete_fails_deliveries_with_evidence_but_never_leased_ones(
     tmp_path: Path, db_dsn: str, make_settings: Callable[..., Settings]
 ) -> None:
@@ -249,7 +288,8 @@ async def test_delete_fails_deliveries_with_evidence_but_never_leased_ones(
     finally:
         await conn.close()
     assert [(r["state"], r["last_reply"]) for r in rows] == [
-        ("failed", "deleted by alice: spam")] * 2
+        ("failed", "deleted by alice: spam"),
+        ("failed", "deleted by alice: spam (filter: --destination spam.example)")]
     assert dsns == 0, "no DSN without --bounce"
     shown = await run_mta("queue", "list", "--state", "failed", "--config", config)
     assert shown.stdout.splitlines()[0] == "# 2 deliveries", "the records stay"
