@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import heapq
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.registry import Collector
 
 from mta import __version__
 
-#: Destinations with a label of their own; the rest are counted as ``other``.
+#: Destinations with a label of their own, at most; the rest are counted as ``other``.
 MAX_DESTINATIONS = 20
 OTHER_DESTINATION = "other"
+#: Attempts a destination needs before it may take a label (one-offs do not).
+MIN_LABEL_ATTEMPTS = 3
+#: Destinations whose attempts are counted at most; when full, the half with the fewest
+#: attempts is forgotten, so a flood of new domains does not grow memory.
+MAX_COUNTED_DESTINATIONS = 4096
 #: Why a delivery was deferred (``mta_delivery_deferred_total{reason}``).
 DEFER_REASONS = ("reply_4xx", "no_reply", "dns", "suspended", "other")
 #: Intake refusals with 451 or 452 for the store's sake (MtaIntakeRefusing).
@@ -171,7 +178,8 @@ class Metrics:
               registry=reg).labels(__version__).set(1)
         for reason in STORE_REFUSALS:  # exported from the start, for the alert's rate
             self.intake_rejected.labels(reason)
-        self._destinations: set[str] = set()
+        self._labelled: set[str] = set()
+        self._attempts: dict[str, int] = {}
         self.delivery_accept_to_delivered_seconds = Histogram(
             "mta_delivery_accept_to_delivered_seconds",
             "Time from the 250 at intake to the delivery's success.",
@@ -216,15 +224,47 @@ class Metrics:
             self.pool_acquire_timeouts.labels(share)
 
     def destination(self, name: str) -> str:
-        """The label for destination ``name``: its own for the first
-        :data:`MAX_DESTINATIONS` destinations attempted since start (kept until restart),
-        ``other`` for the rest, so the series stay bounded."""
-        if name in self._destinations:
-            return name
-        if len(self._destinations) < MAX_DESTINATIONS:
-            self._destinations.add(name)
-            return name
-        return OTHER_DESTINATION
+        """The ``destination`` label of ``name`` now: its own if it was given one, else
+        ``other``. Counts nothing; :meth:`attempted` counts and gives labels."""
+        return name if name in self._labelled else OTHER_DESTINATION
+
+    def attempted(self, name: str) -> str:
+        """Count one attempt to ``name`` and return its label; call it once per attempt.
+
+        The first :data:`MAX_DESTINATIONS` destinations to reach
+        :data:`MIN_LABEL_ATTEMPTS` attempts since start get a label of their own, from the
+        attempt that reaches it (earlier ones were ``other``), and keep it until restart.
+        Every other destination is ``other``, even one that later overtakes a labelled
+        one. This is the top :data:`MAX_DESTINATIONS` by attempts counted so far, for
+        labels never taken back: while a label is free, every destination counted with more
+        attempts than one reaching the minimum reached it earlier and took a label.
+
+        Only destinations without a label are counted, and only while a label is free, in
+        a table of at most :data:`MAX_COUNTED_DESTINATIONS`. A new destination that finds
+        it full first forgets the half with the fewest attempts (those count again from
+        zero): a count never exceeds the attempts since start, and a flood of one-off
+        domains costs bounded memory and amortised O(log n) time per attempt."""
+        if name in self._labelled or len(self._labelled) >= MAX_DESTINATIONS:
+            return self.destination(name)
+        attempts = self._attempts.get(name, 0) + 1
+        if attempts < MIN_LABEL_ATTEMPTS:
+            if attempts == 1 and len(self._attempts) >= MAX_COUNTED_DESTINATIONS:
+                self._forget_half()
+            self._attempts[name] = attempts
+            return OTHER_DESTINATION
+        self._attempts.pop(name, None)
+        self._labelled.add(name)
+        if len(self._labelled) >= MAX_DESTINATIONS:
+            self._attempts.clear()  # no label is left to give
+        return name
+
+    def _forget_half(self) -> None:
+        """Keep the half of the count table with the most attempts; of equal counts, those
+        first seen last (an early one-off had more time to come back)."""
+        newest_first = reversed(self._attempts.items())
+        kept = {name for name, _ in heapq.nlargest(
+            MAX_COUNTED_DESTINATIONS // 2, newest_first, key=lambda item: item[1])}
+        self._attempts = {name: n for name, n in self._attempts.items() if name in kept}
 
     def observe_acquire(self, share: str, waited_s: float, timed_out: bool) -> None:
         """A wait for a pool slot of ``share`` ended (the pool's acquire hook)."""
