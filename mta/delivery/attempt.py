@@ -187,7 +187,7 @@ class Attempts:
             progress.dot_at = time.time()
             fault_point("delivery.after_dot_pending")
 
-        label = self.metrics.destination(hop.key)
+        label = self.metrics.attempted(hop.key)
         session_since = time.perf_counter()
         try:
             async with self.connections.session(hop) as conn:
