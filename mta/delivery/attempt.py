@@ -57,6 +57,19 @@ from mta.queue.store import Store
 
 log = structlog.get_logger(__name__)
 
+@dataclass(frozen=True)
+class Sent:
+    """One transaction's replies, before they are settled."""
+
+    deliveries: list[ClaimedDelivery]
+    results: list[RecipientResult]
+    #: Deliveries to send again at once: a ``452`` to their RCPT after others were taken
+    #: (too many recipients); they are not settled with the rest.
+    again: list[ClaimedDelivery]
+    #: The destination's pushback, if the transaction met any.
+    pushback: str | None
+
+
 class NotSent(Exception):
     """A group failed before anything reached the remote server."""
 
@@ -141,32 +154,46 @@ class Attempts:
             return
         uncertain_mode = hop.uncertain_mode or self.delivery.uncertain_mode
         limit = hop.recipients_per_transaction or self.delivery.recipients_per_transaction
-        pending, pushback = list(deliveries), None
+        pending: list[ClaimedDelivery] = list(deliveries)
+        sent: Sent | None = None
         async with self._renewing([d.id for d in deliveries]), self.shaper.slot(hop.key):
             # Every transaction settles at least one delivery, so this ends in time.
             for _ in range(len(deliveries)):
                 batch, pending = pending[:limit], pending[limit:]
-                again, pushback = await self._transaction(message, hop, batch, progress,
-                                                          uncertain_mode)
-                pending = again + pending
-                if not pending or pushback is not None:
+                sent = await self._transaction(message, hop, batch, progress)
+                pending = sent.again + pending
+                if not pending or sent.pushback is not None:
                     break
-            if pending:
-                # The destination pushed back (no reply, a 421, a 4xx to the session):
-                # the rest is not tried on it now, and waits like the failed transaction.
-                results = [RecipientResult(d.recipient, 0, f"not sent: an earlier transaction "
-                                           f"of this attempt failed: {pushback}", "connect",
-                                           False, "local") for d in pending]
-                await self._settle(message, pending, results, progress, host=hop.key)
+                # More to send on this connection: this transaction's outcomes first.
+                await self._settle_sent(message, sent, progress, hop, uncertain_mode)
+                sent = None
+        # The last transaction is settled after the destination's slot is free, so the
+        # store write does not hold up the next send to it.
+        if sent is not None:
+            await self._settle_sent(message, sent, progress, hop, uncertain_mode)
+        if pending:
+            # The destination pushed back (no reply, a 421, a 4xx to the session): the
+            # rest is not tried on it now, and waits like the failed transaction.
+            why = sent.pushback if sent is not None else "too many transactions"
+            results = [RecipientResult(d.recipient, 0, f"not sent: an earlier transaction "
+                                       f"of this attempt failed: {why}", "connect",
+                                       False, "local") for d in pending]
+            await self._settle(message, pending, results, progress, host=hop.key)
+
+    async def _settle_sent(self, message: Envelope, sent: Sent, progress: Progress,
+                           hop: NextHop, uncertain_mode: UncertainMode) -> None:
+        """Settle a transaction's outcomes, but for the deliveries it sends again."""
+        resent = {d.recipient for d in sent.again}
+        await self._settle(message, [d for d in sent.deliveries if d.recipient not in resent],
+                           [r for r in sent.results if r.recipient not in resent],
+                           progress, host=hop.key, uncertain_mode=uncertain_mode)
 
     async def _transaction(self, message: Envelope, hop: NextHop,
-                           deliveries: list[ClaimedDelivery], progress: Progress,
-                           uncertain_mode: UncertainMode,
-                           ) -> tuple[list[ClaimedDelivery], str | None]:
-        """One SMTP transaction for ``deliveries``, settled. Returns the deliveries to send
-        again at once (a ``452`` to their RCPT after others were taken: too many
-        recipients), and the destination's pushback, if any."""
+                           deliveries: list[ClaimedDelivery], progress: Progress) -> Sent:
+        """One SMTP transaction for ``deliveries``, not yet settled (``progress`` holds
+        its journal state until it is)."""
         progress.start_transaction(uuid.uuid4().hex, {d.id for d in deliveries})
+        uncertain_mode = hop.uncertain_mode or self.delivery.uncertain_mode
         body = Body(self.store, message, self._sending)
         ids = {d.recipient: d.id for d in deliveries}
 
@@ -219,11 +246,7 @@ class Attempts:
             log.info("delivery.too_many_recipients", queue_id=queue_id(message.id),
                      destination=deliveries[0].next_hop, sent=len(deliveries) - len(again),
                      again=len(again))
-        resent = {d.recipient for d in again}
-        await self._settle(message, [d for d in deliveries if d.recipient not in resent],
-                           [r for r in results if r.recipient not in resent],
-                           progress, host=hop.key, uncertain_mode=uncertain_mode)
-        return again, pushback
+        return Sent(deliveries, results, again, pushback)
 
     @contextlib.asynccontextmanager
     async def _renewing(self, ids: list[int]) -> AsyncIterator[None]:
