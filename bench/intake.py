@@ -76,6 +76,24 @@ def parse_split(text: str) -> tuple[int, int]:
     return int(intake), int(delivery)
 
 
+def add_split_argument(parser: argparse.ArgumentParser) -> None:
+    """``--split I+D``: separate intake and delivery processes instead of --processes."""
+    parser.add_argument("--split", metavar="I+D",
+                        help="I intake + D delivery processes instead of --processes")
+
+
+def apply_split(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Take ``--split`` into :data:`SPLIT`, and its total as ``args.processes``."""
+    global SPLIT
+    if not args.split:
+        return
+    try:
+        SPLIT = parse_split(args.split)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.processes = sum(SPLIT)
+
+
 def _processes_config(processes: int) -> str:
     if SPLIT is None:
         return f"processes = {processes}"

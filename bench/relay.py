@@ -745,8 +745,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="node processes (default: one per core, as an operator sizes "
                              "node.processes)")
-    parser.add_argument("--split", metavar="I+D",
-                        help="I intake + D delivery processes instead of --processes")
+    bench_intake.add_split_argument(parser)
     parser.add_argument("--verify-recipients", action="store_true",
                         help="smtp-sink -D dump: check every recipient arrived exactly once")
     parser.add_argument("--py-spy", type=Path, metavar="FILE",
@@ -758,12 +757,7 @@ def main(argv: list[str] | None = None) -> None:
                              help="node peak RSS while draining a preloaded backlog")
     backlog.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     args = parser.parse_args(argv)
-    if args.split:
-        try:
-            bench_intake.SPLIT = bench_intake.parse_split(args.split)
-        except ValueError as exc:
-            parser.error(str(exc))
-        args.processes = sum(bench_intake.SPLIT)
+    bench_intake.apply_split(parser, args)
     if os.geteuid() != 0:
         parser.error("run as root (the Postfix side and smtp-sink -u need it)")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # so teardown runs on kill

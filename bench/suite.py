@@ -248,8 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per side; medians")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="node processes (default: one per core, as bench.relay)")
-    parser.add_argument("--split", metavar="I+D",
-                        help="I intake + D delivery processes instead of --processes")
+    bench_intake.add_split_argument(parser)
     parser.add_argument("--newsletter-postfix", choices=["nexthop", "per-domain", "both"],
                         default="both", help="the newsletter's Postfix routing (see README)")
     parser.add_argument("--min-idle", type=float, default=0.9, help="CPU idle share to wait for")
@@ -259,12 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="rerun a run when other programs used more of the machine")
     parser.add_argument("--attempts", type=int, help="max tries per run (default 2, --quick 1)")
     args = parser.parse_args(argv)
-    if args.split:
-        try:
-            bench_intake.SPLIT = bench_intake.parse_split(args.split)
-        except ValueError as exc:
-            parser.error(str(exc))
-        args.processes = sum(bench_intake.SPLIT)
+    bench_intake.apply_split(parser, args)
     args.idle_timeout = args.idle_timeout or (15.0 if args.quick else 300.0)
     args.attempts = args.attempts or (1 if args.quick else 2)
     if os.geteuid() != 0:

@@ -22,7 +22,7 @@ import trustme
 import uvloop
 
 from mta.config import Settings
-from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
+from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, Store, migrate_dsn
 from tests.support.nodes import NodeHandle, start_node
 from tests.support.sink import Sink, running_sink
 
@@ -132,6 +132,16 @@ def make_settings(tmp_path: Path, db_dsn: str) -> Callable[..., Settings]:
         return Settings(**values)
 
     return build
+
+
+@pytest.fixture
+async def store(db_dsn: str, make_settings: Callable[..., Settings]) -> AsyncIterator[Store]:
+    """A store on this test's database with the test settings, closed afterwards."""
+    opened = await Store.open(db_dsn, make_settings())
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture

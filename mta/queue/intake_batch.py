@@ -10,9 +10,8 @@ batched: they are streamed on their own (:mod:`mta.queue.message_copy`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
-from mta.errors import StoreRejected
+from mta.queue.batching import write_batch
 from mta.queue.message_copy import STREAM_BODY_BYTES
 from mta.queue.records import NewMessage
 from mta.queue.store import Store
@@ -57,25 +56,8 @@ class EnqueueBatcher:
     async def _write_queued(self) -> None:
         try:
             while self._queued:
-                batch = self._take()
-                try:
-                    await self._store.enqueue_many([message for message, _ in batch])
-                except StoreRejected as exc:
-                    if len(batch) == 1:
-                        _settle(batch, exc)
-                        continue
-                    # One message was refused: each alone, so only it is refused.
-                    for one in batch:
-                        try:
-                            await self._store.enqueue(one[0])
-                        except Exception as alone:
-                            _settle([one], alone)
-                        else:
-                            _settle([one], None)
-                except Exception as exc:  # every message of this batch gets it
-                    _settle(batch, exc)
-                else:
-                    _settle(batch, None)
+                await write_batch(self._take(), self._store.enqueue_many,
+                                  self._store.enqueue)
         finally:
             self._busy -= 1
 
@@ -90,15 +72,3 @@ class EnqueueBatcher:
             batch.append(self._queued.pop(0))
             size += len(message.body)
         return batch
-
-
-def _settle(batch: Sequence[_Queued], error: BaseException | None) -> None:
-    """Tell each session of ``batch`` its result (``error``, or committed)."""
-    for _, done in batch:
-        if done.done():
-            continue
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
-            done.exception()  # retrieved: a cancelled session no longer waits

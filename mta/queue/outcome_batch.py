@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from mta.errors import StoreRejected
+from mta.queue.batching import write_batch
 from mta.queue.records import AttemptOutcome
 from mta.queue.store import Store
 
@@ -49,36 +49,11 @@ class OutcomeBatcher:
                 outcomes, done = self._queued.pop(0)
                 batch.append((outcomes, done))
                 count += len(outcomes)
-            try:
-                await self._store.record_outcomes(
-                    self._owner, [outcome for outcomes, _ in batch for outcome in outcomes])
-            except StoreRejected as exc:
-                if len(batch) == 1:
-                    _settle(batch, exc)
-                    continue
-                # One caller's values were refused: each caller alone, so that only
-                # its own outcomes are refused.
-                for one in batch:
-                    try:
-                        await self._store.record_outcomes(self._owner, one[0])
-                    except Exception as exc:
-                        _settle([one], exc)
-                    else:
-                        _settle([one], None)
-            except Exception as exc:  # every caller of this batch gets it
-                _settle(batch, exc)
-            else:
-                _settle(batch, None)
+            await write_batch(batch, self._write_all, self._write_one)
 
+    async def _write_all(self, batch: list[Sequence[AttemptOutcome]]) -> None:
+        await self._store.record_outcomes(
+            self._owner, [outcome for outcomes in batch for outcome in outcomes])
 
-def _settle(batch: Sequence[tuple[Sequence[AttemptOutcome], asyncio.Future[None]]],
-            error: BaseException | None) -> None:
-    """Tell each caller of ``batch`` its result (``error``, or committed)."""
-    for _, done in batch:
-        if done.done():
-            continue
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
-            done.exception()  # retrieved: a cancelled caller no longer waits
+    async def _write_one(self, outcomes: Sequence[AttemptOutcome]) -> None:
+        await self._store.record_outcomes(self._owner, outcomes)

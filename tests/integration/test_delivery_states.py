@@ -3,23 +3,9 @@ its evidence event, and safe to apply twice (journal replay)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-
-import pytest
-
-from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
 from mta.queue.records import AttemptOutcome
-
-
-@pytest.fixture
-async def store(db_dsn: str, make_settings: Callable[..., Settings]) -> AsyncIterator[Store]:
-    opened = await Store.open(db_dsn, make_settings())
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def enqueue(store: Store, recipients: int) -> None:

@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 
 import asyncpg
-import pytest
 
-from mta.config import Settings
 from mta.errors import StoreRejected
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
 from mta.queue.intake_batch import EnqueueBatcher
-
-
-@pytest.fixture
-async def store(db_dsn: str, make_settings: Callable[..., Settings]) -> AsyncIterator[Store]:
-    opened = await Store.open(db_dsn, make_settings())
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 class CountingStore:

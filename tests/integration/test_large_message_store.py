@@ -4,25 +4,14 @@ they give must be the row the one-statement insert gives, in one transaction."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
 
-from mta.config import Settings
 from mta.errors import StoreRejected
 from mta.queue import NewMessage, Store
 from mta.queue.ids import new_message_id
 from mta.queue.message_copy import STREAM_BODY_BYTES
-
-
-@pytest.fixture
-async def store(db_dsn: str, make_settings: Callable[..., Settings]) -> AsyncIterator[Store]:
-    opened = await Store.open(db_dsn, make_settings())
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def message(size: int, **fields: object) -> NewMessage:
