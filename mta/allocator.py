@@ -15,8 +15,10 @@ import ctypes.util
 
 #: ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (glibc's malloc.h).
 _M_MMAP_THRESHOLD = -3
-#: Blocks from this size on are mapped on their own (glibc's initial default).
-MMAP_THRESHOLD_BYTES = 128 * 1024
+#: Blocks from this size on are mapped on their own: message-sized buffers, not the
+#: 256 KiB chunks and slices, which the heap reuses without page faults (at 128 KiB,
+#: glibc's initial default, intake of 1 MB messages ran 30% slower, BENCHMARKS.md).
+MMAP_THRESHOLD_BYTES = 1024 * 1024
 
 
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:

@@ -15,6 +15,7 @@ from mta.config.budget import (
     FIXED_CONNECTIONS_PER_PROCESS,
     INTAKE_CHUNK_BYTES,
     INTAKE_COPIES_PER_MESSAGE,
+    STREAM_BODY_BYTES,
     role_shares,
 )
 from mta.config.settings import ProcessRole
@@ -70,7 +71,8 @@ def _memory_line(settings: Settings, role: ProcessRole) -> str:
     if role != "delivery":
         parts.append(f"data_concurrency {settings.smtp.data_concurrency} x "
                      f"({INTAKE_COPIES_PER_MESSAGE} copy x max_message_size {size} + 1/8 "
-                     f"growth + {_human(INTAKE_CHUNK_BYTES)} of chunks)")
+                     f"growth + {_human(INTAKE_CHUNK_BYTES)} of chunks + the driver's copy of "
+                     f"a body under {_human(STREAM_BODY_BYTES)})")
     if role != "intake" and settings.delivery.enabled:
         parts.append(f"workers {settings.node.workers} x {DELIVERY_COPIES_PER_MESSAGE} "
                      f"copies x max_message_size {size}")

@@ -20,6 +20,9 @@ INTAKE_GROWTH_SLACK = 1 / 8
 #: Per DATA phase, beside the body: the stream's buffer, the chunk read, its unstuffed
 #: piece and the slice being handed to the driver (256 KiB each, rounded up).
 INTAKE_CHUNK_BYTES = 1024 * 1024
+#: Bodies from this size on are streamed into the store by COPY (mta.queue.message_copy);
+#: a smaller one is copied whole into the driver's buffer, a second copy of at most this.
+STREAM_BODY_BYTES = 2 * 1024 * 1024
 
 #: Copies of one body a delivery holds: the row as the driver returns it, and the chunk
 #: being dot-stuffed onto the socket (bounded, counted as a second copy to be safe).
@@ -106,7 +109,8 @@ def budget_violation(budget: ConnectionBudget, limits: ServerLimits, reserve: in
 
 def intake_bytes_per_message(size: int) -> int:
     """What one DATA phase of a message of ``size`` bytes may hold at most."""
-    return int(INTAKE_COPIES_PER_MESSAGE * size * (1 + INTAKE_GROWTH_SLACK)) + INTAKE_CHUNK_BYTES
+    return (int(INTAKE_COPIES_PER_MESSAGE * size * (1 + INTAKE_GROWTH_SLACK))
+            + INTAKE_CHUNK_BYTES + min(size, STREAM_BODY_BYTES))
 
 
 def memory_bound_bytes(settings: Settings, role: ProcessRole = "both") -> int:

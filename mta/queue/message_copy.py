@@ -12,10 +12,11 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator
 
+from mta.config.budget import STREAM_BODY_BYTES
 from mta.queue.records import NewMessage
 
-#: Bodies from this size on are streamed; smaller ones go in the one-statement insert.
-STREAM_BODY_BYTES = 256 * 1024
+__all__ = ["COLUMNS", "STREAM_BODY_BYTES", "message_row"]
+
 #: Bytes of the body handed to the driver at a time.
 SLICE_BYTES = 256 * 1024
 
