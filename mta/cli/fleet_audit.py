@@ -23,7 +23,8 @@ from mta.cli.fleet_common import (
     inventory,
 )
 from mta.errors import ConfigError, MtaError
-from mta.fleet.audit import AuditEntry, FleetAudit, merge_node_records
+from mta.fleet.audit import AuditEntry, FleetAudit
+from mta.fleet.audit_merge import merge_node_records
 from mta.fleet.budget import GroupVerdict, check_fleet
 from mta.fleet.inventory import Fleet, duration_seconds
 from mta.fleet.stores import open_node_store

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -33,6 +32,7 @@ import structlog
 
 from mta.errors import ConfigError, MtaError
 from mta.fleet.inventory import Fleet
+from mta.fleet.spool_files import SpoolError, append_lines, open_locked, spool_io
 from mta.mail.text import outside_text
 from mta.queue import EmbeddedPostgres
 from mta.queue.migrate import migrate
@@ -139,90 +139,6 @@ def from_node_record(record: AuditRecord) -> FleetAction:
                        uuid.uuid5(_NODE_RECORDS, f"{record.node}/{record.id}"), record.at)
 
 
-#: The action a node's own audit table records for a fleet action (DESIGN.md Audit: a
-#: fleet command writes both, so ``mta fleet audit`` shows the pair once).
-NODE_ECHOES: dict[str, str] = {
-    "drain": "mode:draining", "isolate": "mode:isolated", "activate": "mode:active",
-    "controller:drain": "mode:draining", "controller:isolate": "mode:isolated",
-    "reroute": "reroute", "reconcile": "reconcile"}
-#: The controller's reason on the node: its evidence after this prefix.
-_CONTROLLER_REASON = "controller: "
-#: A node's record and a fleet record of one action are at most this far apart: the node
-#: writes first (the mode change, the end of a run), the fleet command after it, on
-#: another host's clock.
-ECHO_WINDOW = timedelta(minutes=5)
-
-
-def _outcome(result: str) -> str:
-    """``ok`` (``ok via store``, the controller's ``acted via …``), ``partial`` or what
-    else the first word of ``result`` says (``failed``, ``dry_run``, held back)."""
-    word = result.split(" ", 1)[0].rstrip(":")
-    return "ok" if word == "acted" else word
-
-
-def _same_text(a: str, b: str) -> bool:
-    return outside_text(a).strip() == outside_text(b).strip()
-
-
-def _is_echo(fleet: FleetAction, node: AuditRecord) -> bool:
-    """Whether ``node`` is the node's own record of ``fleet`` (the time apart)."""
-    if NODE_ECHOES.get(fleet.action) != node.action or fleet.node != node.node:
-        return False
-    if not _same_text(fleet.operator, node.operator):
-        return False
-    reason = (_CONTROLLER_REASON + fleet.reason if fleet.action.startswith("controller:")
-              else fleet.reason)
-    if not _same_text(reason, node.reason):
-        return False
-    if _outcome(fleet.result) not in ("ok", "partial") or (
-            _outcome(fleet.result) != _outcome(node.result)):
-        return False
-    return all(node.counts[key] == value for key, value in fleet.counts.items()
-               if key in node.counts)
-
-
-def merge_node_records(entries: list[AuditEntry],
-                       node_records: list[AuditRecord]) -> list[AuditEntry]:
-    """The fleet database's and the spool's ``entries`` with every node's records, each
-    action once, newest first. A fleet command's action is in both places (a record in
-    the fleet database or its spool, and one in the node's audit table); they share no
-    id, so a node record is the fleet record's when it names the same node, operator,
-    reason (the controller's with its ``controller: `` prefix), the node-side action of
-    the fleet action (``drain`` is ``mode:draining``), the same outcome and the same
-    counts, within :data:`ECHO_WINDOW`. Such a pair is listed once, as the fleet's
-    record with the node's extra counts, from ``fleet+node`` (or ``spool+node``). Each
-    record pairs at most once, nearest in time first. Node-only actions (``mta queue
-    hold``, a mode the node's own admin API took) stay as they are."""
-    candidates: list[tuple[timedelta, int, int]] = []
-    by_key: dict[tuple[str, str], list[int]] = {}
-    for n, record in enumerate(node_records):
-        by_key.setdefault((record.node, record.action), []).append(n)
-    for f, entry in enumerate(entries):
-        echo = NODE_ECHOES.get(entry.record.action)
-        for n in by_key.get((entry.record.node, echo), []) if echo else []:
-            apart = abs(entry.record.at - node_records[n].at)
-            if apart <= ECHO_WINDOW and _is_echo(entry.record, node_records[n]):
-                candidates.append((apart, f, n))
-    paired: dict[int, int] = {}
-    taken: set[int] = set()
-    for _, f, n in sorted(candidates):
-        if f not in paired and n not in taken:
-            paired[f] = n
-            taken.add(n)
-    merged = []
-    for f, entry in enumerate(entries):
-        if f not in paired:
-            merged.append(entry)
-            continue
-        extra = node_records[paired[f]].counts
-        both = replace(entry.record, counts={**extra, **entry.record.counts})
-        merged.append(AuditEntry(f"{entry.source}+node", both))
-    merged += [AuditEntry("node", from_node_record(record))
-               for n, record in enumerate(node_records) if n not in taken]
-    merged.sort(key=lambda entry: entry.record.at, reverse=True)
-    return merged
-
-
 def requires_shared_database(fleet: Fleet, what: str) -> None:
     """Refuse ``what`` (the controller, de-duplication) on a fleet without a shared database."""
     if not fleet.fleet.database:
@@ -235,31 +151,6 @@ def _why(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-class _SpoolError(Exception):
-    """The spool file itself could not be read or written (not the database's fault)."""
-
-
-@contextlib.contextmanager
-def _spool_io(path: Path) -> Iterator[None]:
-    """File errors on ``path`` as :class:`_SpoolError`."""
-    try:
-        yield
-    except OSError as exc:
-        raise _SpoolError(f"{path}: {exc.strerror or exc}") from exc
-
-
-def _open_locked(path: Path, flags: int) -> int:
-    """``path`` opened with ``flags`` under an exclusive lock (appends and the copy's
-    truncation never interleave); closing the descriptor releases it."""
-    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 class AuditSpool:
     """``<data_dir>/audit-spool.jsonl``: records the fleet database has not taken yet."""
 
@@ -269,7 +160,7 @@ class AuditSpool:
 
     def append(self, action: FleetAction) -> None:
         """Add one record as one line, on disk (fsynced) before this returns."""
-        _append_lines(self.path, [json.dumps(action.as_json()) + "\n"])
+        append_lines(self.path, [json.dumps(action.as_json()) + "\n"])
 
     def pending(self) -> list[FleetAction]:
         """The records waiting (unreadable lines skipped)."""
@@ -290,22 +181,22 @@ class AuditSpool:
         """Insert every spooled record, commit, set bad lines aside, then truncate (a
         crash before the truncation copies the same records again, which stores nothing
         new). Returns how many records were new to the database."""
-        with _spool_io(self.path):
+        with spool_io(self.path):
             if not self.path.exists():
                 return 0
-            fd = _open_locked(self.path, os.O_RDWR)
+            fd = open_locked(self.path, os.O_RDWR)
         try:
-            with _spool_io(self.path):
+            with spool_io(self.path):
                 raw = os.pread(fd, os.fstat(fd).st_size, 0)
             if not raw:
                 return 0
             copied, rejected = await _insert_lines(conn, raw)
             if rejected:
-                with _spool_io(self.rejected_path):
-                    _append_lines(self.rejected_path, rejected)
+                with spool_io(self.rejected_path):
+                    append_lines(self.rejected_path, rejected)
                 log.warning("fleet.audit_spool_rejected", lines=len(rejected),
                             path=str(self.rejected_path))
-            with _spool_io(self.path):
+            with spool_io(self.path):
                 os.ftruncate(fd, 0)
                 os.fsync(fd)
             return copied
@@ -340,23 +231,6 @@ async def _insert_lines(conn: asyncpg.Connection, raw: bytes) -> tuple[int, list
 
 def _rejected_line(line: str, why: str) -> str:
     return json.dumps({"rejected": outside_text(why), "line": outside_text(line)}) + "\n"
-
-
-def _append_lines(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    created = not path.exists()
-    fd = _open_locked(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(fd, "".join(lines).encode("utf-8", "surrogateescape"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if created:
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
 
 async def connect_fleet_database(dsn: str,
@@ -408,7 +282,7 @@ class FleetAudit:
             copied = await spool.copy_into(conn)
             if copied:
                 log.info("fleet.audit_spool_copied", records=copied)
-        except _SpoolError as exc:  # the spool itself: the database is there, use it
+        except SpoolError as exc:  # the spool itself: the database is there, use it
             log.warning("fleet.audit_spool_unusable", error=str(exc))
         except _UNREACHABLE as exc:
             why = _why(exc)

@@ -1,4 +1,5 @@
-"""A large message's row for ``COPY messages FROM STDIN (FORMAT binary)``, as a stream.
+"""A message's row as intake commits it: the one-statement insert's parameters, and for
+a large message the row for ``COPY messages FROM STDIN (FORMAT binary)``, as a stream.
 
 ``message_insert`` sends the body as one statement parameter, and the driver copies the
 whole of it into its send buffer first: a second copy of every message in flight. For
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 from mta.config.budget import STREAM_BODY_BYTES
-from mta.queue.records import NewMessage
+from mta.queue.records import NewMessage, recipient_next_hop
 
-__all__ = ["COLUMNS", "STREAM_BODY_BYTES", "message_row"]
+__all__ = ["COLUMNS", "STREAM_BODY_BYTES", "insert_args", "message_row"]
 
 #: Bytes of the body handed to the driver at a time.
 SLICE_BYTES = 256 * 1024
@@ -50,3 +52,11 @@ async def message_row(message: NewMessage) -> AsyncIterator[bytes]:
     yield (_field(message.client_address.encode("utf-8"))
            + _field(message.helo_name.encode("utf-8")) + _field(_text(message.auth_user))
            + _field(_text(message.message_id_header)) + _TRAILER)
+
+
+def insert_args(message: NewMessage) -> tuple[Any, ...]:
+    """The parameters of ``message_insert`` for ``message``."""
+    return (message.id, message.mail_from, len(message.trace_headers) + len(message.body),
+            message.trace_headers, message.body, message.client_address, message.helo_name,
+            message.auth_user, message.message_id_header, list(message.recipients),
+            [recipient_next_hop(rcpt) for rcpt in message.recipients])

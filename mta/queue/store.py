@@ -11,13 +11,12 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 
 from mta.config import Settings
 from mta.errors import StaleTerm, StoreUnavailable
-from mta.queue.message_copy import COLUMNS, STREAM_BODY_BYTES, message_row
+from mta.queue.message_copy import COLUMNS, STREAM_BODY_BYTES, insert_args, message_row
 from mta.queue.pool import SharedPool, unavailable_on_error
 from mta.queue.records import (
     FINAL_STATES,
@@ -54,14 +53,6 @@ def _claimed(row: asyncpg.Record) -> ClaimedDelivery:
         row["id"], row["message_id"], row["recipient"], row["next_hop"], row["attempts"],
         Envelope(row["message_id"], row["mail_from"], row["received_at"],
                  row["message_id_header"], row["size_bytes"]))
-
-
-def _insert_args(message: NewMessage) -> tuple[Any, ...]:
-    """The parameters of ``message_insert`` for ``message``."""
-    return (message.id, message.mail_from, len(message.trace_headers) + len(message.body),
-            message.trace_headers, message.body, message.client_address, message.helo_name,
-            message.auth_user, message.message_id_header, list(message.recipients),
-            [recipient_next_hop(rcpt) for rcpt in message.recipients])
 
 
 class Store(QueueTools):
@@ -101,7 +92,7 @@ class Store(QueueTools):
         with unavailable_on_error("message_insert"):
             async with self._pool.connection("intake") as conn:
                 await conn.executemany(query("message_insert"),
-                                       [_insert_args(m) for m in messages],
+                                       [insert_args(m) for m in messages],
                                        timeout=self._db.commit_timeout)
 
     async def enqueue(self, message: NewMessage) -> None:
@@ -110,7 +101,7 @@ class Store(QueueTools):
         A large body is streamed in by COPY (see :mod:`mta.queue.message_copy`) rather
         than copied whole into the driver's buffer; both commit in one transaction."""
         if len(message.body) < STREAM_BODY_BYTES:
-            await self._pool.run("message_insert", "execute", *_insert_args(message),
+            await self._pool.run("message_insert", "execute", *insert_args(message),
                                  share="intake")
             return
         timeout = self._db.commit_timeout
@@ -229,7 +220,7 @@ class Store(QueueTools):
                                             timeout=timeout)
                     applied = {row["delivery_id"] for row in rows}
                     if failed <= applied:
-                        await conn.execute(query("message_insert"), *_insert_args(bounce),
+                        await conn.execute(query("message_insert"), *insert_args(bounce),
                                            timeout=timeout)
         finished = {row["delivery_id"] for row in rows if row["message_done"]}
         # The statement marks most messages done itself. The rest: those with a sibling
@@ -293,7 +284,7 @@ class Store(QueueTools):
                         message_id, group[0]["mail_from"], group[0]["received_at"],
                         bytes(group[0]["head"]), tuple(r["recipient"] for r in group)))
                     if dsn is not None:
-                        await conn.execute(query("message_insert"), *_insert_args(dsn),
+                        await conn.execute(query("message_insert"), *insert_args(dsn),
                                            timeout=self._db.commit_timeout)
         await self._mark_done(changed)
         return changed

@@ -1,11 +1,12 @@
 """``mta fleet audit`` lists a fleet action once though the fleet database and the node's
-audit table both hold it (mta/fleet/audit.py ``merge_node_records``)."""
+audit table both hold it (mta/fleet/audit_merge.py ``merge_node_records``)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from mta.fleet.audit import ECHO_WINDOW, AuditEntry, FleetAction, merge_node_records
+from mta.fleet.audit import AuditEntry, FleetAction
+from mta.fleet.audit_merge import ECHO_WINDOW, merge_node_records
 from mta.queue.records import AuditRecord
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
