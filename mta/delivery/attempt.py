@@ -160,7 +160,8 @@ class Attempts:
             # Every transaction settles at least one delivery, so this ends in time.
             for _ in range(len(deliveries)):
                 batch, pending = pending[:limit], pending[limit:]
-                sent = await self._transaction(message, hop, batch, progress)
+                sent = await self._transaction(message, hop, batch, progress,
+                                               uncertain_mode)
                 pending = sent.again + pending
                 if not pending or sent.pushback is not None:
                     break
@@ -189,11 +190,11 @@ class Attempts:
                            progress, host=hop.key, uncertain_mode=uncertain_mode)
 
     async def _transaction(self, message: Envelope, hop: NextHop,
-                           deliveries: list[ClaimedDelivery], progress: Progress) -> Sent:
+                           deliveries: list[ClaimedDelivery], progress: Progress,
+                           uncertain_mode: UncertainMode) -> Sent:
         """One SMTP transaction for ``deliveries``, not yet settled (``progress`` holds
         its journal state until it is)."""
         progress.start_transaction(uuid.uuid4().hex, {d.id for d in deliveries})
-        uncertain_mode = hop.uncertain_mode or self.delivery.uncertain_mode
         body = Body(self.store, message, self._sending)
         ids = {d.recipient: d.id for d in deliveries}
 
@@ -202,16 +203,16 @@ class Attempts:
             progress.sending = True
 
         async def before_dot(accepted: list[str]) -> None:
+            at = time.time()
             try:
                 await self.journal.append_durable(DotPending(
                     progress.attempt_id, tuple(ids[rcpt] for rcpt in accepted),
                     str(message.id), hop.hosts[0].name if hop.hosts else hop.key,
-                    time.time(), uncertain_mode))
+                    at, uncertain_mode))
             except JournalError as exc:
                 progress.journal_error = exc
                 raise
-            progress.dot_pending = True
-            progress.dot_at = time.time()
+            progress.dot_pending, progress.dot_at = True, at
             fault_point("delivery.after_dot_pending")
 
         label = self.metrics.attempted(hop.key)
