@@ -68,7 +68,7 @@ async def claim_latency(dsn: str, rows: int) -> dict[str, float]:
             started = time.perf_counter()
             try:
                 async with conn.transaction():
-                    claimed = await statement.fetch(f"bench-{i}", BATCH, 30.0, [])
+                    claimed = await statement.fetch(f"bench-{i}", BATCH, 30.0, [], [])
                     timings.append(time.perf_counter() - started)
                     assert len(claimed) >= BATCH  # plus due siblings at the same next hop
                     raise _Rollback

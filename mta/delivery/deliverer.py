@@ -64,9 +64,9 @@ class Deliverer:
         self.delivery = delivery
         self.wake = asyncio.Event()
         self._max_tasks = TASKS_PER_BATCH * delivery.batch_size
-        #: Groups per destination domain in hand at once; claims skip a domain that has
-        #: this many, so a slow or hung destination cannot fill ``max_tasks`` and starve
-        #: the others.
+        #: Groups per destination domain in hand at once; a claim takes no more than a
+        #: domain's room under this, so a slow or hung destination cannot fill
+        #: ``max_tasks`` and starve the others.
         self._per_destination_tasks = max(
             TASKS_PER_DESTINATION_WINDOW * delivery.max_connections_per_destination,
             delivery.batch_size)
@@ -204,10 +204,10 @@ class Deliverer:
         """Apply held-back outcomes, claim a batch and dispatch its groups. Returns its size."""
         await self.settler.apply_held_back(self._in_flight)
         cap = self._per_destination_tasks
-        full = [domain for domain, count in self._per_domain.items() if count >= cap]
+        room = {domain: cap - count for domain, count in self._per_domain.items()}
         try:
             claimed = await self.store.claim_due(self.owner, self.delivery.batch_size,
-                                                 self.delivery.lease_seconds, full)
+                                                 self.delivery.lease_seconds, room)
         except StoreUnavailable:
             self.settler.orphans_possible = True
             raise

@@ -107,18 +107,31 @@ SELECT id, recipient, next_hop, state, attempts, next_attempt_at, lease_owner,
 FROM deliveries WHERE message_id = $1 ORDER BY id;
 
 -- name: delivery_claim_due
--- Lease to owner $1 for $3 seconds the first $2 due deliveries whose next hop is not in
--- $4 (destinations the owner has enough of), oldest due first, skipping locked rows;
--- with them, every other due delivery of the same message and next hop, so one SMTP
--- transaction carries all of a message's recipients at a destination. Each row comes
--- with its message's envelope.
-WITH first AS (
-    SELECT id, message_id, next_hop FROM deliveries
+-- Lease to owner $1 for $3 seconds the first $2 due deliveries, oldest due first, skipping
+-- locked rows, with at most $5 more messages' worth for each next hop in $4 (the room the
+-- owner has left for it: 0 skips it); with them, every other due delivery of the same
+-- message and next hop, so one SMTP transaction carries all of a message's recipients at
+-- a destination. Each row comes with its message's envelope.
+WITH room AS (
+    SELECT hop, messages FROM unnest($4::text[], $5::int[]) AS room(hop, messages)
+), candidates AS (
+    SELECT id, message_id, next_hop, next_attempt_at FROM deliveries
     WHERE state IN ('queued', 'deferred') AND next_attempt_at <= now()
-      AND next_hop <> ALL($4::text[])
+      AND next_hop <> ALL(ARRAY(SELECT hop FROM room WHERE messages <= 0))
     ORDER BY next_attempt_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
+), ranked AS (
+    -- The candidates' messages in turn per next hop (at most $2 rows: a small sort).
+    SELECT message_id, next_hop,
+           row_number() OVER (PARTITION BY next_hop
+                              ORDER BY min(next_attempt_at), message_id) AS place
+    FROM candidates GROUP BY message_id, next_hop
+), first AS (
+    SELECT c.id, c.message_id, c.next_hop FROM candidates AS c
+    JOIN ranked AS r USING (message_id, next_hop)
+    WHERE r.place <= coalesce(
+        (SELECT messages FROM room WHERE room.hop = c.next_hop), $2)
 ), siblings AS (
     -- A lateral lookup per claimed row, so the plan is an index probe by message
     -- whatever the statistics say, never a hash join over every due delivery. The due

@@ -140,13 +140,15 @@ class Store(QueueTools):
 
     async def claim_due(
         self, owner: str, limit: int, lease_seconds: float,
-        skip_next_hops: Sequence[str] = (),
+        room: Mapping[str, int] | None = None,
     ) -> list[ClaimedDelivery]:
-        """Lease due deliveries to ``owner``: the first ``limit`` whose next hop is not in
-        ``skip_next_hops``, and the due siblings of their messages at the same next hop
-        (so a claim may return more than ``limit``). Locked rows are skipped."""
+        """Lease due deliveries to ``owner``: the first ``limit``, with at most
+        ``room[hop]`` messages for a next hop listed there (0 skips it), and the due
+        siblings of their messages at the same next hop (so a claim may return more than
+        ``limit``). Locked rows are skipped."""
+        hops = dict(room or {})
         rows = await self._pool.run("delivery_claim_due", "fetch", owner, limit, lease_seconds,
-                               list(skip_next_hops))
+                                    list(hops), list(hops.values()))
         return [_claimed(row) for row in rows]
 
     async def claim_suspect(self, owner: str, lease_seconds: float, crashes: int,

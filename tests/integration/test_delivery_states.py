@@ -226,10 +226,32 @@ async def test_a_claim_brings_each_messages_due_recipients_at_a_destination_toge
     first = await store.claim_due("worker-a", 1, 60.0)
     assert {d.next_hop for d in first} == {"big.example"} and len(first) == 120, \
         "the first due row brings its 119 siblings at big.example, not other.example"
-    skipping = await store.claim_due("worker-a", 10, 60.0, ["other.example"])
+    skipping = await store.claim_due("worker-a", 10, 60.0, {"other.example": 0})
     assert {d.next_hop for d in skipping} == {"example.com"} and len(skipping) == 2
     assert [d.next_hop for d in await store.claim_due("worker-a", 10, 60.0)] == [
         "other.example"]
+
+
+async def test_a_claim_takes_no_more_messages_for_a_next_hop_than_its_room(
+    store: Store,
+) -> None:
+    """Room 2 at big.example: of its five due messages (two recipients each) a claim of
+    twelve takes the two oldest with their siblings, and the two at example.com after."""
+    big = [new_message_id() for _ in range(5)]
+    for message_id in big:
+        await store.enqueue(NewMessage(
+            id=message_id, mail_from="a@example.org",
+            recipients=["x@big.example", "y@big.example"], trace_headers=b"", body=b"x\r\n",
+            client_address="127.0.0.1", helo_name="h", auth_user=None,
+            message_id_header=None))
+    await enqueue(store, 1)
+    await enqueue(store, 1)
+    claimed = await store.claim_due("worker-a", 12, 60.0, {"big.example": 2})
+    at_big = [d for d in claimed if d.next_hop == "big.example"]
+    assert {d.message_id for d in at_big} == set(big[:2]) and len(at_big) == 4
+    assert len([d for d in claimed if d.next_hop == "example.com"]) == 2
+    rest = await store.claim_due("worker-a", 10, 60.0, {"big.example": 5})
+    assert {d.message_id for d in rest} == set(big[2:]), "the other three stayed due"
 
 
 async def test_a_message_finished_by_two_concurrent_outcome_writes_is_still_marked_done(
@@ -245,7 +267,7 @@ async def test_a_message_finished_by_two_concurrent_outcome_writes_is_still_mark
         id=new_message_id(), mail_from="a@example.org",
         recipients=["x@one.example", "y@two.example"], trace_headers=b"", body=b"x\r\n",
         client_address="127.0.0.1", helo_name="h", auth_user=None, message_id_header=None))
-    (first,) = await store.claim_due("owner-a", 1, 60.0, ["two.example"])
+    (first,) = await store.claim_due("owner-a", 1, 60.0, {"two.example": 0})
     (second,) = await store.claim_due("owner-b", 1, 60.0)
     other = await asyncpg.connect(db_dsn)
     try:
