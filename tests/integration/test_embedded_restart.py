@@ -8,6 +8,8 @@ import os
 import signal
 from pathlib import Path
 
+import asyncpg
+
 from mta.queue import EmbeddedPostgres
 from tests.support.admin import metric
 from tests.support.delivery import submit_tagged
@@ -71,6 +73,29 @@ async def test_a_server_left_by_a_killed_node_is_adopted_and_stopped_on_sigterm(
         node.signal(signal.SIGTERM)
         assert await node.wait_exit(30) == 0
         assert server.postmaster_pid() is None, "the adopted server was stopped too"
+    finally:
+        await node.close()
+        if server.postmaster_pid() is not None:
+            server.stop()
+
+
+async def test_the_embedded_server_keeps_durability_and_skips_wal_zero_fill(
+    tmp_path: Path,
+) -> None:
+    """The node's own server commits durably (fsync, synchronous commit, full pages) and
+    does not write each new WAL segment full of zeros before using it."""
+    node = NodeProcess.configure(tmp_path / "node", "")
+    await node.start()
+    server = EmbeddedPostgres(tmp_path / "node" / "data" / "postgres")
+    try:
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            shown = {name: await conn.fetchval(f"SHOW {name}") for name in (
+                "fsync", "synchronous_commit", "full_page_writes", "wal_init_zero")}
+        finally:
+            await conn.close()
+        assert shown == {"fsync": "on", "synchronous_commit": "on",
+                         "full_page_writes": "on", "wal_init_zero": "off"}
     finally:
         await node.close()
         if server.postmaster_pid() is not None:
