@@ -56,8 +56,9 @@ class EmbeddedServerSettings:
             "full_page_writes": "on",
             # A new WAL segment is not written full of zeros first: under a burst of
             # large bodies that doubled the bytes written per body (BENCHMARKS.md).
-            # A WAL write that then finds the disk full fails the commit it belongs to,
-            # which was never answered 250; admission refuses mail well before that.
+            # A WAL write that then finds the disk full stops the server (PANIC), which
+            # restarts and replays: commits not yet flushed were never answered 250.
+            # Admission refuses mail at min_free_disk, well before that.
             "wal_init_zero": "off",
             "listen_addresses": "",
             "log_min_messages": "warning",
