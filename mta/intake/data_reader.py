@@ -16,6 +16,7 @@ from mta.intake import replies
 
 READ_CHUNK = 256 * 1024
 _END_OF_DATA = b"\r\n.\r\n"
+_LINE_START_DOT = b"\r\n."
 
 
 class DataOutcome:
@@ -47,16 +48,18 @@ async def read_data(reader: asyncio.StreamReader, *, max_size: int, max_line: in
             raise ConnectionResetError("connection closed during DATA")
         on_chunk()
         data = tail + chunk
-        end = data.find(_END_OF_DATA)
+        # One scan finds both a stuffed dot and the terminator, which starts like one.
+        dot = data.find(_LINE_START_DOT)
+        end = data.find(_END_OF_DATA, dot) if dot >= 0 else -1
         if end >= 0:
-            body.feed(data, end + 2)
+            body.feed(data, end + 2, stuffed=dot < end)
             break
         # Keep what could start the terminator, and never split a CRLF: the line and
         # dot checks then see whole line ends in one piece.
         cut = max(len(data) - len(_END_OF_DATA) + 1, 0)
         if cut and data[cut - 1] == 0x0D:
             cut -= 1
-        body.feed(data, cut)
+        body.feed(data, cut, stuffed=0 <= dot <= cut - len(_LINE_START_DOT))
         tail = data[cut:]
     leftover = data[end + len(_END_OF_DATA):]
     if leftover:
@@ -78,9 +81,10 @@ class _Unstuffer:
         #: The last piece ended a line: a dot starting this one is a stuffed dot.
         self.line_start = False
 
-    def feed(self, data: bytes, stop: int) -> None:
+    def feed(self, data: bytes, stop: int, *, stuffed: bool) -> None:
         """Take ``data[:stop]``, stuffed as it came; it ends on a line end or mid-line,
-        never between the CR and LF of one."""
+        never between the CR and LF of one. ``stuffed``: a line after its first starts
+        with a dot (the caller's scan found one)."""
         piece = data[:stop] if stop < len(data) else data
         if not piece:
             return
@@ -91,7 +95,7 @@ class _Unstuffer:
         if self.line_start and piece.startswith(b"."):
             piece = piece[1:]
         self.line_start = ends_line
-        if b"\r\n." in piece:
+        if stuffed:
             piece = piece.replace(b"\r\n.", b"\r\n")
         self.size += len(piece)
         if self.size - 2 > self.limit:
