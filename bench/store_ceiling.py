@@ -14,7 +14,7 @@ of the checkpoint, so the cost of each server setting and of compressing bodies 
 
 A variant is a space-separated list of ``name=value`` server settings over the node's
 own (``mta.queue.embedded``), and ``zstd`` compresses each body at level 1 before the
-insert (the store's side of compressing bodies in the node; needs the ``bench`` extra).
+insert (the store's side of compressing bodies in the node, mta.queue.body_codec).
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import zstandard
 
 from bench.cpu import cpu_seconds, descendants
 from bench.workloads import realistic_message
 from mta.queue import EmbeddedPostgres, EmbeddedServerSettings, migrate_dsn
+from mta.queue.body_codec import LEVEL
 from mta.queue.ids import new_message_id
 from mta.queue.sql import query
 
@@ -88,9 +90,7 @@ def _body(kind: str, size: int, zstd: bool) -> bytes:
     body = realistic_message() if kind == "realistic" and size >= 1 << 20 else \
         (b"x" * 78 + b"\r\n") * (size // 80) + b"y" * (size % 80)
     if zstd:
-        import zstandard  # the bench extra
-
-        body = zstandard.ZstdCompressor(level=1).compress(body)
+        body = zstandard.ZstdCompressor(level=LEVEL).compress(body)
     return body
 
 
@@ -103,6 +103,7 @@ async def measure(variant: Variant, kind: str, size: int, count: int,
     try:
         await migrate_dsn(dsn)
         body = _body(kind, size, variant.zstd)
+        encoding = "zstd" if variant.zstd else "identity"
         postmaster = server.postmaster_pid()
         assert postmaster is not None
 
@@ -126,7 +127,7 @@ async def measure(variant: Variant, kind: str, size: int, count: int,
         cpu, written, started = pg_cpu(), disk_bytes_written(), time.perf_counter()
         await each(query("message_insert"), lambda i: (
             i, "s@bench.example", len(body), b"", body, "127.0.0.1", "bench", None, None,
-            ["r@bench.example"], ["bench.example"]))
+            ["r@bench.example"], ["bench.example"], encoding))
         seconds = time.perf_counter() - started
         insert_cpu, insert_written = pg_cpu() - cpu, disk_bytes_written() - written
         cpu = pg_cpu()

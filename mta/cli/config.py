@@ -16,6 +16,7 @@ from mta.config.budget import (
     INTAKE_CHUNK_BYTES,
     INTAKE_COPIES_PER_MESSAGE,
     STREAM_BODY_BYTES,
+    compressed_copy_bytes,
     role_shares,
 )
 from mta.config.settings import ProcessRole
@@ -67,15 +68,17 @@ def _role_counts(settings: Settings) -> dict[ProcessRole, int]:
 def _memory_line(settings: Settings, role: ProcessRole) -> str:
     """The memory bound of one process of ``role``, with what it is made of."""
     size = _human(int(settings.smtp.max_message_size))
+    packed = (f" + its compressed copy (under {_human(compressed_copy_bytes(settings))})"
+              if compressed_copy_bytes(settings) else "")
     parts = []
     if role != "delivery":
         parts.append(f"data_concurrency {settings.smtp.data_concurrency} x "
                      f"({INTAKE_COPIES_PER_MESSAGE} copy x max_message_size {size} + 1/8 "
                      f"growth + {_human(INTAKE_CHUNK_BYTES)} of chunks + the driver's copy of "
-                     f"a body under {_human(STREAM_BODY_BYTES)})")
+                     f"a body under {_human(STREAM_BODY_BYTES)}{packed})")
     if role != "intake" and settings.delivery.enabled:
-        parts.append(f"workers {settings.node.workers} x {DELIVERY_COPIES_PER_MESSAGE} "
-                     f"copies x max_message_size {size}")
+        parts.append(f"workers {settings.node.workers} x ({DELIVERY_COPIES_PER_MESSAGE} "
+                     f"copies x max_message_size {size}{packed})")
     who = "per process" if role == "both" else f"per {role} process"
     return (f"memory bound {who}: {_human(memory_bound_bytes(settings, role))} "
             f"({' + '.join([*parts, 'base'])})")

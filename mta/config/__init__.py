@@ -7,11 +7,10 @@ from mta.config.budget import (
     connection_budget,
     memory_bound_bytes,
 )
+from mta.config.delivery_settings import DeliverySection, RouteSection
 from mta.config.loader import Settings, describe_validation_error, load_settings, read_toml
 from mta.config.settings import (
-    DeliverySection,
     ProcessRole,
-    RouteSection,
     TlsPolicy,
     UncertainMode,
     User,

@@ -113,13 +113,22 @@ def intake_bytes_per_message(size: int) -> int:
             + INTAKE_CHUNK_BYTES + min(size, STREAM_BODY_BYTES))
 
 
+def compressed_copy_bytes(settings: Settings) -> int:
+    """The compressed copy of a body held beside it while it is stored or read back
+    (mta.queue.body_codec): less than the body, and only under ``STREAM_BODY_BYTES``."""
+    above = int(settings.database.compress_bodies_above)
+    size = int(settings.smtp.max_message_size)
+    return min(size, STREAM_BODY_BYTES) if 0 < above <= size else 0
+
+
 def memory_bound_bytes(settings: Settings, role: ProcessRole = "both") -> int:
     """Upper bound of the memory of one node process of ``role``, from its configuration
     alone: intake's DATA phases, delivery's bodies being sent, and the base."""
     smtp = settings.smtp
     size = int(smtp.max_message_size)
-    intake = (smtp.data_concurrency * intake_bytes_per_message(size)
+    packed = compressed_copy_bytes(settings)
+    intake = (smtp.data_concurrency * (intake_bytes_per_message(size) + packed)
               if role != "delivery" else 0)
-    delivery = (settings.node.workers * DELIVERY_COPIES_PER_MESSAGE * size
+    delivery = (settings.node.workers * (DELIVERY_COPIES_PER_MESSAGE * size + packed)
                 if settings.delivery.enabled and role != "intake" else 0)
     return BASE_MEMORY_BYTES + intake + delivery

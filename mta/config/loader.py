@@ -13,12 +13,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from mta.config.delivery_settings import DeliverySection
 from mta.config.settings import (
     AdminSection,
     AdmissionSection,
     DatabaseSection,
     DedupSection,
-    DeliverySection,
     LogSection,
     NodeSection,
     RetentionSection,

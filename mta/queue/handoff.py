@@ -49,12 +49,14 @@ class MessageCopy:
     mail_from: str
     size_bytes: int
     trace_headers: bytes
+    #: As stored on the source, in ``body_encoding``: the copy keeps both.
     body: bytes
     client_address: str
     helo_name: str
     auth_user: str | None
     message_id_header: str | None
     received_at: datetime
+    body_encoding: str = "identity"
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ class HandoffTarget:
             [c.trace_headers for c in copies], [c.body for c in copies],
             [c.client_address for c in copies], [c.helo_name for c in copies],
             [c.auth_user for c in copies], [c.message_id_header for c in copies],
-            [c.received_at for c in copies])
+            [c.received_at for c in copies], [c.body_encoding for c in copies])
         handed = (
             [d.message_id for d in deliveries], [d.id for d in deliveries],
             [d.recipient for d in deliveries], [d.next_hop for d in deliveries],

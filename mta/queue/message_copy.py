@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mta.config.budget import STREAM_BODY_BYTES
+from mta.queue.body_codec import encode
 from mta.queue.records import NewMessage, recipient_next_hop
 
 __all__ = ["COLUMNS", "STREAM_BODY_BYTES", "insert_args", "message_row"]
@@ -22,7 +23,8 @@ __all__ = ["COLUMNS", "STREAM_BODY_BYTES", "insert_args", "message_row"]
 #: Bytes of the body handed to the driver at a time.
 SLICE_BYTES = 256 * 1024
 
-#: The columns the row fills, in its field order; the rest take their defaults.
+#: The columns the row fills, in its field order; the rest take their defaults (a
+#: streamed body is stored as received: ``body_encoding`` 'identity').
 COLUMNS = ("id", "mail_from", "size_bytes", "trace_headers", "body", "client_address",
            "helo_name", "auth_user", "message_id_header")
 
@@ -54,9 +56,11 @@ async def message_row(message: NewMessage) -> AsyncIterator[bytes]:
            + _field(_text(message.message_id_header)) + _TRAILER)
 
 
-def insert_args(message: NewMessage) -> tuple[Any, ...]:
-    """The parameters of ``message_insert`` for ``message``."""
+def insert_args(message: NewMessage, compress_above: int) -> tuple[Any, ...]:
+    """The parameters of ``message_insert`` for ``message``, its body stored as
+    :func:`mta.queue.body_codec.encode` decides."""
+    body, encoding = encode(message.body, compress_above)
     return (message.id, message.mail_from, len(message.trace_headers) + len(message.body),
-            message.trace_headers, message.body, message.client_address, message.helo_name,
+            message.trace_headers, body, message.client_address, message.helo_name,
             message.auth_user, message.message_id_header, list(message.recipients),
-            [recipient_next_hop(rcpt) for rcpt in message.recipients])
+            [recipient_next_hop(rcpt) for rcpt in message.recipients], encoding)

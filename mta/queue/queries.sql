@@ -22,11 +22,12 @@ SELECT version FROM schema_migrations ORDER BY version;
 INSERT INTO schema_migrations (version, name) VALUES ($1, $2);
 
 -- name: message_insert
--- Commit a message and one queued delivery per recipient in one statement.
+-- Commit a message and one queued delivery per recipient in one statement ($12: how the
+-- body is stored, mta.queue.body_codec).
 WITH message AS (
     INSERT INTO messages (id, mail_from, size_bytes, trace_headers, body, client_address,
-                          helo_name, auth_user, message_id_header)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                          helo_name, auth_user, message_id_header, body_encoding)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $12)
     RETURNING id
 )
 INSERT INTO deliveries (message_id, recipient, next_hop)
@@ -47,12 +48,16 @@ SELECT id, mail_from, size_bytes, client_address, helo_name, auth_user,
 FROM messages WHERE id = $1;
 
 -- name: message_content
--- One message's added trace headers and body, read only right before it is sent.
-SELECT trace_headers, body FROM messages WHERE id = $1;
+-- One message's added trace headers and stored body, read only right before it is sent.
+SELECT trace_headers, body, body_encoding FROM messages WHERE id = $1;
 
 -- name: message_head
--- One message's added trace headers and the first $2 bytes of its body (for a DSN).
-SELECT trace_headers, substring(body FROM 1 FOR $2) AS head FROM messages WHERE id = $1;
+-- One message's added trace headers and the first $2 bytes of its body (for a DSN); a
+-- compressed body comes whole (under 2 MiB), to be decoded by the caller.
+SELECT trace_headers, body_encoding,
+       CASE WHEN body_encoding = 'identity' THEN substring(body FROM 1 FOR $2) ELSE body END
+           AS head
+FROM messages WHERE id = $1;
 
 -- name: message_count
 -- How many messages the store holds.
@@ -461,7 +466,8 @@ WHERE m.id IN (SELECT message_id FROM deliveries WHERE id = ANY($1::bigint[]))
 -- name: message_purge_bodies
 -- Drop the bodies of up to $2 messages done for more than $1 seconds (metadata stays).
 UPDATE messages
-SET body = ''::bytea, trace_headers = ''::bytea, body_purged_at = now()
+SET body = ''::bytea, body_encoding = 'identity', trace_headers = ''::bytea,
+    body_purged_at = now()
 WHERE id IN (SELECT id FROM messages
              WHERE done_at IS NOT NULL AND body_purged_at IS NULL
                AND done_at < now() - make_interval(secs => $1)
@@ -539,9 +545,10 @@ RETURNING d.id, d.message_id, d.recipient, d.next_hop, d.attempts, d.last_reply_
           d.last_reply, d.possible_duplicate, d.reroute_target, m.size_bytes;
 
 -- name: reroute_contents
--- Messages $1 as a copy needs them: envelope, trace data, body and arrival time.
-SELECT id, mail_from, size_bytes, trace_headers, body, client_address, helo_name,
-       auth_user, message_id_header, received_at
+-- Messages $1 as a copy needs them: envelope, trace data, body (as stored, with its
+-- encoding: a copy keeps it) and arrival time.
+SELECT id, mail_from, size_bytes, trace_headers, body, body_encoding, client_address,
+       helo_name, auth_user, message_id_header, received_at
 FROM messages WHERE id = ANY($1::uuid[]);
 
 -- name: reroute_receipt
@@ -593,15 +600,15 @@ SELECT
 WITH incoming AS (
     SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::bytea[],
                          $7::bytea[], $8::text[], $9::text[], $10::text[], $11::text[],
-                         $12::timestamptz[])
+                         $12::timestamptz[], $13::text[])
         AS i (id, origin, mail_from, size_bytes, trace_headers, body, client_address,
-              helo_name, auth_user, message_id_header, received_at)
+              helo_name, auth_user, message_id_header, received_at, body_encoding)
 ), inserted AS (
     INSERT INTO messages (id, mail_from, size_bytes, trace_headers, body, client_address,
                           helo_name, auth_user, message_id_header, received_at,
-                          origin_node, origin_message)
+                          origin_node, origin_message, body_encoding)
     SELECT id, mail_from, size_bytes, trace_headers, body, client_address, helo_name,
-           auth_user, message_id_header, received_at, $1, origin
+           auth_user, message_id_header, received_at, $1, origin, body_encoding
     FROM incoming
     ON CONFLICT (origin_node, origin_message) WHERE origin_node IS NOT NULL DO NOTHING
     RETURNING id, origin_message
@@ -697,9 +704,12 @@ LIMIT 100;
 
 -- name: delivery_bounce_sources
 -- What a DSN for deliveries $1 needs: each one's recipient and its message's envelope,
--- added trace headers and the first $2 bytes of its body.
-SELECT d.id, d.recipient, d.message_id, m.mail_from, m.received_at,
-       m.trace_headers || substring(m.body FROM 1 FOR $2) AS head
+-- added trace headers and the first $2 bytes of its body (a compressed body whole, to be
+-- decoded by the caller).
+SELECT d.id, d.recipient, d.message_id, m.mail_from, m.received_at, m.trace_headers,
+       m.body_encoding,
+       CASE WHEN m.body_encoding = 'identity' THEN substring(m.body FROM 1 FOR $2)
+            ELSE m.body END AS head
 FROM deliveries AS d JOIN messages AS m ON m.id = d.message_id
 WHERE d.id = ANY($1::bigint[])
 ORDER BY d.message_id, d.id;

@@ -16,6 +16,7 @@ import asyncpg
 
 from mta.config import Settings
 from mta.errors import StaleTerm, StoreUnavailable
+from mta.queue.body_codec import decode, decode_head
 from mta.queue.message_copy import COLUMNS, STREAM_BODY_BYTES, insert_args, message_row
 from mta.queue.pool import SharedPool, unavailable_on_error
 from mta.queue.records import (
@@ -24,7 +25,6 @@ from mta.queue.records import (
     AttemptOutcome,
     AuditRecord,
     ClaimedDelivery,
-    DeletedMessage,
     DeliveryRecord,
     Envelope,
     MessageRecord,
@@ -62,6 +62,7 @@ class Store(QueueTools):
         self._pool = pool
         self._db = settings.database
         self._node = settings.node.name
+        self._compress_above = int(settings.database.compress_bodies_above)
 
     @classmethod
     async def open(cls, dsn: str, settings: Settings) -> Store:
@@ -92,7 +93,8 @@ class Store(QueueTools):
         with unavailable_on_error("message_insert"):
             async with self._pool.connection("intake") as conn:
                 await conn.executemany(query("message_insert"),
-                                       [insert_args(m) for m in messages],
+                                       [insert_args(m, self._compress_above)
+                                        for m in messages],
                                        timeout=self._db.commit_timeout)
 
     async def enqueue(self, message: NewMessage) -> None:
@@ -101,8 +103,8 @@ class Store(QueueTools):
         A large body is streamed in by COPY (see :mod:`mta.queue.message_copy`) rather
         than copied whole into the driver's buffer; both commit in one transaction."""
         if len(message.body) < STREAM_BODY_BYTES:
-            await self._pool.run("message_insert", "execute", *insert_args(message),
-                                 share="intake")
+            await self._pool.run("message_insert", "execute",
+                                 *insert_args(message, self._compress_above), share="intake")
             return
         timeout = self._db.commit_timeout
         with unavailable_on_error("message_copy"):
@@ -171,13 +173,18 @@ class Store(QueueTools):
     async def message_content(self, message_id: uuid.UUID) -> tuple[bytes, bytes] | None:
         """One message's added trace headers and its body as received, or None."""
         row = await self._pool.run("message_content", "fetchrow", message_id)
-        return (bytes(row["trace_headers"]), bytes(row["body"])) if row is not None else None
+        if row is None:
+            return None
+        return bytes(row["trace_headers"]), decode(bytes(row["body"]), row["body_encoding"])
 
     async def message_head(self, message_id: uuid.UUID,
                            limit: int) -> tuple[bytes, bytes] | None:
         """Trace headers and the first ``limit`` bytes of the body, or None."""
         row = await self._pool.run("message_head", "fetchrow", message_id, limit)
-        return (bytes(row["trace_headers"]), bytes(row["head"])) if row is not None else None
+        if row is None:
+            return None
+        return bytes(row["trace_headers"]), decode_head(bytes(row["head"]),
+                                                        row["body_encoding"], limit)
 
     async def deliveries(self, message_id: uuid.UUID) -> list[DeliveryRecord]:
         """Every delivery of one message."""
@@ -222,7 +229,8 @@ class Store(QueueTools):
                                             timeout=timeout)
                     applied = {row["delivery_id"] for row in rows}
                     if failed <= applied:
-                        await conn.execute(query("message_insert"), *insert_args(bounce),
+                        await conn.execute(query("message_insert"),
+                                           *insert_args(bounce, self._compress_above),
                                            timeout=timeout)
         finished = {row["delivery_id"] for row in rows if row["message_done"]}
         # The statement marks most messages done itself. The rest: those with a sibling
@@ -261,35 +269,6 @@ class Store(QueueTools):
         rows = await self._pool.run("delivery_release_unsent", "fetch", owner, list(delivery_ids),
                                reason, crash_limit, crash_window_s, len(delivery_ids) == 1)
         return {row["delivery_id"] for row in rows}
-
-    async def delete_with_bounce(self, ids: Sequence[int], operator: str, reason: str, *,
-                                 include_uncertain: bool, head_bytes: int,
-                                 bounce: Callable[[DeletedMessage], NewMessage | None]
-                                 ) -> set[int]:
-        """:meth:`delete`, and the DSNs ``bounce`` builds for each message's deleted
-        deliveries committed in the same transaction (a deletion never lacks its DSN)."""
-        sources = ["queued", "deferred", "held", *(["uncertain"] if include_uncertain else [])]
-        with unavailable_on_error("delivery_operator_transition"):
-            async with self._pool.connection("maintenance") as conn, conn.transaction():
-                rows = await conn.fetch(
-                    query("delivery_operator_transition"), list(ids), sources, "failed",
-                    operator, reason, "delete", self._node, f"deleted by {operator}: {reason}",
-                    timeout=self._db.commit_timeout)
-                changed = {row["delivery_id"] for row in rows}
-                found = await conn.fetch(query("delivery_bounce_sources"), sorted(changed),
-                                         head_bytes, timeout=self._db.commit_timeout)
-                by_message: dict[uuid.UUID, list[asyncpg.Record]] = {}
-                for row in found:
-                    by_message.setdefault(row["message_id"], []).append(row)
-                for message_id, group in by_message.items():
-                    dsn = bounce(DeletedMessage(
-                        message_id, group[0]["mail_from"], group[0]["received_at"],
-                        bytes(group[0]["head"]), tuple(r["recipient"] for r in group)))
-                    if dsn is not None:
-                        await conn.execute(query("message_insert"), *insert_args(dsn),
-                                           timeout=self._db.commit_timeout)
-        await self._mark_done(changed)
-        return changed
 
     async def node_mode(self, node: str) -> NodeMode | None:
         """``node``'s mode in this store, or None when none was ever set (active)."""

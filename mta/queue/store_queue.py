@@ -8,10 +8,23 @@ its plan, so it walks that state's partial index and never delivered or failed h
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from mta.queue.pool import SharedPool
-from mta.queue.records import DeliveryEvent, DeliveryFilter, DeliveryListing, QueueGroup
+import asyncpg
+
+from mta.config.settings import DatabaseSection
+from mta.queue.body_codec import decode_head
+from mta.queue.message_copy import insert_args
+from mta.queue.pool import SharedPool, unavailable_on_error
+from mta.queue.records import (
+    DeletedMessage,
+    DeliveryEvent,
+    DeliveryFilter,
+    DeliveryListing,
+    NewMessage,
+    QueueGroup,
+)
+from mta.queue.sql import query
 
 #: Message age bucket bounds of ``mta queue summary``, in minutes (Postfix's qshape).
 AGE_BOUNDS_MIN = (5, 10, 20, 40, 80, 160)
@@ -22,6 +35,8 @@ class QueueTools:
 
     _pool: SharedPool
     _node: str
+    _db: DatabaseSection
+    _compress_above: int
 
     async def _mark_done(self, delivery_ids: set[int]) -> None:
         """Set ``done_at`` on messages whose every delivery is now final."""
@@ -123,3 +138,35 @@ class QueueTools:
         """Messages whose Message-ID header is ``message_id_header`` (brackets optional)."""
         rows = await self._pool.run("messages_by_header", "fetch", message_id_header)
         return [row["id"] for row in rows]
+
+    async def delete_with_bounce(self, ids: Sequence[int], operator: str, reason: str, *,
+                                 include_uncertain: bool, head_bytes: int,
+                                 bounce: Callable[[DeletedMessage], NewMessage | None]
+                                 ) -> set[int]:
+        """:meth:`delete`, and the DSNs ``bounce`` builds for each message's deleted
+        deliveries committed in the same transaction (a deletion never lacks its DSN)."""
+        sources = ["queued", "deferred", "held", *(["uncertain"] if include_uncertain else [])]
+        with unavailable_on_error("delivery_operator_transition"):
+            async with self._pool.connection("maintenance") as conn, conn.transaction():
+                rows = await conn.fetch(
+                    query("delivery_operator_transition"), list(ids), sources, "failed",
+                    operator, reason, "delete", self._node, f"deleted by {operator}: {reason}",
+                    timeout=self._db.commit_timeout)
+                changed = {row["delivery_id"] for row in rows}
+                found = await conn.fetch(query("delivery_bounce_sources"), sorted(changed),
+                                         head_bytes, timeout=self._db.commit_timeout)
+                by_message: dict[uuid.UUID, list[asyncpg.Record]] = {}
+                for row in found:
+                    by_message.setdefault(row["message_id"], []).append(row)
+                for message_id, group in by_message.items():
+                    dsn = bounce(DeletedMessage(
+                        message_id, group[0]["mail_from"], group[0]["received_at"],
+                        bytes(group[0]["trace_headers"]) + decode_head(
+                            bytes(group[0]["head"]), group[0]["body_encoding"], head_bytes),
+                        tuple(r["recipient"] for r in group)))
+                    if dsn is not None:
+                        await conn.execute(query("message_insert"),
+                                           *insert_args(dsn, self._compress_above),
+                                           timeout=self._db.commit_timeout)
+        await self._mark_done(changed)
+        return changed
