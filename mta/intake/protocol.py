@@ -379,6 +379,10 @@ class IntakeSMTP(AuthExchange):
                 reply = outcome.refusal
             else:
                 reply = await self.intake.commit(self._submission(outcome.body))
+                if reply.startswith("250"):
+                    # max_commands bounds commands that deliver nothing: a session that
+                    # keeps sending mail (a bulk client's 1000 RCPTs a message) may go on.
+                    self.commands_seen = 0
         self._reset_transaction()
         await self.push(reply)
 

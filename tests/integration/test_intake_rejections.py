@@ -350,6 +350,23 @@ async def test_commands_beyond_max_commands_get_421_4_7_0_and_the_connection_clo
         await assert_closed_by_server(client)
 
 
+async def test_max_commands_counts_again_from_each_accepted_message(
+    make_settings: SettingsFactory,
+) -> None:
+    """A bulk client's session may send many messages: only commands since the last
+    accepted one count (EHLO + 3 per message would pass 5 by the second message)."""
+    async with running_node(make_settings(smtp={"max_commands": 5})) as node:
+        client = await greeted(node.port)
+        for n in range(3):
+            reply = await client.submit("alice@example.org", ["bob@example.com"],
+                                        f"Subject: {n}\r\n\r\nbody\r\n".encode())
+            assert reply.startswith("250 "), reply
+        for _ in range(5):  # five more since the last accepted message, then no more
+            assert await client.cmd("NOOP") == replies.OK
+        assert await client.cmd("NOOP") == replies.TOO_MANY_COMMANDS
+        await assert_closed_by_server(client)
+
+
 # --- capabilities and sequencing -------------------------------------------------------------
 
 
