@@ -99,6 +99,21 @@ async def test_rcpt_rejection_fails_one_recipient_and_delivers_the_others() -> N
         assert record.recipients == ("good@dest.test", "other@dest.test")
 
 
+async def test_an_address_that_is_not_a_mailbox_never_reaches_a_command_line() -> None:
+    """A control character, a line break or non-ASCII in a stored address fails that
+    recipient locally; the sink sees only the others' RCPTs."""
+    bad = ["a\x01b@dest.test", "c@dest.test\r\nRSET", "ü@dest.test"]
+    async with running_sink() as sink:
+        results = await send_once(sink, transaction("bad@origin.test", *bad, "good@dest.test"))
+        by_rcpt = {r.recipient: r for r in results}
+        for rcpt in bad:
+            assert (by_rcpt[rcpt].code, by_rcpt[rcpt].phase) == (0, "rcpt"), rcpt
+            assert "address not sendable" in by_rcpt[rcpt].text
+        assert by_rcpt["good@dest.test"].code == 250
+        (record,) = sink.transactions
+        assert record.recipients == ("good@dest.test",)
+
+
 @pytest.mark.parametrize("pipelining", [True, False])
 async def test_every_rcpt_rejected_sends_no_data_and_keeps_the_session(
     pipelining: bool,

@@ -122,17 +122,30 @@ def test_memory_bound_follows_data_concurrency_and_size(tmp_path: Path) -> None:
     template = "[smtp]\ndata_concurrency = {}\nmax_message_size = '1MiB'\n"
     small = load_settings(write(tmp_path, template.format(1)))
     big = load_settings(write(tmp_path, template.format(2)))
-    # One copy of the message, its 1/8 of growth slack, 1 MiB of chunks, and the
-    # driver's copy of a body under 2 MiB (issue 13).
+    # One copy of the message, its 1/8 of growth slack, 1 MiB of chunks, the driver's
+    # copy of a body under 2 MiB, and its compressed copy (issue 13).
     assert memory_bound_bytes(big) - memory_bound_bytes(small) == (
-        1024 * 1024 + 128 * 1024 + 1024 * 1024 + 1024 * 1024)
+        1024 * 1024 + 128 * 1024 + 1024 * 1024 + 1024 * 1024 + 1024 * 1024)
+
+
+def test_the_compressed_copy_is_counted_only_when_compression_can_happen(
+    tmp_path: Path,
+) -> None:
+    """Off (0), or a threshold above the size limit: no compressed copy in the bound."""
+    base = "[node]\nworkers = 3\n[smtp]\ndata_concurrency = 2\nmax_message_size = '1MiB'\n"
+    on = load_settings(write(tmp_path, base))
+    off = load_settings(write(tmp_path, base + "[database]\ncompress_bodies_above = 0\n"))
+    above = load_settings(write(tmp_path, base + "[database]\ncompress_bodies_above = '2MiB'\n"))
+    assert memory_bound_bytes(on) - memory_bound_bytes(off) == (2 + 3) * 1024 * 1024
+    assert memory_bound_bytes(above) == memory_bound_bytes(off)
 
 
 def test_memory_bound_counts_delivery_bodies_when_delivery_runs(tmp_path: Path) -> None:
     base = "[node]\nworkers = 3\n[smtp]\nmax_message_size = '1MiB'\n"
     off = load_settings(write(tmp_path, base + "[delivery]\nenabled = false\n"))
     on = load_settings(write(tmp_path, base + "[delivery]\nenabled = true\n"))
-    assert memory_bound_bytes(on) - memory_bound_bytes(off) == 3 * 2 * 1024 * 1024
+    # Per worker: two copies of a body, and the compressed copy of one under 2 MiB.
+    assert memory_bound_bytes(on) - memory_bound_bytes(off) == 3 * (2 + 1) * 1024 * 1024
 
 
 def test_split_processes_are_counted_by_role(tmp_path: Path) -> None:
@@ -148,8 +161,8 @@ def test_split_processes_are_counted_by_role(tmp_path: Path) -> None:
     mib = 1024 * 1024
     intake = memory_bound_bytes(settings, "intake")
     delivery = memory_bound_bytes(settings, "delivery")
-    assert delivery == BASE_MEMORY_BYTES + 6 * 2 * mib
-    assert intake == BASE_MEMORY_BYTES + 16 * (mib + mib // 8 + mib + mib)
+    assert delivery == BASE_MEMORY_BYTES + 6 * (2 * mib + mib)
+    assert intake == BASE_MEMORY_BYTES + 16 * (mib + mib // 8 + mib + mib + mib)
     assert intake + delivery == memory_bound_bytes(settings, "both") + BASE_MEMORY_BYTES
 
 

@@ -11,13 +11,13 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from functools import partial
 
 import aiosmtplib
-from aiosmtplib.email import quote_address
 
 from mta.config import DeliverySection
 from mta.delivery.outbound.content import DotStuffer, chunks
 from mta.delivery.outbound.transaction import Phase, RecipientResult, Transaction
 from mta.delivery.outbound.wire import ClosedByPeer, Reply, Wire
 from mta.faults import fault_point
+from mta.mail.address import is_mailbox
 from mta.mail.text import outside_text
 
 
@@ -166,13 +166,12 @@ async def _data(wire: Wire, content: bytes | AsyncIterable[bytes], t: DeliverySe
 
 
 def _command(verb: str, address: str) -> bytes:
-    """``MAIL FROM:<a>`` or ``RCPT TO:<a>`` as wire bytes; ValueError when the address
-    cannot go on a command line (a control character, or not ASCII)."""
-    quoted = quote_address(address)
-    try:
-        return f"{verb}{quoted}\r\n".encode("ascii")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{address!r} is not ASCII") from exc
+    """``MAIL FROM:<a>`` or ``RCPT TO:<a>`` as wire bytes; ValueError when the address is
+    not a mailbox as intake accepts one (or the null path): nothing else, no control
+    character and no non-ASCII, reaches a command line."""
+    if address and not is_mailbox(address):
+        raise ValueError(f"{address!r} is not a mailbox")
+    return f"{verb}<{address}>\r\n".encode("ascii")
 
 
 async def _before(before_data: Callable[[], Awaitable[None]]) -> None:
