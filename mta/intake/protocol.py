@@ -369,19 +369,16 @@ class IntakeSMTP(AuthExchange):
                 self._reset_transaction()
                 return
             await self.push(replies.START_DATA)
-            smtp = self.intake.settings.smtp
-            outcome = await read_data(self._reader, max_size=self.max_size,
-                                      max_line=smtp.max_line_length,
-                                      on_chunk=self._reset_timeout)
+            outcome = await read_data(
+                self._reader, max_size=self.max_size, on_chunk=self._reset_timeout,
+                max_line=self.intake.settings.smtp.max_line_length)
             if outcome.body is None:
                 assert outcome.refusal is not None and outcome.reason is not None
                 self._reject(outcome.reason)
                 reply = outcome.refusal
             else:
                 reply = await self.intake.commit(self._submission(outcome.body))
-                if reply.startswith("250"):
-                    # max_commands bounds commands that deliver nothing: a session that
-                    # keeps sending mail (a bulk client's 1000 RCPTs a message) may go on.
+                if reply.startswith("250"):  # max_commands counts what delivered nothing
                     self.commands_seen = 0
         self._reset_transaction()
         await self.push(reply)
