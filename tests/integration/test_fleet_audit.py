@@ -6,7 +6,6 @@ back; ``mta fleet audit`` merging the fleet database, the spool and the nodes' t
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,15 +30,8 @@ from tests.support.process import run_mta
 from tests.support.sink import Sink
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def down_dsn() -> str:
-    return f"postgresql://postgres@127.0.0.1:{closed_port()}/mta"
+    return f"postgresql://postgres@127.0.0.1:{free_port()}/mta"
 
 
 def fleet_of(database: str, *stores: str) -> Fleet:

@@ -1,30 +1,61 @@
-"""Start a node inside the test's event loop, on ports the OS picks."""
+"""Free listener ports for tests, and a node started inside the test's event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from mta.config import Settings
 from mta.intake.listener import bind_socket
 from mta.node import Node
 
 
+def _listener_ports() -> Iterator[int]:
+    """Ports for test listeners, below the kernel's ephemeral range so that no outgoing
+    connection's source port can take one between choosing it and binding it, each handed
+    out once per process, starting at a place that depends on the pid (another test run on
+    the same machine starts elsewhere)."""
+    try:
+        ephemeral_low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32_768
+    low, high = 10_000, min(ephemeral_low, 65_536)
+    if high - low < 2_000:
+        low, high = 49_152, 65_536
+    span = high - low
+    start = (os.getpid() * 7_919) % span
+    for step in range(span):
+        yield low + (start + step) % span
+
+
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PORTS = _listener_ports()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, never handed out before
+    in this process, and outside the range the kernel takes outgoing source ports from."""
+    for port in itertools.islice(_PORTS, 1_000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free listener port found in 1000 tries")
 
 
-def free_port_run(count: int, avoid: frozenset[int] = frozenset()) -> int:
-    """The first of ``count`` consecutive free ports on 127.0.0.1, none in ``avoid``: a node
-    of several processes serves admin HTTP on its configured port plus the process index."""
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free ports on 127.0.0.1: a node of several
+    processes serves admin HTTP on its configured port plus the process index."""
     for _ in range(100):
-        first = free_port()
-        ports = range(first, first + count)
-        if first + count > 65_536 or avoid.intersection(ports):
+        ports = list(itertools.islice(_PORTS, count))
+        if len(ports) < count or ports != list(range(ports[0], ports[0] + count)):
             continue
         sockets = [socket.socket() for _ in ports]
         try:
@@ -35,7 +66,7 @@ def free_port_run(count: int, avoid: frozenset[int] = frozenset()) -> int:
         finally:
             for sock in sockets:
                 sock.close()
-        return first
+        return ports[0]
     raise AssertionError(f"no run of {count} free ports found in 100 tries")
 
 

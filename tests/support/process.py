@@ -109,7 +109,7 @@ class NodeProcess:
         node = overrides.get("node", {})
         processes = int(node.get("processes", 0)) or (
             int(node.get("intake_processes", 0)) + int(node.get("delivery_processes", 0))) or 1
-        admin_port = free_port_run(processes, avoid=frozenset({smtp_port}))
+        admin_port = free_port_run(processes)
         sections: dict[str, dict[str, Any]] = {
             "node": {"name": "proc-node", "data_dir": str(workdir / "data"),
                      "workers": 2, "intake_db_slots": 4},
