@@ -2,11 +2,11 @@
 
 One :class:`Deliverer` per node process. Each round writes held-back settlements
 (``settlement.py``), claims a batch of due deliveries (leased to this process), groups
-them by message and next hop (one SMTP transaction carries all recipients of a message
-for one next hop), and runs each group's attempt (``attempt.py``) as a task within the
-shaper's limits. When the store is down, outcomes wait in memory and in the journal and
-are written when it returns; a process that died is replayed from its journal at the
-next start (``recovery.py``).
+them by message and route (one SMTP transaction carries a message's recipients at one
+domain, or at every domain one static route takes), and runs each group's attempt
+(``attempt.py``) as a task within the shaper's limits. When the store is down, outcomes
+wait in memory and in the journal and are written when it returns; a process that died
+is replayed from its journal at the next start (``recovery.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Deliverer:
                  owner: str, metrics: Metrics, rng: random.Random | None = None) -> None:
         delivery = settings.delivery
         self.store = store
+        self.router = router
         self.connections = connections
         self.journal = journal
         self.policy = policy
@@ -213,28 +214,31 @@ class Deliverer:
             raise
         groups: dict[tuple[uuid.UUID, str], list[ClaimedDelivery]] = defaultdict(list)
         for delivery in claimed:
-            groups[(delivery.message_id, delivery.next_hop)].append(delivery)
-        for (message_id, domain), deliveries in groups.items():
+            key = self.router.transaction_key(delivery.next_hop)
+            groups[(delivery.message_id, key)].append(delivery)
+        for (message_id, _), deliveries in groups.items():
             ids = {d.id for d in deliveries}
-            self._per_domain[domain] += 1
+            domains = frozenset(d.next_hop for d in deliveries)
+            self._per_domain.update(domains)
             progress = Progress()
-            task = asyncio.create_task(self._deliver_logged(message_id, domain, deliveries,
-                                                            progress))
+            task = asyncio.create_task(self._deliver_logged(
+                message_id, deliveries[0].next_hop, deliveries, progress))
             self._groups[task] = (progress, ids)
-            task.add_done_callback(partial(self._finished, domain))
+            task.add_done_callback(partial(self._finished, domains))
         return len(claimed)
 
     def _in_flight(self) -> set[int]:
         """The deliveries of the groups running now."""
         return {i for _, ids in self._groups.values() for i in ids}
 
-    def _finished(self, domain: str, task: asyncio.Task[None]) -> None:
+    def _finished(self, domains: frozenset[str], task: asyncio.Task[None]) -> None:
         self._groups.pop(task, None)
-        if self._per_domain[domain] >= self._per_destination_tasks:
-            self.wake.set()  # it has room again: its due mail can be claimed now
-        self._per_domain[domain] -= 1
-        if not self._per_domain[domain]:
-            del self._per_domain[domain]
+        for domain in domains:
+            if self._per_domain[domain] >= self._per_destination_tasks:
+                self.wake.set()  # it has room again: its due mail can be claimed now
+            self._per_domain[domain] -= 1
+            if not self._per_domain[domain]:
+                del self._per_domain[domain]
 
     async def _deliver_logged(self, message_id: uuid.UUID, domain: str,
                               deliveries: list[ClaimedDelivery], progress: Progress) -> None:

@@ -169,6 +169,15 @@ class Router:
         self._remember(domain, hop)
         return hop
 
+    def transaction_key(self, domain: str) -> str:
+        """Which recipients may share an SMTP transaction with those at ``domain``: all
+        that one static route takes (a smarthost carries any domains in one transaction,
+        as Postfix's queue per next hop does), else the domain's own (its MX hosts are its
+        own: no DNS lookup happens here)."""
+        domain = normalise_domain(domain)
+        route = match_route(self._routes, domain)
+        return f"domain:{domain}" if route is None else f"route:{normalise_domain(route.domain)}"
+
     def _remember(self, domain: str, entry: NextHop | tuple[float, str]) -> None:
         self._cache.pop(domain, None)
         if len(self._cache) >= self._cache_size:

@@ -35,7 +35,9 @@ async def states(node: NodeHandle, message_id: uuid.UUID) -> dict[str, str]:
 async def test_accepted_mail_is_delivered_at_once_in_one_transaction(
     make_settings: Callable[..., Settings], sink: Sink
 ) -> None:
-    """A 60 s poll interval: only the wake-up from intake can deliver within the deadline."""
+    """A 60 s poll interval: only the wake-up from intake can deliver within the deadline.
+    The recipients' two domains share the node's one route, so one transaction carries
+    all three."""
     node = await start_node(delivery_settings(make_settings, sink))
     try:
         recipients = ["a@example.com", "b@example.com", "c@other.example"]
@@ -43,8 +45,7 @@ async def test_accepted_mail_is_delivered_at_once_in_one_transaction(
         await sink.wait_for_count(3, timeout=5)
         await wait_for(lambda: _all(node, message_id, "delivered"), timeout=5)
         assert sink.count("m1@test", "a@example.com") == 1
-        same_domain = [t for t in sink.transactions if "a@example.com" in t.recipients]
-        assert sorted(same_domain[0].recipients) == ["a@example.com", "b@example.com"]
+        assert [sorted(t.recipients) for t in sink.transactions] == [sorted(recipients)]
         deliveries = await store_of(node).deliveries(message_id)
         assert all(d.last_reply_code == 250 for d in deliveries)
         events = await store_of(node).delivery_events(deliveries[0].id)

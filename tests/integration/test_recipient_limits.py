@@ -29,8 +29,9 @@ async def _all_delivered(store: Store, message_id: uuid.UUID) -> bool:
     return {d.state for d in await store.deliveries(message_id)} == {"delivered"}
 
 
-async def _send(node: NodeHandle, sink: Sink, tag: str, count: int) -> list[str]:
-    recipients = [f"r{n}@bulk.example" for n in range(count)]
+async def _send(node: NodeHandle, sink: Sink, tag: str, count: int, *,
+                domains: int = 1) -> list[str]:
+    recipients = [f"r{n}@d{n % domains}.bulk.example" for n in range(count)]
     message_id = await submit_tagged(node.port, tag, recipients=recipients)
     await wait_for(lambda: _all_delivered(store_of(node), message_id), timeout=20)
     deliveries = await store_of(node).deliveries(message_id)
@@ -63,6 +64,42 @@ async def test_a_route_sets_its_own_recipients_per_transaction(
         finally:
             await node.stop()
     assert sorted(len(t.recipients) for t in sink.transactions) == [2, 7, 7, 7, 7]
+
+
+async def test_a_smarthost_carries_recipients_of_many_domains_in_one_transaction(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Grouping follows the route, as Postfix's queue per next hop does: 120 recipients
+    over 6 domains, all through the ``*`` route, are 50 + 50 + 20 RCPTs, not 6 of 20."""
+    async with running_sink() as sink:
+        node = await start_node(to_sink(make_settings, sink))
+        try:
+            await _send(node, sink, "mixed", 120, domains=6)
+        finally:
+            await node.stop()
+    assert sorted(len(t.recipients) for t in sink.transactions) == [20, 50, 50]
+
+
+async def test_domains_with_routes_of_their_own_get_transactions_of_their_own(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Two routes to the same host stay apart: each route's own settings (here its
+    recipients per transaction) apply to its recipients only."""
+    async with running_sink() as sink:
+        routes = [{"domain": f"d{n}.bulk.example", "host": "127.0.0.1", "port": sink.port,
+                   "tls": "none", "recipients_per_transaction": 50 - 20 * n}
+                  for n in range(2)]
+        node = await start_node(make_settings(delivery={
+            "enabled": True, "poll_interval": 60.0, "routes": routes}))
+        try:
+            await _send(node, sink, "apart", 80, domains=2)
+        finally:
+            await node.stop()
+    per_domain = sorted((t.recipients[0].split("@")[1], len(t.recipients))
+                        for t in sink.transactions)
+    assert per_domain == [("d0.bulk.example", 40), ("d1.bulk.example", 10),
+                          ("d1.bulk.example", 30)], per_domain
+    assert all(len({r.split("@")[1] for r in t.recipients}) == 1 for t in sink.transactions)
 
 
 async def test_a_452_to_rcpt_sends_the_rest_in_the_next_transaction_at_once(

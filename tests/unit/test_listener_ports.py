@@ -10,7 +10,7 @@ def test_ports_are_never_handed_out_twice_even_after_their_probe_is_closed() -> 
     ports = [free_port() for _ in range(200)]
     run = free_port_run(3)
     later = [free_port() for _ in range(50)]
-    handed = ports + [run, run + 1, run + 2] + later
+    handed = [*ports, run, run + 1, run + 2, *later]
     assert len(set(handed)) == len(handed)
 
 

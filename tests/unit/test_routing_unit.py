@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from mta.config import RouteSection, load_settings
+from mta.config import DeliverySection, RouteSection, load_settings
 from mta.delivery.routing import (
+    Router,
     match_route,
     mx_key,
     normalise_domain,
@@ -79,6 +80,21 @@ def test_route_key_names_everything_that_shapes_the_connection() -> None:
     assert route_key(authed) == "route:smarthost:587/opportunistic/u"
     assert "p" not in route_key(authed).split("/")
     assert route_key(route("*", "smarthost", port=587, tls="verify")) != route_key(plain)
+
+
+def test_transaction_keys_group_by_static_route_and_keep_mx_domains_apart() -> None:
+    """Recipients share a transaction when one route takes them all; MX-routed domains
+    each keep their own (Postfix's nexthop is the domain for MX delivery)."""
+    exact = {"host": "127.0.0.1", "tls": "none"}
+    only_exact = Router(DeliverySection(routes=[route("a.example", **exact)],
+                                        nameservers=["127.0.0.1"]))
+    assert only_exact.transaction_key("A.Example.") == only_exact.transaction_key("a.example")
+    assert only_exact.transaction_key("b.example") != only_exact.transaction_key("c.example")
+    assert only_exact.transaction_key("b.example") != only_exact.transaction_key("a.example")
+    smarthost = Router(DeliverySection(routes=[route("*", **exact), route("a.example", **exact)],
+                                       nameservers=["127.0.0.1"]))
+    assert smarthost.transaction_key("b.example") == smarthost.transaction_key("c.example")
+    assert smarthost.transaction_key("a.example") != smarthost.transaction_key("b.example")
 
 
 def test_mx_key_does_not_depend_on_order_or_duplicates() -> None:
