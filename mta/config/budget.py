@@ -113,12 +113,17 @@ def intake_bytes_per_message(size: int) -> int:
             + INTAKE_CHUNK_BYTES + min(size, STREAM_BODY_BYTES))
 
 
+def compresses(size: int, compress_above: int) -> bool:
+    """Whether a body of ``size`` bytes is tried for compression (0: never): the rule of
+    ``mta.queue.body_codec``, kept here so that the memory bound follows it."""
+    return 0 < compress_above <= size < STREAM_BODY_BYTES
+
+
 def compressed_copy_bytes(settings: Settings) -> int:
     """The compressed copy of a body held beside it while it is stored or read back
-    (mta.queue.body_codec): less than the body, and only under ``STREAM_BODY_BYTES``."""
-    above = int(settings.database.compress_bodies_above)
-    size = int(settings.smtp.max_message_size)
-    return min(size, STREAM_BODY_BYTES) if 0 < above <= size else 0
+    (mta.queue.body_codec): at most the largest body that is tried for compression."""
+    largest = min(int(settings.smtp.max_message_size), STREAM_BODY_BYTES - 1)
+    return largest if compresses(largest, int(settings.database.compress_bodies_above)) else 0
 
 
 def memory_bound_bytes(settings: Settings, role: ProcessRole = "both") -> int:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import zstandard
 
-from mta.config.budget import STREAM_BODY_BYTES
+from mta.config.budget import STREAM_BODY_BYTES, compresses
 
 BodyEncoding = Literal["identity", "zstd"]
 
@@ -28,11 +28,6 @@ MIN_SAVING = 1 / 8
 
 class CorruptBody(ValueError):
     """A stored body that its encoding cannot decode."""
-
-
-def compresses(size: int, compress_above: int) -> bool:
-    """Whether a body of ``size`` bytes is tried for compression (0: never)."""
-    return 0 < compress_above <= size < STREAM_BODY_BYTES
 
 
 def encode(body: bytes | bytearray, compress_above: int) -> tuple[bytes | bytearray,
