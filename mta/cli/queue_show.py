@@ -12,6 +12,7 @@ from mta.cli.common import ConfigOption, console, fail
 from mta.cli.queue_common import JsonOption, print_json, run_store
 from mta.mail.text import outside_text
 from mta.queue import Store
+from mta.queue.body_codec import CorruptBody
 from mta.queue.ids import parse_queue_id, queue_id
 from mta.queue.records import DeliveryEvent, DeliveryRecord, MessageRecord
 
@@ -62,11 +63,9 @@ def show(message: Annotated[str, typer.Argument(
             end = text.find(b"\r\n\r\n")
             headers = outside_text(text[:end] if end >= 0 else text, limit=HEADERS_READ)
             deliveries = await store.deliveries(message_id)
-            content = await store.message_content(message_id) if body else None
             shown.append(Shown(record, headers,
                                [(d, await store.delivery_events(d.id)) for d in deliveries],
-                               outside_text(content[1], limit=10 * HEADERS_READ * 1024)
-                               if content is not None else None))
+                               await _body_text(store, message_id) if body else None))
         return shown
 
     found = run_store(config, gather)
@@ -83,6 +82,17 @@ def show(message: Annotated[str, typer.Argument(
         console.print(f"{len(found)} messages match {message}")
     for one in found:
         _print_one(one)
+
+
+async def _body_text(store: Store, message_id: uuid.UUID) -> str | None:
+    """The body as text for a terminal, or why it cannot be shown."""
+    try:
+        content = await store.message_content(message_id)
+    except CorruptBody as exc:
+        return f"(the stored body does not decode: {exc})"
+    if content is None:
+        return None
+    return outside_text(content[1], limit=10 * HEADERS_READ * 1024)
 
 
 def _delivery_json(delivery: DeliveryRecord) -> dict[str, object]:

@@ -74,6 +74,16 @@ class NotSent(Exception):
     """A group failed before anything reached the remote server."""
 
 
+class BodyCorrupt(NotSent):
+    """The stored body does not decode: nothing was sent, and a retry cannot heal it, so
+    the group's deliveries are held for the operator rather than deferred."""
+
+    def __init__(self, evidence: str, destination: str) -> None:
+        super().__init__(evidence)
+        #: The next hop's key (its metrics label).
+        self.destination = destination
+
+
 class JournalDown(NotSent):
     """The journal took no dot-pending record: nothing was sent, and delivery pauses
     (the leases go back unattempted: no deferral, no attempt counted)."""
@@ -230,6 +240,8 @@ class Attempts:
         if body.unavailable is not None:
             # The body could not be read right before DATA: certainly not sent.
             raise NotSent(f"store unavailable before the attempt ({body.unavailable})")
+        if body.corrupt is not None:
+            raise BodyCorrupt(str(body.corrupt), hop.key)
         if progress.journal_error is not None:
             raise JournalDown(f"the journal is down: {progress.journal_error}")
         self.metrics.delivery_attempt_seconds.labels(label).observe(

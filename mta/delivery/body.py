@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from mta.concurrency import ByteBudget
 from mta.errors import StoreUnavailable
+from mta.queue.body_codec import CorruptBody
 from mta.queue.records import Envelope
 from mta.queue.store import Store
 
@@ -33,6 +34,8 @@ class Body:
         self._content: tuple[bytes, bytes] | None = None
         #: Why the body could not be read (the attempt stopped before DATA).
         self.unavailable: StoreUnavailable | None = None
+        #: Why the stored body does not decode (nothing was sent; it will not heal).
+        self.corrupt: CorruptBody | None = None
 
     async def load(self) -> None:
         """Take the body's size from the sending budget, then read it; raises if the store
@@ -42,6 +45,9 @@ class Body:
             content = await self._store.message_content(self._message_id)
         except StoreUnavailable as exc:
             self.unavailable = exc
+            raise
+        except CorruptBody as exc:
+            self.corrupt = exc
             raise
         if content is None:
             raise LookupError("the message is gone from the store")

@@ -24,7 +24,7 @@ import structlog
 from mta.admin.metrics import Metrics
 from mta.concurrency import ByteBudget
 from mta.config import Settings
-from mta.delivery.attempt import Attempts, JournalDown, NotSent, Progress
+from mta.delivery.attempt import Attempts, BodyCorrupt, JournalDown, NotSent, Progress
 from mta.delivery.outbound.cache import ConnectionCache
 from mta.delivery.retry import RetryPolicy
 from mta.delivery.routing import Router
@@ -250,6 +250,16 @@ class Deliverer:
             self._journal_trouble = True
             with contextlib.suppress(StoreUnavailable):  # else the next start releases them
                 await self.store.give_back(self.owner, [d.id for d in deliveries])
+        except BodyCorrupt as exc:
+            # Nothing was sent, and retrying cannot help: held for the operator (I3b).
+            log.error("delivery.body_corrupt", queue_id=queue_id(message_id), error=str(exc))
+            left = [d for d in deliveries if d.id not in progress.settled]
+            self.settler.hold_back(Settlement("", [AttemptOutcome(
+                d.id, "held", None, f"held, nothing sent: {exc} (mta queue show; "
+                "release it once the body is restored, or delete it)") for d in left]))
+            self._metrics.delivery_outcomes.labels(
+                "held", self._metrics.destination(exc.destination)).inc(len(left))
+            self.wake.set()  # the claim loop writes held-back outcomes first
         except NotSent as exc:
             # Nothing was sent: give the leases back (now, or when the store returns).
             log.warning("delivery.not_sent", queue_id=queue_id(message_id), error=str(exc))

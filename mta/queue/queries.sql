@@ -226,10 +226,11 @@ WITH outcome AS (
                 $7::boolean[], $8::text[], $9::float8[], $10::float8[], $11::float8[])
         AS o (id, state, reply_code, reply, retry_in_s, possible_duplicate, host,
               started_at, dot_at, reply_lost_at)
-    WHERE o.state IN ('delivered', 'deferred', 'failed', 'uncertain')
+    WHERE o.state IN ('delivered', 'deferred', 'failed', 'uncertain', 'held')
 ), changed AS (
     UPDATE deliveries AS d
     SET state = o.state,
+        hold_reason = CASE WHEN o.state = 'held' THEN o.reply END,
         last_reply_code = o.reply_code,
         last_reply = o.reply,
         attempts = d.attempts + 1,

@@ -101,7 +101,8 @@ class ClaimedDelivery:
 
 
 #: What one attempt can prove about a delivery (DESIGN.md I2).
-OutcomeState = Literal["delivered", "deferred", "failed", "uncertain"]
+#: ``held``: set aside by the attempt, nothing sent (its stored body does not decode).
+OutcomeState = Literal["delivered", "deferred", "failed", "uncertain", "held"]
 
 
 

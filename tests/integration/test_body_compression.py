@@ -8,6 +8,7 @@ import base64
 import random
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 
@@ -15,12 +16,13 @@ from mta.config import Settings
 from mta.queue import NewMessage, Store
 from mta.queue.body_codec import MIN_SAVING
 from mta.queue.handoff import HandoffSource, HandoffTarget
-from mta.queue.ids import new_message_id
+from mta.queue.ids import new_message_id, queue_id
 from mta.queue.message_copy import STREAM_BODY_BYTES
 from mta.queue.pool import SharedPool
 from mta.queue.records import DeletedMessage
 from tests.support.intake import store_of
-from tests.support.nodes import start_node
+from tests.support.nodes import start_node, wait_for
+from tests.support.process import NodeProcess, run_mta, write_config
 from tests.support.sink import Sink
 from tests.support.smtp import RawSMTP
 
@@ -160,6 +162,46 @@ async def test_dsn_heads_and_the_purge_read_a_compressed_body_as_received(
     assert await store.purge_bodies(3600.0, 10) == 1
     assert await stored(db_dsn, sent.id) == ("identity", 0, len(sent.trace_headers) + len(body))
     assert await store.message_content(sent.id) == (b"", b"")
+
+
+async def test_a_body_altered_at_rest_is_held_never_sent_and_shown_as_corrupt(
+    make_settings: Callable[..., Settings], sink: Sink, store: Store, db_dsn: str,
+    tmp_path: Path,
+) -> None:
+    """One byte of a compressed body flipped in the table: the frame's checksum refuses
+    it, so the delivery is held with the evidence (a retry cannot heal it) instead of
+    being deferred until its lifetime ends or sent altered; the operator's tools still
+    answer."""
+    sent = message(compressible_body(300 * 1024))
+    await store.enqueue_many([sent])
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await conn.execute(
+            "UPDATE messages SET body = set_byte(body, octet_length(body) / 2, "
+            "get_byte(body, octet_length(body) / 2) # 1) WHERE id = $1", sent.id)
+    finally:
+        await conn.close()
+    node = await start_node(make_settings(delivery={
+        "enabled": True, "poll_interval": 0.2,
+        "routes": [{"domain": "*", "host": "127.0.0.1", "port": sink.port, "tls": "none"}]}))
+    try:
+        async def held() -> bool:
+            return [d.state for d in await store.deliveries(sent.id)] == ["held"]
+        await wait_for(held, timeout=20)
+        (delivery,) = await store.deliveries(sent.id)
+        assert delivery.hold_reason is not None and "does not decode" in delivery.hold_reason
+        assert delivery.attempts == 1 and sink.transactions == []
+        outcomes = {sample.labels["outcome"]: sample.value
+                    for metric in node.node.metrics.registry.collect()
+                    for sample in metric.samples if sample.name == "mta_delivery_outcomes_total"}
+        assert outcomes.get("held") == 1, outcomes
+    finally:
+        await node.stop()
+    cli = NodeProcess.configure(tmp_path / "cli", db_dsn)
+    config = str(write_config(cli.config_path, cli.sections))
+    shown = await run_mta("queue", "show", queue_id(sent.id), "--body", "--config", config)
+    assert shown.returncode == 0, shown.stderr
+    assert "does not decode" in shown.stdout and "Traceback" not in shown.stderr
 
 
 async def test_a_rerouted_copy_keeps_the_compressed_body_and_its_encoding(

@@ -7,7 +7,8 @@ import struct
 import pytest
 import zstandard
 
-from mta.queue.body_codec import CorruptBody, compresses, decode, decode_head, encode
+from mta.config.budget import compresses
+from mta.queue.body_codec import CorruptBody, decode, decode_head, encode
 from mta.queue.message_copy import STREAM_BODY_BYTES
 
 TEXT = b"Subject: x\r\n\r\n" + b"the same line again and again\r\n" * 4000
@@ -39,6 +40,16 @@ def test_garbage_an_unknown_encoding_and_a_false_size_are_refused() -> None:
     forged = _with_content_size(huge, 4 << 30)
     with pytest.raises(CorruptBody, match="states a size"):
         decode(forged, "zstd")
+
+
+def test_a_flipped_byte_fails_the_checksum_and_a_head_of_garbage_is_empty() -> None:
+    stored, encoding = encode(TEXT, 64 * 1024)
+    altered = bytearray(stored)
+    altered[len(altered) // 2] ^= 1
+    with pytest.raises(CorruptBody, match="does not decode"):
+        decode(bytes(altered), encoding)
+    assert decode_head(b"not a zstd frame at all", "zstd", 100) == b"", \
+        "a DSN goes out without the original headers rather than not at all"
 
 
 def _with_content_size(frame: bytes, size: int) -> bytes:
